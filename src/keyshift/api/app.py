@@ -1,0 +1,54 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+
+from keyshift import __version__
+from keyshift.api import errors
+from keyshift.api.routes import ROUTERS
+from keyshift.api.state import AppState
+from keyshift.config import Settings
+from keyshift.db.engine import Database
+from keyshift.observability.middleware import RequestContextMiddleware
+from keyshift.security.secrets_store import load_secrets
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    db: Database | None = None,
+    state: AppState | None = None,
+) -> FastAPI:
+    """Build the app. Tests pass ``state``; `keyshift serve` passes nothing and reads the env."""
+    owns_db = state is None and db is None
+    if state is None:
+        settings = settings or Settings.from_env()
+        state = AppState(
+            settings=settings,
+            db=db or Database(settings.database_url),
+            secrets=load_secrets(settings.secrets_dir),
+        )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_db:
+            await state.db.dispose()
+
+    app = FastAPI(
+        title="keyshift",
+        version=__version__,
+        default_response_class=ORJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.keyshift = state
+    errors.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=state.settings.max_body_bytes)
+    return app

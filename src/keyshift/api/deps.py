@@ -1,0 +1,53 @@
+"""Request-scoped dependencies: the app state, a transaction, and the authenticated actor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyshift.api.state import AppState
+from keyshift.context import Actor
+from keyshift.errors import AuthenticationFailed, PermissionDenied
+from keyshift.security import tokens
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.keyshift
+    return state
+
+
+def request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One transaction per request: committed if the route returns, rolled back if it raises."""
+    async with get_state(request).db.transaction() as session:
+        yield session
+
+
+Session = Annotated[AsyncSession, Depends(get_session)]
+State = Annotated[AppState, Depends(get_state)]
+
+
+def require(scope: str) -> Callable[[Request], Awaitable[Actor]]:
+    """A dependency that authenticates the bearer token and checks ``scope``."""
+
+    async def _dependency(request: Request) -> Actor:
+        header = request.headers.get("authorization", "")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise AuthenticationFailed("missing bearer token")
+        # Authentication uses its own short transaction so a failed auth writes nothing.
+        async with get_state(request).db.transaction() as session:
+            actor = await tokens.authenticate(
+                session, credential.strip(), request_id=request_id(request)
+            )
+        if not actor.can(scope):
+            raise PermissionDenied(f"this token lacks the {scope!r} scope")
+        return actor
+
+    return _dependency

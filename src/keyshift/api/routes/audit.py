@@ -1,0 +1,52 @@
+"""Audit log: read events and verify the chain."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from keyshift.api.deps import Session, require
+from keyshift.api.schemas import Response
+from keyshift.audit import service as audit
+from keyshift.context import Actor
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
+Reader = Annotated[Actor, Depends(require("audit:read"))]
+
+
+class AuditEventOut(Response):
+    seq: int
+    id: str
+    occurred_at: datetime
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    account_id: str | None
+    request_id: str | None
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@router.get("/events", response_model=list[AuditEventOut])
+async def list_events(
+    _actor: Reader,
+    session: Session,
+    account_id: Annotated[str | None, Query(max_length=36)] = None,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[Any]:
+    return await audit.list_events(session, account_id=account_id, after_seq=after_seq, limit=limit)
+
+
+@router.get("/verify")
+async def verify(_actor: Reader, session: Session) -> dict[str, Any]:
+    report = await audit.verify(session)
+    return {
+        "ok": report.ok,
+        "checked": report.checked,
+        "problems": [{"seq": p.seq, "kind": p.kind, "message": p.message} for p in report.problems],
+    }

@@ -1,0 +1,3 @@
+from keyshift.cli.main import main
+
+main()

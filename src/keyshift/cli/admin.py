@@ -1,0 +1,77 @@
+"""`keyshift tokens …`: API tokens from the command line."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import typer
+
+from keyshift.cli.output import emit_json
+from keyshift.cli.runtime import run
+from keyshift.config import Settings
+from keyshift.context import cli_actor
+from keyshift.db.engine import Database
+from keyshift.security import tokens as token_service
+
+group = typer.Typer(help="API tokens (bearer secrets with scopes).", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(group, name="tokens")
+
+
+@group.command("create")
+def create(
+    name: str = typer.Option(..., help="What the token is for."),
+    scope: list[str] = typer.Option(..., "--scope", help="Repeat for several scopes."),
+    ttl_days: int | None = typer.Option(None, min=1, help="Expire after this many days."),
+) -> None:
+    """Mint a token and print its secret once."""
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            issued = await token_service.create_token(
+                session,
+                cli_actor(),
+                name=name,
+                scopes=scope,
+                ttl=timedelta(days=ttl_days) if ttl_days else None,
+            )
+        typer.echo(f"token {issued.token.id} ({', '.join(issued.token.scopes['scopes'])}):")
+        typer.echo(issued.plaintext)
+
+    run(work)
+
+
+@group.command("list")
+def list_tokens() -> None:
+    """List tokens (never their secrets)."""
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            emit_json(
+                [
+                    {
+                        "id": t.id,
+                        "name": t.name,
+                        "scopes": t.scopes["scopes"],
+                        "expires_at": t.expires_at,
+                        "revoked_at": t.revoked_at,
+                    }
+                    for t in await token_service.list_tokens(session)
+                ]
+            )
+
+    run(work)
+
+
+@group.command("revoke")
+def revoke(token_id: str) -> None:
+    """Revoke a token; it fails authentication from now on."""
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            await token_service.revoke_token(session, cli_actor(), token_id)
+        typer.echo(f"revoked {token_id}")
+
+    run(work)

@@ -1,0 +1,22 @@
+"""`keyshift`: the command-line entry point. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from keyshift.cli import admin, audit, server
+
+app = typer.Typer(
+    name="keyshift",
+    help="License server and edition-migration engine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+server.register(app)
+admin.register(app)
+audit.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,32 @@
+"""How a command reaches the services: settings from the env, one ``asyncio.run`` per command,
+domain errors turned into messages (never tracebacks)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from keyshift.cli.output import fail
+from keyshift.config import Settings
+from keyshift.db.engine import Database
+from keyshift.errors import KeyshiftError
+
+T = TypeVar("T")
+
+
+def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
+    """Run ``work(settings, db)`` to completion and dispose of the engine."""
+    settings = Settings.from_env()
+
+    async def _main() -> T:
+        db = Database(settings.database_url)
+        try:
+            return await work(settings, db)
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(_main())
+    except KeyshiftError as error:
+        fail(error)

@@ -1,0 +1,46 @@
+"""Runtime settings, read once from the environment (``KEYSHIFT_*``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("KEYSHIFT_HOME", ".keyshift")).resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the database and the secrets live, and the server's input limits."""
+
+    database_url: str
+    secrets_dir: Path
+    max_body_bytes: int = 64 * 1024
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = _default_home()
+        url = (
+            os.environ.get("KEYSHIFT_DATABASE_URL") or f"sqlite+aiosqlite:///{home / 'keyshift.db'}"
+        )
+        secrets = Path(os.environ.get("KEYSHIFT_SECRETS_DIR", str(home / "secrets"))).resolve()
+        return cls(
+            database_url=normalise_database_url(url),
+            secrets_dir=secrets,
+            max_body_bytes=int(os.environ.get("KEYSHIFT_MAX_BODY_BYTES", 64 * 1024)),
+            log_level=os.environ.get("KEYSHIFT_LOG_LEVEL", "INFO"),
+        )
+
+
+def normalise_database_url(url: str) -> str:
+    """Accept the URLs people paste (``postgresql://``, ``sqlite:///``) and pick the async driver."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        return "postgresql+asyncpg://" + url[len("postgresql://") :]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+    return url

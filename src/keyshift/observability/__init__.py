@@ -1,0 +1,1 @@
+"""Request context, structured logs and metrics."""

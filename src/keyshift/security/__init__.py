@@ -1,0 +1,1 @@
+"""Secrets: the encryption keyring, the signing keys, API tokens."""
