@@ -1,0 +1,1 @@
+"""The catalog: editions and plans as manifests, published as immutable versions."""
