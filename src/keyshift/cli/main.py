@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keyshift.cli import admin, audit, server
+from keyshift.cli import accounts, admin, audit, catalog, demo, licenses, server, validation
 
 app = typer.Typer(
     name="keyshift",
@@ -13,9 +13,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-server.register(app)
-admin.register(app)
-audit.register(app)
+for module in (server, demo, catalog, accounts, licenses, validation, admin, audit):
+    module.register(app)
 
 
 def main() -> None:

@@ -2,6 +2,14 @@
 
 from fastapi import APIRouter
 
-from keyshift.api.routes import audit, health, tokens
+from keyshift.api.routes import accounts, audit, catalog, health, licenses, tokens, validation
 
-ROUTERS: list[APIRouter] = [health.router, tokens.router, audit.router]
+ROUTERS: list[APIRouter] = [
+    health.router,
+    validation.router,
+    catalog.router,
+    accounts.router,
+    licenses.router,
+    tokens.router,
+    audit.router,
+]

@@ -1,0 +1,1 @@
+"""Licensing: accounts, subscriptions, license keys, activations, validation, license files."""
