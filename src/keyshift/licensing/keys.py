@@ -12,7 +12,7 @@ import secrets
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _INDEX = {c: i for i, c in enumerate(ALPHABET)}
 _LOOKALIKES = str.maketrans({"O": "0", "I": "1", "L": "1"})
-BODY_LENGTH = 24  # 24 symbols × 5 bits = 120 bits of entropy
+BODY_LENGTH = 24  # 24 symbols * 5 bits = 120 bits of entropy
 GROUP = 5
 
 
