@@ -59,14 +59,19 @@ class Entitlements:
         }
 
 
-def resolve(plan: Plan, plan_hash: str, edition: Edition) -> Entitlements:
-    """Combine a plan and its edition into the entitlements a license under it carries."""
-    features = {
+def feature_grants(edition: Edition) -> dict[str, FeatureGrant]:
+    """Each feature the edition declares, as a grant."""
+    return {
         name: FeatureGrant(spec.mode, spec.limit, spec.period)
         if isinstance(spec, ThrottledFeature)
         else FeatureGrant(spec)
         for name, spec in edition.features.items()
     }
+
+
+def resolve(plan: Plan, plan_hash: str, edition: Edition) -> Entitlements:
+    """Combine a plan and its edition into the entitlements a license under it carries."""
+    features = feature_grants(edition)
     licensing = plan.licensing
     seat = licensing if isinstance(licensing, SeatLicensing) else None
     return Entitlements(

@@ -6,7 +6,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from keyshift.catalog.durations import Duration
 
@@ -17,6 +25,11 @@ REF_PATTERN = re.compile(r"^([a-z][a-z0-9_-]{0,63})@([A-Za-z0-9][A-Za-z0-9._-]{0
 Key = Annotated[str, Field(pattern=KEY_PATTERN)]
 Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
 Period = Literal["minute", "hour", "day", "week", "month"]
+
+#: Bounds that keep every number inside a signed 64-bit integer (the canonical JSON form).
+MAX_LIMIT = 10**15
+MAX_FEATURES = 500
+MAX_QUOTAS = 200
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -40,16 +53,33 @@ class Header(Strict):
 
 class ThrottledFeature(Strict):
     mode: Literal["throttled"]
-    limit: int = Field(ge=1)
+    limit: int = Field(strict=True, ge=1, le=MAX_LIMIT)
     period: Period
 
 
+QuotaLimit = Annotated[int, Field(strict=True, ge=0, le=MAX_LIMIT)]
+
+
 class Quota(Strict):
-    limit: int = Field(ge=0)
+    limit: QuotaLimit
     unit: str = Field(default="", max_length=32)
 
 
-FeatureSpec = Literal["enabled", "disabled"] | ThrottledFeature
+def _table_or_value(value: Any) -> str:
+    # A table (dict or model) is the long form; anything else the short one. Choosing the
+    # branch up front gives one error per mistake instead of one per union member.
+    return "table" if isinstance(value, dict | BaseModel) else "value"
+
+
+FeatureSpec = Annotated[
+    Annotated[Literal["enabled", "disabled"], Tag("value")]
+    | Annotated[ThrottledFeature, Tag("table")],
+    Discriminator(_table_or_value),
+]
+QuotaSpec = Annotated[
+    Annotated[QuotaLimit, Tag("value")] | Annotated[Quota, Tag("table")],
+    Discriminator(_table_or_value),
+]
 
 
 class Edition(Strict):
@@ -57,8 +87,8 @@ class Edition(Strict):
     named non-negative limits."""
 
     edition: Header
-    features: dict[Key, FeatureSpec] = Field(default_factory=dict)
-    quotas: dict[Key, int | Quota] = Field(default_factory=dict)
+    features: dict[Key, FeatureSpec] = Field(default_factory=dict, max_length=MAX_FEATURES)
+    quotas: dict[Key, QuotaSpec] = Field(default_factory=dict, max_length=MAX_QUOTAS)
 
     @field_validator("quotas")
     @classmethod
@@ -101,7 +131,7 @@ class Meter(Strict):
     unit: str = Field(min_length=1, max_length=32)
     aggregation: Literal["sum", "max", "unique"] = "sum"
     reset: Literal["day", "month", "term", "never"] = "month"
-    included: int = Field(ge=0)
+    included: int = Field(strict=True, ge=0, le=MAX_LIMIT)
     overage: Literal["block", "allow", "notify"] = "block"
     notify_at: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=list)
 

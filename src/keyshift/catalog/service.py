@@ -10,11 +10,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyshift.audit import service as audit
 from keyshift.canonical import content_hash
 from keyshift.catalog import repository
+from keyshift.catalog.diff import CatalogDiff, diff_editions, diff_plans
 from keyshift.catalog.entitlements import Entitlements, resolve
 from keyshift.catalog.manifests import Edition, Plan, parse_ref
 from keyshift.context import Actor
 from keyshift.db.tables import CatalogEntry
-from keyshift.errors import EditionNotFound, InvalidInput, PlanNotFound, VersionConflict
+from keyshift.errors import (
+    EditionNotFound,
+    InvalidInput,
+    NotFound,
+    PlanNotFound,
+    VersionConflict,
+)
+
+Kind = Literal["edition", "plan"]
+KINDS: tuple[Kind, ...] = ("plan", "edition")
 
 
 @dataclass(frozen=True)
@@ -128,7 +138,11 @@ async def get_plan(session: AsyncSession, ref: str) -> tuple[Plan, str]:
 
 
 async def get_edition(session: AsyncSession, ref: str) -> tuple[Edition, str]:
-    key, version = parse_ref(ref)
+    """A published edition and its content hash."""
+    try:
+        key, version = parse_ref(ref)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="edition") from exc
     entry = await repository.get_entry(session, "edition", key, version)
     if entry is None:
         raise EditionNotFound(f"no published edition {ref}", field="edition")
@@ -150,3 +164,79 @@ async def entitlements_for(session: AsyncSession, plan_ref: str, plan_hash: str)
     if digest == plan_hash:
         _ENTITLEMENTS[(plan_ref, plan_hash)] = resolved
     return resolved
+
+
+async def list_catalog(session: AsyncSession, kind: str | None = None) -> list[CatalogEntry]:
+    """Every published version (of one ``kind`` if given), by kind, key and publication order."""
+    if kind is not None and kind not in KINDS:
+        raise InvalidInput(f"kind must be 'edition' or 'plan', not {kind!r}", field="kind")
+    return await repository.list_entries(session, kind)
+
+
+async def get_entry(session: AsyncSession, kind: str, ref: str) -> CatalogEntry:
+    """One published version, with its stored content."""
+    if kind not in KINDS:
+        raise InvalidInput(f"kind must be 'edition' or 'plan', not {kind!r}", field="kind")
+    try:
+        key, version = parse_ref(ref)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="ref") from exc
+    entry = await repository.get_entry(session, kind, key, version)
+    if entry is None:
+        missing = PlanNotFound if kind == "plan" else EditionNotFound
+        raise missing(f"no published {kind} {ref}", field="ref")
+    return entry
+
+
+async def _candidates(session: AsyncSession, ref: str, field: str) -> dict[Kind, CatalogEntry]:
+    """The published entries ``ref`` may mean: ``plan:x@1`` / ``edition:x@1``, or either."""
+    prefix, _, bare = ref.rpartition(":")
+    kinds: tuple[Kind, ...] = KINDS
+    if prefix:
+        if prefix not in KINDS:
+            raise InvalidInput(f"{ref!r}: the prefix must be 'plan:' or 'edition:'", field=field)
+        kinds = (prefix,)
+    try:
+        key, version = parse_ref(bare)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field=field) from exc
+    found: dict[Kind, CatalogEntry] = {}
+    for kind in kinds:
+        entry = await repository.get_entry(session, kind, key, version)
+        if entry is not None:
+            found[kind] = entry
+    if not found:
+        what = " or ".join(kinds)
+        raise NotFound(f"no published {what} {bare}", field=field)
+    return found
+
+
+async def diff(session: AsyncSession, from_ref: str, to_ref: str) -> CatalogDiff:
+    """What changes from one published version to another. Both refs are plans (the diff then
+    covers licensing too) or both editions; ``plan:``/``edition:`` prefixes settle ambiguity."""
+    old, new = (
+        await _candidates(session, from_ref, "from"),
+        await _candidates(session, to_ref, "to"),
+    )
+    common = [kind for kind in KINDS if kind in old and kind in new]
+    if not common:
+        raise InvalidInput(
+            f"cannot diff {next(iter(old))} {from_ref} against {next(iter(new))} {to_ref}; "
+            "compare two plans or two editions",
+            field="to",
+        )
+    kind = common[0]
+    if kind == "plan":
+        old_entry, new_entry = old["plan"], new["plan"]
+        return diff_plans(
+            await entitlements_for(session, _ref(old_entry), old_entry.content_hash),
+            await entitlements_for(session, _ref(new_entry), new_entry.content_hash),
+        )
+    return diff_editions(
+        Edition.model_validate(old["edition"].content),
+        Edition.model_validate(new["edition"].content),
+    )
+
+
+def _ref(entry: CatalogEntry) -> str:
+    return f"{entry.key}@{entry.version}"
