@@ -1,9 +1,81 @@
-"""`keyshift accounts …` commands."""
+"""`keyshift accounts …`: create, list, show, subscribe."""
 
 from __future__ import annotations
 
 import typer
 
+from keyshift.cli.output import emit_json
+from keyshift.cli.runtime import run
+from keyshift.config import Settings
+from keyshift.context import cli_actor
+from keyshift.db.engine import Database
+from keyshift.licensing import service
+
+group = typer.Typer(help="Customer accounts and their plan.", no_args_is_help=True)
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.add_typer(group, name="accounts")
+
+
+@group.command("create")
+def create(
+    name: str = typer.Option(..., help="The customer's name."),
+    external_ref: str | None = typer.Option(None, help="Your CRM/billing id (unique)."),
+    plan: str | None = typer.Option(None, help="Subscribe at once to this plan (key@version)."),
+) -> None:
+    """Create an account (and subscribe it, with --plan); prints it as JSON."""
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            actor = cli_actor()
+            account = await service.create_account(
+                session, actor, name=name, external_ref=external_ref
+            )
+            subscription = (
+                await service.subscribe(session, actor, account.id, plan) if plan else None
+            )
+        emit_json(service.account_view(account, subscription))
+
+    run(work)
+
+
+@group.command("list")
+def list_accounts(
+    limit: int = typer.Option(100, min=1, max=service.MAX_PAGE, help="Page size."),
+    after: str | None = typer.Option(None, help="The last id of the previous page."),
+) -> None:
+    """List accounts as JSON, one page at a time."""
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            accounts = await service.list_accounts(session, limit=limit, after=after)
+        emit_json([service.account_view(a) for a in accounts])
+
+    run(work)
+
+
+@group.command("show")
+def show(account_id: str) -> None:
+    """Show an account and its subscription."""
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            account = await service.get_account(session, account_id)
+            subscription = await service.get_subscription(session, account.id)
+        emit_json(service.account_view(account, subscription))
+
+    run(work)
+
+
+@group.command("subscribe")
+def subscribe(account_id: str, plan: str = typer.Argument(..., help="key@version")) -> None:
+    """Put an account on a published plan version."""
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            subscription = await service.subscribe(session, cli_actor(), account_id, plan)
+        emit_json(service.subscription_view(subscription))
+
+    run(work)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,11 +14,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyshift.audit import service as audit
 from keyshift.catalog import service as catalog
 from keyshift.catalog.durations import Duration
+from keyshift.catalog.entitlements import Entitlements
 from keyshift.context import Actor
 from keyshift.db.tables import Account, License, Subscription
 from keyshift.db.types import utcnow
-from keyshift.errors import AccountNotFound, Conflict, MalformedKey
-from keyshift.licensing import keys
+from keyshift.errors import (
+    AccountNotFound,
+    Conflict,
+    InvalidInput,
+    LicenseNotActive,
+    LicenseNotFound,
+    MalformedKey,
+)
+from keyshift.licensing import cache, keys, repository
 from keyshift.security.keyring import Keyring, Sealed
 
 
@@ -80,6 +88,8 @@ async def subscribe(
     else:
         current.plan_key, current.plan_version, current.plan_hash = key, version, plan_hash
         current.entitlements_version += 1
+        # Every validation of this account's licenses must see the new plan from the commit on.
+        await cache.invalidate_on_commit(session, account_id=account.id)
     await session.flush()
     await audit.record(
         session,
@@ -114,6 +124,11 @@ async def issue_license(
     max_activations_override: int | None = None,
 ) -> IssuedLicense:
     """Issue a new key for a subscribed account. Expiry defaults to the plan's term from now."""
+    now = utcnow()
+    if expires_at is not None:
+        _check_future(expires_at, now)
+    if max_activations_override is not None and not 1 <= max_activations_override <= 100_000:
+        raise InvalidInput("max_activations must be between 1 and 100000", field="max_activations")
     account = await get_account(session, account_id)
     subscription = await session.get(Subscription, account.id)
     if subscription is None:
@@ -121,7 +136,6 @@ async def issue_license(
     plan, _ = await catalog.get_plan(
         session, f"{subscription.plan_key}@{subscription.plan_version}"
     )
-    now = utcnow()
     if expires_at is None and use_plan_term:
         expires_at = default_expiry(plan.term.length, now)
     license_id = str(uuid.uuid4())
@@ -150,6 +164,7 @@ async def issue_license(
         details={
             "expires_at": expires_at.isoformat() if expires_at else None,
             "key_hint": row.key_hint,
+            "max_activations_override": max_activations_override,
         },
     )
     return IssuedLicense(row, plaintext)
@@ -173,3 +188,277 @@ async def find_by_key(session: AsyncSession, keyring: Keyring, text: str) -> Lic
 def reveal_key(keyring: Keyring, row: License) -> str:
     """Decrypt a stored key (for re-sending it to its owner); callers audit the reveal."""
     return keyring.open(Sealed(row.key_kid, row.key_ciphertext), context=row.id.encode()).decode()
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+MAX_PAGE = 500
+
+
+async def list_accounts(
+    session: AsyncSession, *, limit: int = 100, after: str | None = None
+) -> list[Account]:
+    """One page of accounts in id order; pass the last id seen as ``after`` for the next."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", field="limit")
+    return await repository.list_accounts(session, limit=limit, after=after)
+
+
+async def get_subscription(session: AsyncSession, account_id: str) -> Subscription | None:
+    return await session.get(Subscription, account_id)
+
+
+async def get_license(session: AsyncSession, license_id: str) -> License:
+    row = await session.get(License, license_id)
+    if row is None:
+        raise LicenseNotFound(f"no license {license_id}", field="license_id")
+    return row
+
+
+async def list_licenses(session: AsyncSession, account_id: str) -> list[License]:
+    await get_account(session, account_id)
+    return await repository.list_licenses(session, account_id)
+
+
+async def entitlements_of(session: AsyncSession, account_id: str) -> Entitlements:
+    """The entitlements of the account's current plan version (what its licenses carry)."""
+    subscription = await get_subscription(session, account_id)
+    if subscription is None:
+        raise Conflict("the account has no plan; subscribe it first", field="account_id")
+    ref = f"{subscription.plan_key}@{subscription.plan_version}"
+    return await catalog.entitlements_for(session, ref, subscription.plan_hash)
+
+
+Standing = Literal["active", "grace", "expired", "suspended", "revoked"]
+
+
+def standing(row: License, grace_seconds: int, now: datetime) -> Standing:
+    """Where a license stands at ``now``: its stored status, or for an active one whether it
+    has expired, counting the plan's grace period after ``expires_at``."""
+    if row.status == "suspended":
+        return "suspended"
+    if row.status == "revoked":
+        return "revoked"
+    if row.expires_at is None or now < row.expires_at:
+        return "active"
+    if now < row.expires_at + timedelta(seconds=grace_seconds):
+        return "grace"
+    return "expired"
+
+
+def is_usable(state: Standing) -> bool:
+    """Whether a license in this standing may activate machines and validate."""
+    return state in ("active", "grace")
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+async def _locked(session: AsyncSession, license_id: str) -> License:
+    row = await repository.lock_license(session, license_id)
+    if row is None:
+        raise LicenseNotFound(f"no license {license_id}", field="license_id")
+    return row
+
+
+async def _changed(
+    session: AsyncSession,
+    actor: Actor,
+    row: License,
+    action: str,
+    details: dict[str, Any],
+) -> License:
+    """Bump the version the validation cache keys on, and audit, in the caller's transaction."""
+    row.version += 1
+    row.updated_at = utcnow()
+    await session.flush()
+    await cache.invalidate_on_commit(session, lookup=row.key_lookup)
+    await audit.record(
+        session,
+        actor,
+        action,
+        "license",
+        row.id,
+        account_id=row.account_id,
+        details={**details, "version": row.version},
+    )
+    return row
+
+
+class StatusChange(Protocol):
+    """The shape of ``suspend_license``, ``reinstate_license`` and ``revoke_license``."""
+
+    async def __call__(
+        self, session: AsyncSession, actor: Actor, license_id: str, *, reason: str | None = None
+    ) -> License: ...
+
+
+async def suspend_license(
+    session: AsyncSession, actor: Actor, license_id: str, *, reason: str | None = None
+) -> License:
+    """Stop an active license from validating or activating; ``reinstate_license`` undoes it.
+    Its activations are kept."""
+    row = await _locked(session, license_id)
+    if row.status == "revoked":
+        raise LicenseNotActive("the license is revoked; a revoked license cannot be suspended")
+    if row.status == "suspended":
+        raise Conflict("the license is already suspended", field="status")
+    row.status = "suspended"
+    return await _changed(session, actor, row, "license.suspend", {"reason": reason})
+
+
+async def reinstate_license(
+    session: AsyncSession, actor: Actor, license_id: str, *, reason: str | None = None
+) -> License:
+    row = await _locked(session, license_id)
+    if row.status == "revoked":
+        raise LicenseNotActive("the license is revoked; revocation is final")
+    if row.status != "suspended":
+        raise Conflict("the license is not suspended", field="status")
+    row.status = "active"
+    return await _changed(session, actor, row, "license.reinstate", {"reason": reason})
+
+
+async def revoke_license(
+    session: AsyncSession, actor: Actor, license_id: str, *, reason: str | None = None
+) -> License:
+    """End a license for good: it never validates again and its seats are released."""
+    row = await _locked(session, license_id)
+    if row.status == "revoked":
+        raise Conflict("the license is already revoked", field="status")
+    released = await repository.list_activations(session, row.id)
+    await repository.delete_activations(session, [a.id for a in released])
+    row.status = "revoked"
+    return await _changed(
+        session,
+        actor,
+        row,
+        "license.revoke",
+        {"reason": reason, "released_activations": [a.id for a in released]},
+    )
+
+
+def _check_future(when: datetime, now: datetime) -> None:
+    if when.tzinfo is None:
+        raise InvalidInput("expires_at needs a timezone (e.g. ...Z)", field="expires_at")
+    if when <= now:
+        raise InvalidInput("expires_at must be in the future", field="expires_at")
+
+
+def renewed_expiry(current: datetime | None, term: str, now: datetime) -> datetime:
+    """The plan term added to whichever is later, now or the current expiry: renewing early
+    loses nothing, renewing a lapsed license starts from today."""
+    if term == "perpetual":
+        raise InvalidInput(
+            "the plan's term is perpetual; give an explicit expires_at to renew to",
+            field="expires_at",
+        )
+    start = now if current is None or current < now else current
+    return Duration.parse(term).after(start)
+
+
+async def renew_license(
+    session: AsyncSession,
+    actor: Actor,
+    license_id: str,
+    *,
+    until: datetime | None = None,
+) -> License:
+    """Extend the expiry by the plan's term (or to ``until``). An expired license becomes
+    valid again; a suspended one stays suspended; a revoked one cannot be renewed."""
+    row = await _locked(session, license_id)
+    if row.status == "revoked":
+        raise LicenseNotActive("the license is revoked; issue a new one instead")
+    now = utcnow()
+    if until is not None:
+        _check_future(until, now)
+        new_expiry = until
+    else:
+        if row.expires_at is None:
+            raise Conflict(
+                "the license never expires; there is nothing to renew", field="expires_at"
+            )
+        plan = await entitlements_of(session, row.account_id)
+        new_expiry = renewed_expiry(row.expires_at, plan.term, now)
+    previous = row.expires_at
+    row.expires_at = new_expiry
+    return await _changed(
+        session,
+        actor,
+        row,
+        "license.renew",
+        {
+            "previous_expires_at": previous.isoformat() if previous else None,
+            "expires_at": new_expiry.isoformat(),
+        },
+    )
+
+
+async def reveal(session: AsyncSession, actor: Actor, keyring: Keyring, license_id: str) -> str:
+    """Decrypt a license's key for its owner; the reveal itself is audited."""
+    row = await get_license(session, license_id)
+    plaintext = reveal_key(keyring, row)
+    await audit.record(
+        session,
+        actor,
+        "license.reveal",
+        "license",
+        row.id,
+        account_id=row.account_id,
+        details={"key_hint": row.key_hint},
+    )
+    return plaintext
+
+
+# -- public forms (shared by the API and the CLI) --------------------------------------------
+
+
+def subscription_view(subscription: Subscription | None) -> dict[str, Any] | None:
+    if subscription is None:
+        return None
+    return {
+        "plan": f"{subscription.plan_key}@{subscription.plan_version}",
+        "plan_hash": subscription.plan_hash,
+        "entitlements_version": subscription.entitlements_version,
+        "started_at": subscription.started_at,
+    }
+
+
+def account_view(account: Account, subscription: Subscription | None = None) -> dict[str, Any]:
+    return {
+        "id": account.id,
+        "name": account.name,
+        "external_ref": account.external_ref,
+        "status": account.status,
+        "attributes": account.attributes,
+        "created_at": account.created_at,
+        "subscription": subscription_view(subscription),
+    }
+
+
+def license_view(row: License, state: Standing | None = None) -> dict[str, Any]:
+    """A license without its key: only the hint ever leaves the server after issue."""
+    return {
+        "id": row.id,
+        "account_id": row.account_id,
+        "key_hint": row.key_hint,
+        "status": row.status,
+        "standing": state,
+        "expires_at": row.expires_at,
+        "max_activations_override": row.max_activations_override,
+        "version": row.version,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+
+
+async def describe_license(session: AsyncSession, row: License) -> dict[str, Any]:
+    """``license_view`` with the standing computed from the account's plan grace period."""
+    subscription = await get_subscription(session, row.account_id)
+    grace = 0
+    if subscription is not None:
+        plan = await catalog.entitlements_for(
+            session, f"{subscription.plan_key}@{subscription.plan_version}", subscription.plan_hash
+        )
+        grace = plan.grace_seconds
+    return license_view(row, standing(row, grace, utcnow()))

@@ -1,7 +1,202 @@
-"""licenses routes."""
+"""Licenses and activations.
+
+Administrative routes take a bearer token (``licenses:read`` / ``licenses:write``). The client
+routes (activate, heartbeat, deactivate) are authenticated by the license key itself and act
+as ``license:<id>``. ``POST /v1/licenses/validate`` lives in ``routes/validation.py``.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import AwareDatetime, Field
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyshift.api.deps import ClientLimited, Session, State, request_id, require
+from keyshift.api.schemas import Request
+from keyshift.context import Actor
+from keyshift.db.tables import License
+from keyshift.errors import LicenseNotFound
+from keyshift.licensing import activations, service
+from keyshift.security.keyring import Keyring
 
 router = APIRouter(tags=["licenses"])
+Reader = Annotated[Actor, Depends(require("licenses:read"))]
+Writer = Annotated[Actor, Depends(require("licenses:write"))]
+Admin = Annotated[Actor, Depends(require("admin"))]
+
+# A key is 29 characters grouped; allow spaces and sloppy typing, refuse anything longer.
+Key = Annotated[str, Field(min_length=1, max_length=64)]
+Fingerprint = Annotated[str, Field(min_length=1, max_length=activations.MAX_FINGERPRINT)]
+Reason = Annotated[str, Field(max_length=500)]
+
+
+class LicenseIssue(Request):
+    account_id: str = Field(min_length=1, max_length=36)
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="Defaults to the plan's term from now."
+    )
+    max_activations: int | None = Field(default=None, ge=1, le=100_000)
+
+
+class StatusChange(Request):
+    reason: Reason | None = None
+
+
+class Renewal(Request):
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="Renew to this date instead of adding the plan's term."
+    )
+
+
+class ClientActivate(Request):
+    key: Key
+    fingerprint: Fingerprint
+    label: str | None = Field(default=None, max_length=activations.MAX_LABEL)
+
+
+class ClientMachine(Request):
+    key: Key
+    fingerprint: Fingerprint
+
+
+# -- administrative ----------------------------------------------------------------------------
+
+
+@router.post("/v1/licenses", status_code=201)
+async def issue_license(
+    body: LicenseIssue, actor: Writer, session: Session, state: State
+) -> dict[str, Any]:
+    """Issue a key. The response carries the plaintext key this once; afterwards only its hint."""
+    issued = await service.issue_license(
+        session,
+        actor,
+        state.secrets.keyring,
+        account_id=body.account_id,
+        expires_at=body.expires_at,
+        max_activations_override=body.max_activations,
+    )
+    return {**await service.describe_license(session, issued.license), "key": issued.key}
+
+
+@router.get("/v1/licenses/{license_id}")
+async def show_license(license_id: str, _actor: Reader, session: Session) -> dict[str, Any]:
+    return await service.describe_license(session, await service.get_license(session, license_id))
+
+
+@router.get("/v1/accounts/{account_id}/licenses")
+async def list_account_licenses(
+    account_id: str, _actor: Reader, session: Session
+) -> list[dict[str, Any]]:
+    return [
+        await service.describe_license(session, row)
+        for row in await service.list_licenses(session, account_id)
+    ]
+
+
+@router.post("/v1/licenses/{license_id}/suspend")
+async def suspend(
+    license_id: str, actor: Writer, session: Session, body: StatusChange | None = None
+) -> dict[str, Any]:
+    reason = body.reason if body else None
+    row = await service.suspend_license(session, actor, license_id, reason=reason)
+    return await service.describe_license(session, row)
+
+
+@router.post("/v1/licenses/{license_id}/reinstate")
+async def reinstate(
+    license_id: str, actor: Writer, session: Session, body: StatusChange | None = None
+) -> dict[str, Any]:
+    reason = body.reason if body else None
+    row = await service.reinstate_license(session, actor, license_id, reason=reason)
+    return await service.describe_license(session, row)
+
+
+@router.post("/v1/licenses/{license_id}/revoke")
+async def revoke(
+    license_id: str, actor: Writer, session: Session, body: StatusChange | None = None
+) -> dict[str, Any]:
+    reason = body.reason if body else None
+    row = await service.revoke_license(session, actor, license_id, reason=reason)
+    return await service.describe_license(session, row)
+
+
+@router.post("/v1/licenses/{license_id}/renew")
+async def renew(
+    license_id: str, actor: Writer, session: Session, body: Renewal | None = None
+) -> dict[str, Any]:
+    until: datetime | None = body.expires_at if body else None
+    row = await service.renew_license(session, actor, license_id, until=until)
+    return await service.describe_license(session, row)
+
+
+@router.get("/v1/licenses/{license_id}/activations")
+async def list_activations(
+    license_id: str, _actor: Reader, session: Session
+) -> list[dict[str, object]]:
+    return [
+        activations.activation_view(a)
+        for a in await activations.list_activations(session, license_id)
+    ]
+
+
+@router.delete("/v1/activations/{activation_id}")
+async def delete_activation(
+    activation_id: str, actor: Admin, session: Session
+) -> dict[str, object]:
+    return activations.activation_view(
+        await activations.deactivate_by_id(session, actor, activation_id)
+    )
+
+
+# -- client (authenticated by the license key) ------------------------------------------------
+
+
+async def _license_actor(
+    session: AsyncSession, keyring: Keyring, key: str, http_request_id: str | None
+) -> tuple[License, Actor]:
+    row = await service.find_by_key(session, keyring, key)
+    if row is None:
+        raise LicenseNotFound("no license has this key", field="key")
+    return row, Actor(id=f"license:{row.id}", request_id=http_request_id)
+
+
+RequestId = Annotated[str | None, Depends(request_id)]
+
+
+@router.post("/v1/licenses/activate", dependencies=ClientLimited)
+async def client_activate(
+    body: ClientActivate, session: Session, state: State, rid: RequestId, response: Response
+) -> dict[str, object]:
+    """Bind this machine to the license: 201 for a new seat, 200 if it already held one."""
+    keyring = state.secrets.keyring
+    row, actor = await _license_actor(session, keyring, body.key, rid)
+    outcome = await activations.activate(
+        session, actor, keyring, row, body.fingerprint, label=body.label
+    )
+    response.status_code = 201 if outcome.created else 200
+    return activations.activation_view(outcome.activation)
+
+
+@router.post("/v1/licenses/heartbeat", dependencies=ClientLimited)
+async def client_heartbeat(
+    body: ClientMachine, session: Session, state: State, rid: RequestId
+) -> dict[str, object]:
+    keyring = state.secrets.keyring
+    row, actor = await _license_actor(session, keyring, body.key, rid)
+    return activations.activation_view(
+        await activations.heartbeat(session, actor, keyring, row, body.fingerprint)
+    )
+
+
+@router.post("/v1/licenses/deactivate", dependencies=ClientLimited)
+async def client_deactivate(
+    body: ClientMachine, session: Session, state: State, rid: RequestId
+) -> dict[str, object]:
+    keyring = state.secrets.keyring
+    row, actor = await _license_actor(session, keyring, body.key, rid)
+    return activations.activation_view(
+        await activations.deactivate(session, actor, keyring, row, body.fingerprint)
+    )
