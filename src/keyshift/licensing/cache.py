@@ -1,0 +1,248 @@
+"""The in-process cache the validation hot path reads: license state by key lookup hash.
+
+Correctness first. An entry lives at most ``ttl_seconds`` (default 1 s, env
+``KEYSHIFT_VALIDATION_CACHE_TTL``; 0 disables the cache): that is the staleness bound when
+nobody invalidates. Services that change a license, its activations or its account's plan
+call ``invalidate_on_commit`` in their transaction: the local cache drops the entry when the
+transaction commits, and on PostgreSQL a ``NOTIFY`` in the same transaction reaches every
+other process's ``InvalidationListener``. Entitlements are immutable per plan hash, so an
+entry carries them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from keyshift.catalog.entitlements import Entitlements
+    from keyshift.licensing.validation import LicenseState
+
+log = logging.getLogger("keyshift.cache")
+
+CHANNEL = "keyshift_validation"
+DEFAULT_TTL = float(os.environ.get("KEYSHIFT_VALIDATION_CACHE_TTL", "1.0"))
+DEFAULT_SIZE = int(os.environ.get("KEYSHIFT_VALIDATION_CACHE_SIZE", "100000"))
+
+
+@dataclass(frozen=True)
+class CachedLicense:
+    state: LicenseState
+    entitlements: Entitlements | None  # None: the account has no plan
+
+
+class LicenseStateCache:
+    """A bounded LRU with a TTL, and a generation counter against a lost invalidation.
+
+    A loader reads ``generation`` before it queries and passes it to ``put``: if anything was
+    invalidated in between, the (possibly stale) result is not stored. One instance per
+    process (``default_cache``); it is used from one event loop and takes no locks.
+    """
+
+    def __init__(
+        self,
+        ttl_seconds: float = DEFAULT_TTL,
+        max_entries: int = DEFAULT_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, CachedLicense]] = OrderedDict()
+        self._by_account: dict[str, set[str]] = {}
+        self.generation = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __bool__(self) -> bool:  # an empty cache is still a cache (`cache or default` bit us)
+        return True
+
+    def get(self, lookup: str) -> CachedLicense | None:
+        found = self._entries.get(lookup)
+        if found is None or self._clock() >= found[0]:
+            if found is not None:
+                self._drop(lookup)
+            self.misses += 1
+            return None
+        self._entries.move_to_end(lookup)
+        self.hits += 1
+        return found[1]
+
+    def put(self, lookup: str, value: CachedLicense, *, generation: int) -> None:
+        if self.ttl_seconds <= 0 or generation != self.generation:
+            return
+        self._drop(lookup)
+        self._entries[lookup] = (self._clock() + self.ttl_seconds, value)
+        self._by_account.setdefault(value.state.account_id, set()).add(lookup)
+        while len(self._entries) > self.max_entries:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, lookup: str) -> None:
+        found = self._entries.pop(lookup, None)
+        if found is not None:
+            lookups = self._by_account.get(found[1].state.account_id)
+            if lookups is not None:
+                lookups.discard(lookup)
+                if not lookups:
+                    del self._by_account[found[1].state.account_id]
+
+    def invalidate_license(self, lookup: str) -> None:
+        """Forget one license (by its key lookup hash, ``License.key_lookup``)."""
+        self.generation += 1
+        self._drop(lookup)
+
+    def invalidate_account(self, account_id: str) -> None:
+        """Forget every license of an account (its plan or entitlements changed)."""
+        self.generation += 1
+        for lookup in list(self._by_account.get(account_id, ())):
+            self._drop(lookup)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+        self._by_account.clear()
+
+    def apply(self, message: str) -> None:
+        """Apply an invalidation message: ``license:<lookup>``, ``account:<id>`` or ``clear``."""
+        kind, _, value = message.partition(":")
+        if kind == "license" and value:
+            self.invalidate_license(value)
+        elif kind == "account" and value:
+            self.invalidate_account(value)
+        else:
+            self.clear()  # unknown or "clear": the safe answer is to forget everything
+
+
+#: The process's cache; the validation routes use it.
+default_cache = LicenseStateCache()
+
+# -- invalidation on commit ------------------------------------------------------------------
+
+_PENDING = "keyshift.cache.pending"
+
+
+def _message(lookup: str | None, account_id: str | None) -> str:
+    if lookup is not None:
+        return f"license:{lookup}"
+    if account_id is not None:
+        return f"account:{account_id}"
+    return "clear"
+
+
+async def invalidate_on_commit(
+    session: AsyncSession,
+    *,
+    lookup: str | None = None,
+    account_id: str | None = None,
+    cache: LicenseStateCache | None = None,
+) -> None:
+    """Invalidate when the caller's transaction commits (not before: a reader in between would
+    re-cache the old state). Give ``lookup`` for one license, ``account_id`` for all of an
+    account's, neither for everything. On PostgreSQL also ``pg_notify`` in the same
+    transaction, so other processes hear of it exactly when it commits."""
+    message = _message(lookup, account_id)
+    pending: list[tuple[LicenseStateCache, str]] = session.sync_session.info.setdefault(
+        _PENDING, []
+    )
+    pending.append((cache if cache is not None else default_cache, message))
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(
+            text("SELECT pg_notify(:channel, :message)"), {"channel": CHANNEL, "message": message}
+        )
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    for cache, message in session.info.pop(_PENDING, []):
+        cache.apply(message)
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+
+
+# -- cross-process: PostgreSQL LISTEN --------------------------------------------------------
+
+
+class InvalidationListener:
+    """Applies ``NOTIFY keyshift_validation`` messages from other processes to a cache.
+
+    Start it in the app's lifespan on PostgreSQL. While disconnected it cannot hear anything,
+    so on every (re)connect it clears the cache; the TTL bounds staleness meanwhile.
+    """
+
+    def __init__(
+        self, database_url: str, cache: LicenseStateCache, *, retry_seconds: float = 1.0
+    ) -> None:
+        self.dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        self.cache = cache
+        self.retry_seconds = retry_seconds
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, wait_seconds: float = 5.0) -> None:
+        self._task = asyncio.create_task(self._run(), name="keyshift-cache-listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), wait_seconds)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.cache.apply(payload)
+
+    async def _run(self) -> None:
+        import asyncpg  # type: ignore[import-untyped]
+
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=10)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                self.cache.clear()  # whatever was sent while we were away is lost
+                self.connected.set()
+                while not lost.is_set() and not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnect on anything; never take the server down
+                log.warning("cache listener disconnected: %s", exc)
+            finally:
+                self.connected.clear()
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(self.retry_seconds)
+
+
+async def start_listener(
+    database_url: str, cache: LicenseStateCache | None = None
+) -> InvalidationListener | None:
+    """Start a listener on PostgreSQL (None on SQLite, where the TTL is the bound)."""
+    if not database_url.startswith("postgresql"):
+        return None
+    listener = InvalidationListener(database_url, cache if cache is not None else default_cache)
+    await listener.start()
+    return listener

@@ -1,0 +1,398 @@
+"""License validation: key (+ fingerprint, + feature, + nonce) → a code from a closed set and
+the effective entitlements, signed with Ed25519.
+
+``decide`` is the whole policy, a pure function over frozen data; ``validate`` loads that data
+(from the in-process cache or one database query), decides and signs. The code set, its
+precedence and the response shape are documented in ``docs/validation.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyshift.canonical import canonical_json
+from keyshift.catalog import service as catalog
+from keyshift.catalog.entitlements import Entitlements, FeatureGrant
+from keyshift.catalog.manifests import KEY_PATTERN
+from keyshift.db.tables import Activation, License, Subscription
+from keyshift.db.types import utcnow
+from keyshift.errors import InvalidInput
+from keyshift.licensing.cache import CachedLicense, LicenseStateCache
+from keyshift.licensing.service import lookup_for
+from keyshift.security.keyring import Keyring
+from keyshift.security.signing import ALGORITHM, SigningKeys
+
+SIGNATURE_HEADER = "Keyshift-Signature"
+NONCE_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+FINGERPRINT_MAX = 255  # activations.fingerprint is VARCHAR(255)
+_NONCE = re.compile(NONCE_PATTERN)
+_FEATURE = re.compile(KEY_PATTERN)
+
+
+class Code(StrEnum):
+    """The closed set of validation results, in precedence order after NOT_FOUND."""
+
+    VALID = "VALID"
+    NOT_FOUND = "NOT_FOUND"
+    REVOKED = "REVOKED"
+    SUSPENDED = "SUSPENDED"
+    EXPIRED = "EXPIRED"
+    NO_PLAN = "NO_PLAN"
+    NO_ACTIVATION = "NO_ACTIVATION"
+    FINGERPRINT_MISMATCH = "FINGERPRINT_MISMATCH"
+    TOO_MANY_ACTIVATIONS = "TOO_MANY_ACTIVATIONS"
+    FEATURE_NOT_ENTITLED = "FEATURE_NOT_ENTITLED"
+
+
+DETAIL: dict[Code, str] = {
+    Code.VALID: "the license is valid",
+    Code.NOT_FOUND: "no license has this key",
+    Code.REVOKED: "the license has been revoked",
+    Code.SUSPENDED: "the license is suspended",
+    Code.EXPIRED: "the license has expired and its grace period is over",
+    Code.NO_PLAN: "the license's account has no plan",
+    Code.NO_ACTIVATION: "the license has no active machine; activate this one first",
+    Code.FINGERPRINT_MISMATCH: "this machine is not activated for the license",
+    Code.TOO_MANY_ACTIVATIONS: "the license has more active machines than its plan allows",
+    Code.FEATURE_NOT_ENTITLED: "the license's plan does not include this feature",
+}
+
+
+# -- the pure core ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationState:
+    id: str
+    fingerprint: str
+    mode: str  # "node" | "floating"
+    lease_expires_at: datetime | None  # None: node-locked, never lapses
+
+    def is_live(self, now: datetime) -> bool:
+        """A floating lease past its expiry no longer holds a seat."""
+        return self.lease_expires_at is None or now < self.lease_expires_at
+
+
+@dataclass(frozen=True)
+class LicenseState:
+    """Everything validation needs about one license, as loaded in one query."""
+
+    license_id: str
+    account_id: str
+    status: str  # "active" | "suspended" | "revoked"
+    expires_at: datetime | None
+    max_activations_override: int | None
+    version: int
+    activations: tuple[ActivationState, ...] = ()
+    plan_ref: str | None = None  # None: the account has no subscription
+    plan_hash: str | None = None
+    entitlements_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Expiry:
+    expires_at: datetime | None
+    grace_until: datetime | None
+    in_grace: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "expires_at": self.expires_at,
+            "grace_until": self.grace_until,
+            "in_grace": self.in_grace,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    code: Code
+    expiry: Expiry
+    live_activations: int
+    max_activations: int | None
+    activation: ActivationState | None = None  # the live activation matching the fingerprint
+    feature: FeatureGrant | None = None  # the grant of the asked feature, if it exists
+
+    @property
+    def valid(self) -> bool:
+        return self.code is Code.VALID
+
+
+def expiry_of(state: LicenseState, grace_seconds: int, now: datetime) -> Expiry:
+    if state.expires_at is None:
+        return Expiry(None, None, False)
+    grace_until = state.expires_at + timedelta(seconds=grace_seconds)
+    return Expiry(state.expires_at, grace_until, state.expires_at <= now < grace_until)
+
+
+def activation_cap(state: LicenseState, entitlements: Entitlements | None) -> int | None:
+    """The license's own override, else the plan's cap; None means activations are not used."""
+    if state.max_activations_override is not None:
+        return state.max_activations_override
+    return entitlements.max_activations if entitlements is not None else None
+
+
+def decide(
+    state: LicenseState,
+    entitlements: Entitlements | None,
+    *,
+    fingerprint: str | None,
+    feature: str | None,
+    now: datetime,
+) -> Decision:
+    """The validation policy. ``entitlements`` is None when the account has no plan.
+
+    Precedence: REVOKED > SUSPENDED > EXPIRED > NO_PLAN > NO_ACTIVATION > FINGERPRINT_MISMATCH
+    > TOO_MANY_ACTIVATIONS > FEATURE_NOT_ENTITLED > VALID. Fingerprint checks apply only when
+    a fingerprint is given and the license counts activations (it has a cap).
+    """
+    grace = entitlements.grace_seconds if entitlements is not None else 0
+    expiry = expiry_of(state, grace, now)
+    live = [a for a in state.activations if a.is_live(now)]
+    cap = activation_cap(state, entitlements)
+    matched = next((a for a in live if a.fingerprint == fingerprint), None)
+    grant = entitlements.features.get(feature) if entitlements and feature else None
+
+    def result(code: Code) -> Decision:
+        return Decision(code, expiry, len(live), cap, matched, grant)
+
+    if state.status == "revoked":
+        return result(Code.REVOKED)
+    if state.status != "active":
+        return result(Code.SUSPENDED)
+    if expiry.grace_until is not None and now >= expiry.grace_until:
+        return result(Code.EXPIRED)
+    if entitlements is None:
+        return result(Code.NO_PLAN)
+    if fingerprint is not None and cap is not None:
+        if not live:
+            return result(Code.NO_ACTIVATION)
+        if matched is None:
+            return result(Code.FINGERPRINT_MISMATCH)
+    if cap is not None and len(live) > cap:
+        return result(Code.TOO_MANY_ACTIVATIONS)
+    if feature is not None and (grant is None or not grant.is_usable):
+        return result(Code.FEATURE_NOT_ENTITLED)
+    return result(Code.VALID)
+
+
+def response_body(
+    state: LicenseState | None,
+    entitlements: Entitlements | None,
+    decision: Decision | None,
+    *,
+    fingerprint: str | None,
+    feature: str | None,
+    nonce: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The signed body. For an unknown key (``state`` None) it says NOT_FOUND and nothing else."""
+    if state is None or decision is None:
+        return {
+            "valid": False,
+            "code": Code.NOT_FOUND.value,
+            "detail": DETAIL[Code.NOT_FOUND],
+            "license": None,
+            "account_id": None,
+            "entitlements": None,
+            "expiry": None,
+            "activation": None,
+            "feature": None,
+            "nonce": nonce,
+            "issued_at": now,
+            "server_time": now,
+        }
+    activation: dict[str, Any] | None = None
+    if fingerprint is not None:
+        match = decision.activation
+        activation = {
+            "fingerprint": fingerprint,
+            "activated": match is not None,
+            "id": match.id if match else None,
+            "mode": match.mode if match else None,
+            "lease_expires_at": match.lease_expires_at if match else None,
+            "live_activations": decision.live_activations,
+            "max_activations": decision.max_activations,
+        }
+    feature_view: dict[str, Any] | None = None
+    if feature is not None:
+        grant = decision.feature
+        feature_view = {
+            "name": feature,
+            "entitled": grant is not None and grant.is_usable,
+            **(grant.to_dict() if grant is not None else {"mode": None}),
+        }
+    return {
+        "valid": decision.valid,
+        "code": decision.code.value,
+        "detail": DETAIL[decision.code],
+        "license": {"id": state.license_id, "status": state.status, "expires_at": state.expires_at},
+        "account_id": state.account_id,
+        "entitlements": entitlements.to_dict() if entitlements is not None else None,
+        "expiry": decision.expiry.to_dict(),
+        "activation": activation,
+        "feature": feature_view,
+        "nonce": nonce,
+        "issued_at": now,
+        "server_time": now,
+    }
+
+
+def signature_header(signing: SigningKeys, body: bytes) -> str:
+    kid, signature = signing.sign(body)
+    encoded = base64.b64encode(signature).decode()
+    return f'keyid="{kid}", algorithm="{ALGORITHM}", signature="{encoded}"'
+
+
+def check_inputs(fingerprint: str | None, feature: str | None, nonce: str | None) -> None:
+    """The same limits the API schema states, for callers that do not come through it."""
+    if fingerprint is not None and not (
+        1 <= len(fingerprint) <= FINGERPRINT_MAX and fingerprint.isprintable()
+    ):
+        raise InvalidInput(
+            f"a fingerprint has 1 to {FINGERPRINT_MAX} printable characters", field="fingerprint"
+        )
+    if feature is not None and not _FEATURE.match(feature):
+        raise InvalidInput("a feature name is lower-case letters, digits, _ and -", field="feature")
+    if nonce is not None and not _NONCE.match(nonce):
+        raise InvalidInput("a nonce is 1 to 128 characters of A-Z a-z 0-9 _ -", field="nonce")
+
+
+# -- the service -----------------------------------------------------------------------------
+
+SessionSource = Callable[[], AbstractAsyncContextManager[AsyncSession]]
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    code: Code
+    body: bytes  # the exact signed bytes: send these, never a re-serialisation
+    signature_header: str
+    payload: dict[str, Any]
+    cached: bool  # whether the license state came from the cache
+
+    @property
+    def valid(self) -> bool:
+        return self.code is Code.VALID
+
+
+async def load_state(session: AsyncSession, lookup: str) -> LicenseState | None:
+    """License, subscription and activations in one round trip (a row per activation)."""
+    query = (
+        select(
+            License.id,
+            License.account_id,
+            License.status,
+            License.expires_at,
+            License.max_activations_override,
+            License.version,
+            Subscription.plan_key,
+            Subscription.plan_version,
+            Subscription.plan_hash,
+            Subscription.entitlements_version,
+            Activation.id.label("activation_id"),
+            Activation.fingerprint,
+            Activation.mode,
+            Activation.lease_expires_at,
+        )
+        .select_from(License)
+        .outerjoin(Subscription, Subscription.account_id == License.account_id)
+        .outerjoin(Activation, Activation.license_id == License.id)
+        .where(License.key_lookup == lookup)
+        .order_by(Activation.created_at, Activation.id)
+    )
+    rows = (await session.execute(query)).all()
+    if not rows:
+        return None
+    first = rows[0]
+    activations = tuple(
+        ActivationState(r.activation_id, r.fingerprint, r.mode, r.lease_expires_at)
+        for r in rows
+        if r.activation_id is not None
+    )
+    has_plan = first.plan_key is not None
+    return LicenseState(
+        license_id=first.id,
+        account_id=first.account_id,
+        status=first.status,
+        expires_at=first.expires_at,
+        max_activations_override=first.max_activations_override,
+        version=first.version,
+        activations=activations,
+        plan_ref=f"{first.plan_key}@{first.plan_version}" if has_plan else None,
+        plan_hash=first.plan_hash,
+        entitlements_version=first.entitlements_version,
+    )
+
+
+async def load(session: AsyncSession, lookup: str) -> CachedLicense | None:
+    """The state and its plan's entitlements (resolved once per plan hash, then cached)."""
+    state = await load_state(session, lookup)
+    if state is None:
+        return None
+    entitlements = None
+    if state.plan_ref is not None and state.plan_hash is not None:
+        entitlements = await catalog.entitlements_for(session, state.plan_ref, state.plan_hash)
+    return CachedLicense(state, entitlements)
+
+
+async def validate(
+    sessions: SessionSource,
+    keyring: Keyring,
+    signing: SigningKeys,
+    *,
+    key: str,
+    fingerprint: str | None = None,
+    feature: str | None = None,
+    nonce: str | None = None,
+    cache: LicenseStateCache | None = None,
+    now: datetime | None = None,
+) -> ValidationResult:
+    """Validate a presented key and sign the answer.
+
+    ``sessions`` opens a read transaction (e.g. ``db.transaction``); it is entered only when
+    the cache misses, so a cached validation touches no database. Unknown keys are never
+    cached: a key issued a moment ago validates at once. MalformedKey / InvalidInput for
+    input that cannot be a key, fingerprint, feature or nonce.
+    """
+    lookup = lookup_for(keyring, key)
+    check_inputs(fingerprint, feature, nonce)
+    now = now or utcnow()
+    entry = cache.get(lookup) if cache is not None else None
+    cached = entry is not None
+    if entry is None:
+        generation = cache.generation if cache is not None else 0
+        async with sessions() as session:
+            entry = await load(session, lookup)
+        if entry is not None and cache is not None:
+            cache.put(lookup, entry, generation=generation)
+    if entry is None:
+        payload = response_body(
+            None, None, None, fingerprint=fingerprint, feature=feature, nonce=nonce, now=now
+        )
+        code = Code.NOT_FOUND
+    else:
+        decision = decide(
+            entry.state, entry.entitlements, fingerprint=fingerprint, feature=feature, now=now
+        )
+        payload = response_body(
+            entry.state,
+            entry.entitlements,
+            decision,
+            fingerprint=fingerprint,
+            feature=feature,
+            nonce=nonce,
+            now=now,
+        )
+        code = decision.code
+    body = canonical_json(payload)
+    return ValidationResult(code, body, signature_header(signing, body), payload, cached)
