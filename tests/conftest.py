@@ -9,7 +9,6 @@ PostgreSQL fails the run, and a run in which no PostgreSQL test passed fails too
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets as pysecrets
 import socket
@@ -70,7 +69,7 @@ async def _create_pg_database() -> tuple[str, str]:
     name = f"keyshift_test_{os.getpid()}_{pysecrets.token_hex(3)}"
     try:
         conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         message = f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc}"
         if IN_CI:
             pytest.fail(message)
@@ -182,15 +181,17 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def live_server(settings: Settings, secrets: Secrets) -> Iterator[LiveServer]:
+def live_server(settings: Settings, secrets: Secrets, tmp_path: Path) -> Iterator[LiveServer]:
     """`keyshift serve` as a real process on a loopback port, on this test's database."""
     port = free_port()
     env = cli_env(settings)
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "keyshift.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,  # an unread pipe would fill after a few hundred log lines and block it
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -202,7 +203,7 @@ def live_server(settings: Settings, secrets: Secrets) -> Iterator[LiveServer]:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            err = process.stderr.read().decode() if process.stderr else ""
+            err = log_path.read_text()
             pytest.fail(f"server did not start: {err[-2000:]}")
         time.sleep(0.1)
     try:
@@ -213,3 +214,4 @@ def live_server(settings: Settings, secrets: Secrets) -> Iterator[LiveServer]:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()

@@ -19,6 +19,10 @@ class Settings:
     secrets_dir: Path
     max_body_bytes: int = 64 * 1024
     log_level: str = "INFO"
+    #: Requests per second per client address on the key-authenticated endpoints (validate,
+    #: activate, heartbeat, deactivate, checkout); 0 turns the limit off.
+    client_rate_per_second: float = 0.0
+    client_rate_burst: int = 50
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -32,6 +36,8 @@ class Settings:
             secrets_dir=secrets,
             max_body_bytes=int(os.environ.get("KEYSHIFT_MAX_BODY_BYTES", 64 * 1024)),
             log_level=os.environ.get("KEYSHIFT_LOG_LEVEL", "INFO"),
+            client_rate_per_second=float(os.environ.get("KEYSHIFT_CLIENT_RATE_PER_SECOND", 0)),
+            client_rate_burst=int(os.environ.get("KEYSHIFT_CLIENT_RATE_BURST", 50)),
         )
 
 

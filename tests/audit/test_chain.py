@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from sqlalchemy import delete, insert, select, update
 
@@ -28,7 +29,7 @@ async def test_appended_events_form_a_verifiable_chain(db: Database) -> None:
     assert report.ok, report.problems
     assert report.checked == 5
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
-    assert all(e.prev_hash == p.hash for p, e in zip(events, events[1:], strict=False))
+    assert all(e.prev_hash == p.hash for p, e in itertools.pairwise(events))
     assert events[0].request_id == "req-1"
 
 
@@ -68,9 +69,17 @@ async def test_verify_names_an_inserted_event(db: Database) -> None:
         row = (await session.execute(select(AuditEvent).where(AuditEvent.seq == 3))).scalar_one()
         await session.execute(update(AuditEvent).where(AuditEvent.seq == 3).values(seq=4))
         forged = {
-            "seq": 3, "id": "forged", "occurred_at": row.occurred_at, "actor": "mallory",
-            "action": "thing.do", "target_type": "thing", "target_id": "x", "account_id": None,
-            "request_id": None, "details": {}, "prev_hash": row.prev_hash,
+            "seq": 3,
+            "id": "forged",
+            "occurred_at": row.occurred_at,
+            "actor": "mallory",
+            "action": "thing.do",
+            "target_type": "thing",
+            "target_id": "x",
+            "account_id": None,
+            "request_id": None,
+            "details": {},
+            "prev_hash": row.prev_hash,
         }
         forged["hash"] = audit.event_hash(
             row.prev_hash, {**forged, "occurred_at": audit._ts(row.occurred_at)}

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 
 from keyshift import __version__
 from keyshift.api import errors
@@ -14,6 +13,7 @@ from keyshift.api.routes import ROUTERS
 from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
+from keyshift.licensing import cache
 from keyshift.observability.middleware import RequestContextMiddleware
 from keyshift.security.secrets_store import load_secrets
 
@@ -36,14 +36,20 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owns_db:
-            await state.db.dispose()
+        # On PostgreSQL, hear other processes' cache invalidations (LISTEN/NOTIFY); the
+        # cache's TTL bounds staleness whenever the listener is down, and on SQLite.
+        listener = await cache.start_listener(state.settings.database_url)
+        try:
+            yield
+        finally:
+            if listener is not None:
+                await listener.stop()
+            if owns_db:
+                await state.db.dispose()
 
     app = FastAPI(
         title="keyshift",
         version=__version__,
-        default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
     app.state.keyshift = state

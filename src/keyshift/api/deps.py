@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift.api.ratelimit import RateLimited
 from keyshift.api.state import AppState
 from keyshift.context import Actor
 from keyshift.errors import AuthenticationFailed, PermissionDenied
@@ -29,7 +30,10 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-Session = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": the transaction commits before the response is sent. With the default
+# (request) scope FastAPI would send a 201 carrying a new license key and only then commit:
+# a failed commit would leave the client holding a key that was never stored.
+Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 State = Annotated[AppState, Depends(get_state)]
 
 
@@ -51,3 +55,17 @@ def require(scope: str) -> Callable[[Request], Awaitable[Actor]]:
         return actor
 
     return _dependency
+
+
+def client_rate_limit(request: Request) -> None:
+    """Per-address limit on the key-authenticated endpoints (off unless configured)."""
+    bucket = get_state(request).client_bucket
+    if bucket is None:
+        return
+    address = request.client.host if request.client else "unknown"
+    wait = bucket.take(address)
+    if wait:
+        raise RateLimited(wait)
+
+
+ClientLimited = [Depends(client_rate_limit)]

@@ -6,16 +6,30 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keyshift import errors as e
+from keyshift.api.ratelimit import RateLimited
 
 log = logging.getLogger("keyshift.api")
 
+
+class JsonResponse(Response):
+    """JSON serialised by orjson, for bodies built by hand (errors, readiness). Routes with a
+    response model need nothing: FastAPI serialises those to bytes itself."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
 STATUS: list[tuple[type[e.KeyshiftError], int]] = [
+    (RateLimited, 429),
     (e.AuthenticationFailed, 401),
     (e.PermissionDenied, 403),
     (e.NotFound, 404),
@@ -34,28 +48,45 @@ def status_for(error: e.KeyshiftError) -> int:
 
 def error_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> ORJSONResponse:
-    return ORJSONResponse({"error": body}, status_code=status, headers=headers)
+) -> JsonResponse:
+    return JsonResponse({"error": body}, status_code=status, headers=headers)
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    # ("body", "fingerprint") → "fingerprint"; ("query", "limit") → "limit"
+def _field_path(loc: tuple[Any, ...], kind: str = "") -> str:
+    # ("body", "fingerprint") → "fingerprint"; ("query", "limit") → "limit";
+    # unparseable JSON is located at a character offset, which names no field: "body".
+    if kind == "json_invalid":
+        return "body"
     parts = [str(p) for p in loc if p not in ("body",)]
     return ".".join(parts) or "body"
 
 
+def _message(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "json_invalid":
+        return "body is not valid JSON"
+    return str(err["msg"])
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.KeyshiftError)
-    async def _domain(_request: Request, exc: e.KeyshiftError) -> ORJSONResponse:
-        headers = (
-            {"WWW-Authenticate": "Bearer"} if isinstance(exc, e.AuthenticationFailed) else None
-        )
+    async def _domain(_request: Request, exc: e.KeyshiftError) -> JsonResponse:
+        headers = None
+        if isinstance(exc, e.AuthenticationFailed):
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(status_for(exc), exc.to_dict(), headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation(_request: Request, exc: RequestValidationError) -> JsonResponse:
         problems = [
-            {"field": _field_path(tuple(err["loc"])), "message": err["msg"], "type": err["type"]}
+            {
+                "field": _field_path(tuple(err["loc"]), err["type"]),
+                "message": _message(err),
+                "type": err["type"],
+            }
             for err in exc.errors()
         ]
         first = problems[0] if problems else {"field": "body", "message": "invalid request"}
@@ -70,12 +101,18 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JsonResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, {"code": code, "message": str(exc.detail)})
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
-        # A bug, not a user error: log the traceback, never send it.
+    async def _unexpected(request: Request, exc: Exception) -> JsonResponse:
+        # Last resort (the request middleware answers a route's bug itself): log the
+        # traceback, never send it.
         log.exception("unhandled error", extra={"path": request.url.path})
-        return error_response(500, {"code": "internal_error", "message": "internal server error"})
+        request_id = getattr(request.state, "request_id", None)
+        return error_response(
+            500,
+            {"code": "internal_error", "message": "internal server error"},
+            {"x-request-id": request_id} if request_id else None,
+        )

@@ -6,11 +6,12 @@ from datetime import timedelta
 
 import typer
 
-from keyshift.cli.output import emit_json
+from keyshift.cli.output import emit_json, fail
 from keyshift.cli.runtime import run
 from keyshift.config import Settings
 from keyshift.context import cli_actor
 from keyshift.db.engine import Database
+from keyshift.errors import InvalidInput
 from keyshift.security import tokens as token_service
 
 group = typer.Typer(help="API tokens (bearer secrets with scopes).", no_args_is_help=True)
@@ -25,8 +26,20 @@ def create(
     name: str = typer.Option(..., help="What the token is for."),
     scope: list[str] = typer.Option(..., "--scope", help="Repeat for several scopes."),
     ttl_days: int | None = typer.Option(None, min=1, help="Expire after this many days."),
+    ttl_minutes: int | None = typer.Option(
+        None, min=1, help="Expire after this many minutes (short-lived tokens for workers)."
+    ),
 ) -> None:
-    """Mint a token and print its secret once."""
+    """Mint a token and print its secret once. Without a TTL it lives until revoked."""
+    if ttl_days and ttl_minutes:
+        fail(InvalidInput("give --ttl-days or --ttl-minutes, not both", field="ttl"))
+    ttl = (
+        timedelta(days=ttl_days)
+        if ttl_days
+        else timedelta(minutes=ttl_minutes)
+        if ttl_minutes
+        else None
+    )
 
     async def work(_settings: Settings, db: Database) -> None:
         async with db.transaction() as session:
@@ -35,9 +48,14 @@ def create(
                 cli_actor(),
                 name=name,
                 scopes=scope,
-                ttl=timedelta(days=ttl_days) if ttl_days else None,
+                ttl=ttl,
             )
-        typer.echo(f"token {issued.token.id} ({', '.join(issued.token.scopes['scopes'])}):")
+        expiry = issued.token.expires_at
+        until = f", expires {expiry.isoformat(timespec='seconds')}" if expiry else ""
+        typer.echo(
+            f"token {issued.token.id} ({', '.join(issued.token.scopes['scopes'])}{until}):",
+            err=True,
+        )
         typer.echo(issued.plaintext)
 
     run(work)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Any, NoReturn
 
 import orjson
@@ -28,13 +30,43 @@ def exit_code_for(error: e.KeyshiftError) -> int:
 
 
 def fail(error: e.KeyshiftError) -> NoReturn:
-    where = f" [{error.field}]" if error.field else ""
-    typer.echo(f"error: {error.message}{where}", err=True)
-    for problem in (
-        getattr(error, "problems", [])[1:] if len(getattr(error, "problems", [])) > 1 else []
-    ):
-        typer.echo(f"  {problem}", err=True)
+    problems = getattr(error, "problems", None)
+    if problems:
+        # Manifest problems: one line each, `file:line: field: reason`, like a compiler.
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+    else:
+        where = f" [{error.field}]" if error.field else ""
+        typer.echo(f"error: {error.message}{where}", err=True)
     raise typer.Exit(exit_code_for(error))
+
+
+def describe_unexpected(error: BaseException) -> tuple[str, int]:
+    """A one-line message and an exit code for an error the domain did not raise on purpose."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    if isinstance(error, DBAPIError):
+        first = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else ""
+        detail = f"{type(error.orig).__name__}: {first}" if first else type(error.orig).__name__
+        hint = (
+            " (run `keyshift init` first?)"
+            if "no such table" in first or "does not exist" in first
+            else ""
+        )
+        return f"database error: {detail}{hint}", 6
+    if isinstance(error, SQLAlchemyError | OSError | ConnectionError):
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"cannot reach the database: {type(error).__name__}: {first}", 6
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"unexpected {type(error).__name__}: {first} (KEYSHIFT_DEBUG=1 shows the traceback)", 1
+
+
+def fail_unexpected(error: BaseException) -> NoReturn:
+    if os.environ.get("KEYSHIFT_DEBUG"):
+        traceback.print_exception(error, file=sys.stderr)
+    message, code = describe_unexpected(error)
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
 
 
 def emit_json(value: Any) -> None:

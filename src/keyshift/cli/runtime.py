@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from keyshift.cli.output import fail
+from keyshift.cli.output import fail, fail_unexpected
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.errors import KeyshiftError
@@ -30,3 +30,7 @@ def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
         return asyncio.run(_main())
     except KeyshiftError as error:
         fail(error)
+    except Exception as error:
+        # Not a domain error (database unreachable, schema missing, a bug): still one line and
+        # a non-zero exit, never a traceback; KEYSHIFT_DEBUG=1 shows it.
+        fail_unexpected(error)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import typer
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
+from keyshift.cli.output import fail
 from keyshift.cli.runtime import run
 from keyshift.config import Settings
 from keyshift.context import cli_actor
 from keyshift.db.engine import Database
 from keyshift.db.migrate import upgrade_to_head
 from keyshift.db.tables import ApiToken
+from keyshift.errors import ConfigurationError
 from keyshift.security import tokens
-from keyshift.security.secrets_store import ensure_secrets
+from keyshift.security.secrets_store import ensure_secrets, load_secrets
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def register(app: typer.Typer) -> None:
@@ -51,18 +57,55 @@ def serve(
     workers: int = typer.Option(1, min=1, max=64, help="Worker processes."),
 ) -> None:
     """Start the HTTP API (uvicorn) on the configured database."""
+    settings = Settings.from_env()
+    level = settings.log_level.lower()
+    if level not in _LOG_LEVELS:
+        fail(
+            ConfigurationError(
+                f"KEYSHIFT_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {level!r}",
+                field="KEYSHIFT_LOG_LEVEL",
+            )
+        )
+    # Refuse to start without secrets, with a one-line message rather than a worker's traceback.
+    try:
+        load_secrets(settings.secrets_dir)
+    except ConfigurationError as error:
+        fail(error)
+
+    # Before uvicorn (and anything importing prometheus-client in the workers) starts.
+    from keyshift.observability.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
+
+    metrics_dir = prepare_multiprocess_dir(workers)
     import uvicorn
 
-    from keyshift.observability.metrics import prepare_multiprocess_dir
+    from keyshift.observability.logging import configure_logging, log_config
 
-    prepare_multiprocess_dir(workers)
-    os.environ.setdefault("KEYSHIFT_DATABASE_URL", Settings.from_env().database_url)
-    uvicorn.run(
-        "keyshift.api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="warning",
-        access_log=False,
+    configure_logging(level)
+    # Workers are spawned processes: they read the settings from the environment, so pin the
+    # resolved values there.
+    os.environ["KEYSHIFT_DATABASE_URL"] = settings.database_url
+    os.environ["KEYSHIFT_SECRETS_DIR"] = str(settings.secrets_dir)
+    log = logging.getLogger("keyshift.server")
+    log.info(
+        "serving on http://%s:%s with %d worker(s) on %s",
+        host,
+        port,
+        workers,
+        make_url(settings.database_url).render_as_string(hide_password=True),
     )
+    if metrics_dir is not None:
+        log.info("metrics multiprocess dir: %s", metrics_dir)
+    try:
+        uvicorn.run(
+            "keyshift.api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=log_config(level),
+            log_level=level,
+            access_log=False,
+            server_header=False,
+        )
+    finally:
+        remove_multiprocess_dir(metrics_dir)

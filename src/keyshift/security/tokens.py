@@ -14,10 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyshift.audit import service as audit
 from keyshift.context import SCOPES, Actor
 from keyshift.db.tables import ApiToken
-
-__all__ = ["ApiToken", "IssuedToken", "authenticate", "create_token", "list_tokens", "revoke_token"]
 from keyshift.db.types import utcnow
 from keyshift.errors import AuthenticationFailed, InvalidInput, PermissionDenied, TokenNotFound
+
+__all__ = ["ApiToken", "IssuedToken", "authenticate", "create_token", "list_tokens", "revoke_token"]
 
 TOKEN_PREFIX = "kst_"
 
@@ -99,9 +99,15 @@ async def authenticate(
 
 
 async def revoke_token(session: AsyncSession, actor: Actor, token_id: str) -> ApiToken:
+    """Revoke a token (idempotent). Like granting, an actor may only revoke a token whose
+    scopes it holds itself, so a ``tokens:write`` token cannot lock out the admins."""
     token = await session.get(ApiToken, token_id)
     if token is None:
         raise TokenNotFound(f"no token {token_id}", field="token_id")
+    if not all(actor.can(s) for s in token.scopes["scopes"]):
+        raise PermissionDenied(
+            "cannot revoke a token with scopes you do not hold", field="token_id"
+        )
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         await audit.record(session, actor, "token.revoke", "token", token.id)

@@ -1,13 +1,16 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the Prometheus metrics: the operator's endpoints, unauthenticated
+(they reveal counts, never data; keep them off the public listener if that matters)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 from sqlalchemy import text
 
 from keyshift.api.deps import State
+from keyshift.api.errors import JsonResponse
 from keyshift.db.migrate import current_revision, head_revision
+from keyshift.observability import metrics as metrics_registry
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +22,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(state: State) -> ORJSONResponse:
+async def readyz(state: State) -> JsonResponse:
     """The database answers and its schema is at the code's migration head."""
     checks: dict[str, str] = {}
     try:
@@ -31,7 +34,14 @@ async def readyz(state: State) -> ORJSONResponse:
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values()) and "migrations" in checks
-    return ORJSONResponse(
+    return JsonResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    """Prometheus text format; summed over every worker process under ``--workers`` > 1."""
+    body, content_type = metrics_registry.render()
+    return Response(body, media_type=content_type)

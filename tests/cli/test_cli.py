@@ -1,0 +1,192 @@
+"""The CLI as a user runs it: a real `python -m keyshift.cli` process per command."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text, update
+
+from keyshift.config import Settings
+from keyshift.db.engine import Database
+from keyshift.db.tables import ApiToken, AuditEvent
+from keyshift.security.tokens import TOKEN_PREFIX, hash_token
+from tests.conftest import cli_env
+
+
+def keyshift(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keyshift.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_init_creates_private_secrets_schema_and_prints_one_admin_token(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "fresh-secrets"
+    env = {
+        **os.environ,
+        "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}",
+        "KEYSHIFT_SECRETS_DIR": str(secrets_dir),
+    }
+    first = keyshift(env, "init")
+    assert first.returncode == 0, first.stderr
+    for name in ("keyring.json", "signing.json"):
+        mode = stat.S_IMODE((secrets_dir / name).stat().st_mode)
+        assert mode == 0o600, f"{name} has mode {oct(mode)}"
+    tokens = [line for line in first.stdout.splitlines() if line.startswith(TOKEN_PREFIX)]
+    assert len(tokens) == 1
+    assert (tmp_path / "fresh.db").exists()
+
+    # The token works against the CLI's database, and the schema is current.
+    listed = keyshift(env, "tokens", "list")
+    assert listed.returncode == 0 and '"first admin"' in listed.stdout
+
+    second = keyshift(env, "init")
+    assert second.returncode == 0, second.stderr
+    assert TOKEN_PREFIX not in second.stdout
+    assert "created" not in second.stdout  # nothing was missing
+    assert (secrets_dir / "keyring.json").read_text() == (secrets_dir / "keyring.json").read_text()
+
+
+def test_init_prints_no_token_when_tokens_exist(settings: Settings, secrets: object) -> None:
+    env = cli_env(settings)
+    assert TOKEN_PREFIX in keyshift(env, "init").stdout
+    again = keyshift(env, "init")
+    assert again.returncode == 0 and TOKEN_PREFIX not in again.stdout
+
+
+async def test_tokens_create_list_revoke(settings: Settings, db: Database) -> None:
+    env = cli_env(settings)
+    created = keyshift(
+        env,
+        "tokens",
+        "create",
+        "--name",
+        "worker",
+        "--scope",
+        "migrations:run",
+        "--ttl-minutes",
+        "15",
+    )
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith(TOKEN_PREFIX) and "\n" not in secret
+    async with db.transaction() as session:
+        token = (
+            await session.execute(select(ApiToken).where(ApiToken.token_hash == hash_token(secret)))
+        ).scalar_one()
+        assert token.expires_at is not None
+        lifetime = token.expires_at - token.created_at
+        assert 14 * 60 < lifetime.total_seconds() <= 15 * 60 + 5
+    listed = keyshift(env, "tokens", "list")
+    assert token.id in listed.stdout and secret not in listed.stdout
+    revoked = keyshift(env, "tokens", "revoke", token.id)
+    assert revoked.returncode == 0 and f"revoked {token.id}" in revoked.stdout
+    async with db.transaction() as session:
+        row = await session.get(ApiToken, token.id)
+        assert row is not None and row.revoked_at is not None
+        actors = {e.actor for e in (await session.execute(select(AuditEvent))).scalars()}
+    assert all(a.startswith("cli:") for a in actors)
+
+
+async def test_audit_verify_passes_a_clean_chain_and_names_tampering(
+    settings: Settings, db: Database
+) -> None:
+    env = cli_env(settings)
+    for i in range(3):
+        assert (
+            keyshift(env, "tokens", "create", "--name", f"t{i}", "--scope", "audit:read").returncode
+            == 0
+        )
+    clean = keyshift(env, "audit", "verify")
+    assert clean.returncode == 0, clean.stderr
+    assert "checked 3 event(s): ok" in clean.stdout
+
+    async with db.transaction() as session:
+        await session.execute(update(AuditEvent).where(AuditEvent.seq == 2).values(actor="mallory"))
+    edited = keyshift(env, "audit", "verify")
+    assert edited.returncode == 1
+    assert "seq 2: edited" in edited.stderr
+    assert "CHAIN BROKEN" in edited.stdout
+
+
+async def test_audit_verify_names_a_deleted_event(settings: Settings, db: Database) -> None:
+    env = cli_env(settings)
+    for i in range(4):
+        keyshift(env, "tokens", "create", "--name", f"t{i}", "--scope", "audit:read")
+    async with db.transaction() as session:
+        await session.execute(text("DELETE FROM audit_events WHERE seq = 2"))
+    result = keyshift(env, "audit", "verify")
+    assert result.returncode == 1
+    assert "seq 3: deleted" in result.stderr
+
+
+def test_revoking_an_unknown_token_is_one_line_and_exit_3(settings: Settings) -> None:
+    result = keyshift(cli_env(settings), "tokens", "revoke", "nonexistent")
+    assert_one_line_error(result)
+    assert result.returncode == 3
+    assert "nonexistent" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tokens", "create", "--name", "x", "--scope", "root"),
+        (
+            "tokens",
+            "create",
+            "--name",
+            "x",
+            "--scope",
+            "admin",
+            "--ttl-days",
+            "1",
+            "--ttl-minutes",
+            "5",
+        ),
+    ],
+)
+def test_invalid_token_requests_are_one_line_errors(
+    settings: Settings, args: tuple[str, ...]
+) -> None:
+    result = keyshift(cli_env(settings), *args)
+    assert_one_line_error(result)
+    assert result.returncode == 2
+
+
+def test_an_unreachable_or_uninitialised_database_is_one_line(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'never-initialised.db'}",
+        "KEYSHIFT_SECRETS_DIR": str(tmp_path / "s"),
+    }
+    result = keyshift(env, "tokens", "list")
+    assert_one_line_error(result)
+    assert "keyshift init" in result.stderr
+    unreachable = {**env, "KEYSHIFT_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    assert_one_line_error(keyshift(unreachable, "audit", "verify"))
+
+
+def test_serve_without_secrets_is_one_line(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+        "KEYSHIFT_SECRETS_DIR": str(tmp_path / "missing"),
+    }
+    result = keyshift(env, "serve", "--port", "1")
+    assert_one_line_error(result)
+    assert "keyshift init" in result.stderr
