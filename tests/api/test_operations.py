@@ -16,6 +16,7 @@ from sqlalchemy import select, text
 from keyshift.db.engine import Database
 from keyshift.db.migrate import head_revision
 from keyshift.db.tables import AuditEvent
+from keyshift.licensing import keys
 from keyshift.observability import metrics
 from keyshift.observability.logging import JsonFormatter, request_id_var
 from tests.conftest import mint_token
@@ -198,3 +199,17 @@ def test_prepare_multiprocess_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
     metrics.remove_multiprocess_dir(mine)
     assert mine.exists()
+
+
+async def test_validate_endpoint_counts_each_answer_by_code(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    """The real endpoint feeds keyshift_validations_total (not just the helper)."""
+    name = "keyshift_validations_total"
+    before = sample((await client.get("/metrics")).text, name, code="NOT_FOUND")
+    unissued = keys.generate()
+    for _ in range(3):
+        answer = await client.post("/v1/licenses/validate", json={"key": unissued})
+        assert answer.json()["code"] == "NOT_FOUND"
+    after = sample((await client.get("/metrics")).text, name, code="NOT_FOUND")
+    assert after - before == 3
