@@ -215,3 +215,17 @@ def live_server(settings: Settings, secrets: Secrets, tmp_path: Path) -> Iterato
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def run_keyshift(
+    env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `keyshift ARGS` as a real process (``python -m keyshift.cli``), capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "keyshift.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

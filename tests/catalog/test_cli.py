@@ -5,23 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from keyshift.config import Settings
 from tests.catalog.helpers import EXAMPLES, REPO
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_keyshift
 
 
 def keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keyshift.cli", "catalog", *args],
-        env=cli_env(settings),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_keyshift(cli_env(settings), "catalog", *args, cwd=REPO)
 
 
 def test_validate_accepts_the_example_catalog_without_a_database(tmp_path: Path) -> None:

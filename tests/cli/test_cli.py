@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,9 @@ from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.db.tables import ApiToken, AuditEvent
 from keyshift.security.tokens import TOKEN_PREFIX, hash_token
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_keyshift
 
-
-def keyshift(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keyshift.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+keyshift = run_keyshift
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> None:

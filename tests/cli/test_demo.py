@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_keyshift
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keyshift.cli", "demo"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_keyshift(env, "demo", cwd=REPO, timeout=180)
 
 
 async def test_demo_runs_end_to_end_and_again(
@@ -40,14 +32,7 @@ async def test_demo_runs_end_to_end_and_again(
 
 
 def test_demo_outside_the_repository_says_what_to_do(tmp_path: Path, settings: Settings) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "keyshift.cli", "demo"],
-        env=cli_env(settings),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_keyshift(cli_env(settings), "demo", cwd=tmp_path)
     assert result.returncode == 2
     assert "examples/catalog is not a directory" in result.stderr
     assert "Traceback" not in result.stderr

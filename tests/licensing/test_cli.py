@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
 from sqlalchemy import func, select
@@ -14,17 +13,11 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import Account, Activation, AuditEvent
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_keyshift
 
 
 def keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keyshift.cli", *args],
-        env=cli_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_keyshift(cli_env(settings), *args)
 
 
 def ok(settings: Settings, *args: str) -> Any:

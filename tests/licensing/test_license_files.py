@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from keyshift.licensing import activations, keys, service
 from keyshift.licensing.license_files import export_license_file
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import cli_env, mint_token
+from tests.conftest import cli_env, mint_token, run_keyshift
 
 OFFLINE_PLAN = "offline@1"
 
@@ -305,14 +303,7 @@ def test_file_expiry_never_runs_past_now_plus_ttl() -> None:
 # -- the CLI, as a real process --------------------------------------------------------------
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keyshift.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+_cli = run_keyshift
 
 
 async def test_cli_validate_export_verify_and_rotate(

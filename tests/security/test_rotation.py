@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from keyshift.licensing import service as licensing
 from keyshift.security.keyring import Keyring
 from keyshift.security.rotation import reencrypt_licenses
 from keyshift.security.secrets_store import Secrets, load_secrets
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_keyshift
 from tests.factories import create_account, publish_sample_catalog
 
 
@@ -67,14 +65,7 @@ async def test_catalog_is_untouched_by_rotation(db: Database) -> None:
     assert before == after
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keyshift.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+_cli = run_keyshift
 
 
 async def test_rotate_then_reencrypt_from_the_command_line(
