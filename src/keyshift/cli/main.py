@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from keyshift.cli import accounts, admin, audit, catalog, demo, licenses, server, validation
+from keyshift.cli import (
+    accounts,
+    admin,
+    audit,
+    catalog,
+    demo,
+    licenses,
+    server,
+    usage,
+    validation,
+)
 
 app = typer.Typer(
     name="keyshift",
@@ -13,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (server, demo, catalog, accounts, licenses, validation, admin, audit):
+for module in (server, demo, catalog, accounts, licenses, validation, usage, admin, audit):
     module.register(app)
 
 

@@ -169,3 +169,78 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+# -- usage (metering) --------------------------------------------------------------------------
+
+
+class UsageEvent(Base):
+    """One accepted usage event: the history, and the memory of its idempotency key.
+
+    ``idempotency_key`` is released (set to NULL) once ``idempotency_expires_at`` has passed
+    and the key is used again (or ``keyshift usage prune`` runs); the event itself is kept.
+    """
+
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        UniqueConstraint("account_id", "idempotency_key", name="uq_usage_events_idempotency"),
+        Index("ix_usage_events_history", "account_id", "meter", "period_start", "occurred_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    license_id: Mapped[str | None] = mapped_column(String(36))
+    meter: Mapped[str] = mapped_column(String(64))
+    quantity: Mapped[int] = mapped_column(BigInteger)
+    member_hash: Mapped[str | None] = mapped_column(String(64))
+    occurred_at: Mapped[datetime] = mapped_column()
+    received_at: Mapped[datetime] = mapped_column()
+    period_start: Mapped[datetime] = mapped_column()
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    idempotency_expires_at: Mapped[datetime] = mapped_column()
+    request_hash: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(200))
+    response: Mapped[dict[str, Any]] = mapped_column(JSONType)
+
+
+class UsageCounter(Base):
+    """A meter's running total for one period; moved only by deltas under a row lock."""
+
+    __tablename__ = "usage_counters"
+
+    account_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    meter: Mapped[str] = mapped_column(String(64), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    period_end: Mapped[datetime] = mapped_column()
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UsageUniqueMember(Base):
+    """A distinct member (hashed) seen by a ``unique`` meter in one period."""
+
+    __tablename__ = "usage_unique_members"
+
+    account_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    meter: Mapped[str] = mapped_column(String(64), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    member_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class UsageNotice(Base):
+    """A threshold (``kind`` "threshold", percent) or overage flag ("overage", 0) that has
+    fired for a meter in a period: its primary key makes each fire once."""
+
+    __tablename__ = "usage_notices"
+
+    account_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    meter: Mapped[str] = mapped_column(String(64), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    threshold: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    used: Mapped[int] = mapped_column(BigInteger)
+    fired_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,4 +1,4 @@
-"""License validation: key (+ fingerprint, + feature, + nonce) → a code from a closed set and
+"""License validation: key (+ fingerprint, + feature, + meter, + nonce) → a code from a closed set and
 the effective entitlements, signed with Ed25519.
 
 ``decide`` is the whole policy, a pure function over frozen data; ``validate`` loads that data
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,6 +29,8 @@ from keyshift.db.types import utcnow
 from keyshift.errors import InvalidInput
 from keyshift.licensing.cache import CachedLicense, LicenseStateCache
 from keyshift.licensing.service import lookup_for
+from keyshift.metering import reports, subjects
+from keyshift.metering.meters import MeterState, meter_specs
 from keyshift.security.keyring import Keyring
 from keyshift.security.signing import ALGORITHM, SigningKeys
 
@@ -51,6 +53,7 @@ class Code(StrEnum):
     NO_ACTIVATION = "NO_ACTIVATION"
     FINGERPRINT_MISMATCH = "FINGERPRINT_MISMATCH"
     TOO_MANY_ACTIVATIONS = "TOO_MANY_ACTIVATIONS"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
     FEATURE_NOT_ENTITLED = "FEATURE_NOT_ENTITLED"
 
 
@@ -64,7 +67,8 @@ DETAIL: dict[Code, str] = {
     Code.NO_ACTIVATION: "the license has no active machine; activate this one first",
     Code.FINGERPRINT_MISMATCH: "this machine is not activated for the license",
     Code.TOO_MANY_ACTIVATIONS: "the license has more active machines than its plan allows",
-    Code.FEATURE_NOT_ENTITLED: "the license's plan does not include this feature",
+    Code.QUOTA_EXCEEDED: "the meter or throttled feature asked about has no units left this period",
+    Code.FEATURE_NOT_ENTITLED: "the license's plan does not include this feature or meter",
 }
 
 
@@ -97,6 +101,7 @@ class LicenseState:
     plan_ref: str | None = None  # None: the account has no subscription
     plan_hash: str | None = None
     entitlements_version: int | None = None
+    anchor: datetime | None = None  # the subscription's start: where meter periods begin
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class Decision:
     max_activations: int | None
     activation: ActivationState | None = None  # the live activation matching the fingerprint
     feature: FeatureGrant | None = None  # the grant of the asked feature, if it exists
+    meters: Mapping[str, MeterState] | None = None  # current state of the plan's meters
 
     @property
     def valid(self) -> bool:
@@ -148,12 +154,17 @@ def decide(
     fingerprint: str | None,
     feature: str | None,
     now: datetime,
+    meter: str | None = None,
+    meters: Mapping[str, MeterState] | None = None,
 ) -> Decision:
     """The validation policy. ``entitlements`` is None when the account has no plan.
 
     Precedence: REVOKED > SUSPENDED > EXPIRED > NO_PLAN > NO_ACTIVATION > FINGERPRINT_MISMATCH
-    > TOO_MANY_ACTIVATIONS > FEATURE_NOT_ENTITLED > VALID. Fingerprint checks apply only when
-    a fingerprint is given and the license counts activations (it has a cap).
+    > TOO_MANY_ACTIVATIONS > QUOTA_EXCEEDED > FEATURE_NOT_ENTITLED > VALID. Fingerprint checks
+    apply only when a fingerprint is given and the license counts activations (it has a cap).
+    ``meters`` holds the current state of the plan's meters and of throttled features (by
+    name); QUOTA_EXCEEDED when the asked ``meter``, or the asked throttled feature, is a
+    blocking one with nothing left. An asked meter the plan lacks is FEATURE_NOT_ENTITLED.
     """
     grace = entitlements.grace_seconds if entitlements is not None else 0
     expiry = expiry_of(state, grace, now)
@@ -163,7 +174,7 @@ def decide(
     grant = entitlements.features.get(feature) if entitlements and feature else None
 
     def result(code: Code) -> Decision:
-        return Decision(code, expiry, len(live), cap, matched, grant)
+        return Decision(code, expiry, len(live), cap, matched, grant, meters)
 
     if state.status == "revoked":
         return result(Code.REVOKED)
@@ -180,6 +191,12 @@ def decide(
             return result(Code.FINGERPRINT_MISMATCH)
     if cap is not None and len(live) > cap:
         return result(Code.TOO_MANY_ACTIVATIONS)
+    states = meters or {}
+    asked = [name for name in (meter, feature) if name is not None and name in states]
+    if any(states[name].is_exhausted for name in asked):
+        return result(Code.QUOTA_EXCEEDED)
+    if meter is not None and meter not in entitlements.meters:
+        return result(Code.FEATURE_NOT_ENTITLED)
     if feature is not None and (grant is None or not grant.is_usable):
         return result(Code.FEATURE_NOT_ENTITLED)
     return result(Code.VALID)
@@ -207,6 +224,8 @@ def response_body(
             "expiry": None,
             "activation": None,
             "feature": None,
+            "meters": None,
+            "throttle": None,
             "nonce": nonce,
             "issued_at": now,
             "server_time": now,
@@ -231,6 +250,21 @@ def response_body(
             "entitled": grant is not None and grant.is_usable,
             **(grant.to_dict() if grant is not None else {"mode": None}),
         }
+    states = decision.meters or {}
+    meters_view = None
+    if entitlements is not None and entitlements.meters:
+        meters_view = {k: states[k].to_dict() for k in sorted(entitlements.meters) if k in states}
+    throttle = None
+    if feature is not None and feature in states and states[feature].spec.is_throttle:
+        current = states[feature]
+        throttle = {
+            "feature": feature,
+            "limit": current.spec.included,
+            "period": current.spec.reset,
+            "used": current.used,
+            "remaining": current.remaining,
+            "resets_at": current.period.end,
+        }
     return {
         "valid": decision.valid,
         "code": decision.code.value,
@@ -241,6 +275,8 @@ def response_body(
         "expiry": decision.expiry.to_dict(),
         "activation": activation,
         "feature": feature_view,
+        "meters": meters_view,
+        "throttle": throttle,
         "nonce": nonce,
         "issued_at": now,
         "server_time": now,
@@ -253,7 +289,9 @@ def signature_header(signing: SigningKeys, body: bytes) -> str:
     return f'keyid="{kid}", algorithm="{ALGORITHM}", signature="{encoded}"'
 
 
-def check_inputs(fingerprint: str | None, feature: str | None, nonce: str | None) -> None:
+def check_inputs(
+    fingerprint: str | None, feature: str | None, nonce: str | None, meter: str | None = None
+) -> None:
     """The same limits the API schema states, for callers that do not come through it."""
     if fingerprint is not None and not (
         1 <= len(fingerprint) <= FINGERPRINT_MAX and fingerprint.isprintable()
@@ -263,6 +301,8 @@ def check_inputs(fingerprint: str | None, feature: str | None, nonce: str | None
         )
     if feature is not None and not _FEATURE.match(feature):
         raise InvalidInput("a feature name is lower-case letters, digits, _ and -", field="feature")
+    if meter is not None and not _FEATURE.match(meter):
+        raise InvalidInput("a meter name is lower-case letters, digits, _ and -", field="meter")
     if nonce is not None and not _NONCE.match(nonce):
         raise InvalidInput("a nonce is 1 to 128 characters of A-Z a-z 0-9 _ -", field="nonce")
 
@@ -299,6 +339,7 @@ async def load_state(session: AsyncSession, lookup: str) -> LicenseState | None:
             Subscription.plan_version,
             Subscription.plan_hash,
             Subscription.entitlements_version,
+            Subscription.started_at,
             Activation.id.label("activation_id"),
             Activation.fingerprint,
             Activation.mode,
@@ -331,6 +372,7 @@ async def load_state(session: AsyncSession, lookup: str) -> LicenseState | None:
         plan_ref=f"{first.plan_key}@{first.plan_version}" if has_plan else None,
         plan_hash=first.plan_hash,
         entitlements_version=first.entitlements_version,
+        anchor=first.started_at,
     )
 
 
@@ -345,6 +387,24 @@ async def load(session: AsyncSession, lookup: str) -> CachedLicense | None:
     return CachedLicense(state, entitlements)
 
 
+async def current_meters(
+    sessions: SessionSource, entry: CachedLicense, feature: str | None, now: datetime
+) -> dict[str, MeterState] | None:
+    """Meter state is read fresh (one query), never cached, and only when there is any: the
+    plan has meters, or the asked feature is throttled."""
+    entitlements, anchor = entry.entitlements, entry.state.anchor
+    if entitlements is None or anchor is None:
+        return None
+    wanted = set(entitlements.meters)
+    if feature is not None and feature in meter_specs(entitlements):
+        wanted.add(feature)
+    if not wanted:
+        return None
+    subject = subjects.Subject(entry.state.account_id, entry.state.license_id, anchor, entitlements)
+    async with sessions() as session:
+        return await reports.meter_states(session, subject, now, only=sorted(wanted))
+
+
 async def validate(
     sessions: SessionSource,
     keyring: Keyring,
@@ -354,18 +414,21 @@ async def validate(
     fingerprint: str | None = None,
     feature: str | None = None,
     nonce: str | None = None,
+    meter: str | None = None,
     cache: LicenseStateCache | None = None,
     now: datetime | None = None,
 ) -> ValidationResult:
     """Validate a presented key and sign the answer.
 
     ``sessions`` opens a read transaction (e.g. ``db.transaction``); it is entered only when
-    the cache misses, so a cached validation touches no database. Unknown keys are never
-    cached: a key issued a moment ago validates at once. MalformedKey / InvalidInput for
-    input that cannot be a key, fingerprint, feature or nonce.
+    the cache misses, so a cached validation touches no database — unless the plan has
+    meters (or the asked feature is throttled): meter state is read fresh, in one query.
+    Unknown keys are never cached: a key issued a moment ago validates at once.
+    MalformedKey / InvalidInput for input that cannot be a key, fingerprint, feature, meter
+    or nonce.
     """
     lookup = lookup_for(keyring, key)
-    check_inputs(fingerprint, feature, nonce)
+    check_inputs(fingerprint, feature, nonce, meter)
     now = now or utcnow()
     entry = cache.get(lookup) if cache is not None else None
     cached = entry is not None
@@ -381,8 +444,15 @@ async def validate(
         )
         code = Code.NOT_FOUND
     else:
+        meters = await current_meters(sessions, entry, feature, now)
         decision = decide(
-            entry.state, entry.entitlements, fingerprint=fingerprint, feature=feature, now=now
+            entry.state,
+            entry.entitlements,
+            fingerprint=fingerprint,
+            feature=feature,
+            now=now,
+            meter=meter,
+            meters=meters,
         )
         payload = response_body(
             entry.state,

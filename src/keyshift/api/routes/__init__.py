@@ -2,7 +2,16 @@
 
 from fastapi import APIRouter
 
-from keyshift.api.routes import accounts, audit, catalog, health, licenses, tokens, validation
+from keyshift.api.routes import (
+    accounts,
+    audit,
+    catalog,
+    health,
+    licenses,
+    tokens,
+    usage,
+    validation,
+)
 
 ROUTERS: list[APIRouter] = [
     health.router,
@@ -12,4 +21,5 @@ ROUTERS: list[APIRouter] = [
     licenses.router,
     tokens.router,
     audit.router,
+    usage.router,
 ]

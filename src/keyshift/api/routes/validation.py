@@ -34,6 +34,10 @@ class ValidateRequest(Request):
     key: Key
     fingerprint: Fingerprint | None = None
     feature: Annotated[str, Field(pattern=KEY_PATTERN)] | None = None
+    meter: (
+        Annotated[str, Field(pattern=KEY_PATTERN, description="A meter whose quota to check.")]
+        | None
+    ) = None
     nonce: (
         Annotated[
             str,
@@ -81,6 +85,7 @@ async def validate(body: ValidateRequest, state: State) -> RawResponse:
         fingerprint=body.fingerprint,
         feature=body.feature,
         nonce=body.nonce,
+        meter=body.meter,
         cache=default_cache,
     )
     metrics.record_validation(result.code.value)

@@ -1,0 +1,143 @@
+"""Usage: recording metered events and reading counters back.
+
+Client applications record with their license key in the body (``{"key": …}``, no bearer
+token; they act as ``license:<id>``). Services record for an account with a bearer token
+scoped ``usage:write`` and ``{"account_id": …}``. Reading needs ``accounts:read`` or
+``licenses:read``. Semantics (idempotency, windows, quotas) are in ``docs/usage.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime, Field, model_validator
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyshift.api.deps import ClientLimited, State, get_state, request_id, require
+from keyshift.api.schemas import Request as RequestModel
+from keyshift.catalog.manifests import KEY_PATTERN
+from keyshift.context import Actor
+from keyshift.errors import AuthenticationFailed, PermissionDenied
+from keyshift.metering import reports, subjects
+from keyshift.metering import service as metering
+from keyshift.security import tokens
+
+router = APIRouter(tags=["usage"])
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+class UsageEventIn(RequestModel):
+    meter: Annotated[str, Field(pattern=KEY_PATTERN)]
+    quantity: Annotated[int, Field(strict=True, ge=0, le=metering.MAX_QUANTITY)]
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)]
+    timestamp: AwareDatetime | None = Field(
+        default=None, description="When it happened (client clock); default: now."
+    )
+    member: Annotated[str, Field(min_length=1, max_length=metering.MAX_MEMBER)] | None = Field(
+        default=None, description="What a unique meter counts (device id, user id …)."
+    )
+
+    def to_domain(self) -> metering.UsageIn:
+        return metering.UsageIn(
+            self.meter, self.quantity, self.idempotency_key, self.timestamp, self.member
+        )
+
+
+class Credential(RequestModel):
+    key: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    account_id: Annotated[str, Field(min_length=1, max_length=36)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Credential:
+        if (self.key is None) == (self.account_id is None):
+            raise ValueError("give either key (client) or account_id (service, bearer token)")
+        return self
+
+
+class UsageRecord(Credential, UsageEventIn):
+    pass
+
+
+class UsageBatch(Credential):
+    events: list[UsageEventIn] = Field(min_length=1, max_length=metering.MAX_BATCH)
+
+
+async def _writer(request: Request, credential: Credential) -> Actor | None:
+    """The bearer actor for an account_id request (needs ``usage:write``); None for a key."""
+    if credential.account_id is None:
+        return None
+    return await require("usage:write")(request)
+
+
+async def _subject(session: AsyncSession, state: Any, credential: Credential) -> subjects.Subject:
+    if credential.key is not None:
+        return await subjects.subject_for_key(session, state.secrets.keyring, credential.key)
+    assert credential.account_id is not None
+    return await subjects.subject_for_account(session, credential.account_id)
+
+
+@router.post("/v1/usage", dependencies=ClientLimited)
+async def record_usage(body: UsageRecord, request: Request, state: State) -> JSONResponse:
+    """Record one event, or replay the first answer to the same idempotency key and body."""
+    bearer = await _writer(request, body)
+    policy = metering.UsagePolicy.from_env()
+
+    async def work(session: AsyncSession) -> metering.Recorded:
+        subject = await _subject(session, state, body)
+        actor = bearer or subjects.key_actor(subject, request_id(request))
+        return await metering.record(session, actor, subject, body.to_domain(), policy=policy)
+
+    recorded = await metering.in_transaction(state.db, work)
+    return JSONResponse(
+        recorded.to_dict(), headers={REPLAYED_HEADER: str(recorded.replayed).lower()}
+    )
+
+
+@router.post("/v1/usage/batch", dependencies=ClientLimited)
+async def record_usage_batch(body: UsageBatch, request: Request, state: State) -> dict[str, Any]:
+    """Up to 1,000 events, all or nothing; each has its own idempotency key."""
+    bearer = await _writer(request, body)
+    policy = metering.UsagePolicy.from_env()
+    events = [e.to_domain() for e in body.events]
+
+    async def work(session: AsyncSession) -> list[metering.Recorded]:
+        subject = await _subject(session, state, body)
+        actor = bearer or subjects.key_actor(subject, request_id(request))
+        return await metering.record_batch(session, actor, subject, events, policy=policy)
+
+    results = await metering.in_transaction(state.db, work)
+    return {"count": len(results), "results": [r.to_dict() for r in results]}
+
+
+async def _reader(request: Request) -> Actor:
+    """A bearer token with ``accounts:read`` or ``licenses:read``."""
+    header = request.headers.get("authorization", "")
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise AuthenticationFailed("missing bearer token")
+    async with get_state(request).db.transaction() as session:
+        actor = await tokens.authenticate(
+            session, credential.strip(), request_id=request_id(request)
+        )
+    if not (actor.can("accounts:read") or actor.can("licenses:read")):
+        raise PermissionDenied("this token lacks the 'accounts:read' or 'licenses:read' scope")
+    return actor
+
+
+@router.get("/v1/accounts/{account_id}/usage")
+async def account_usage(
+    account_id: str,
+    request: Request,
+    state: State,
+    period: Annotated[str, Query(max_length=32)] = "current",
+    history_limit: Annotated[int, Query(ge=0, le=1000)] = reports.HISTORY_LIMIT,
+) -> dict[str, Any]:
+    """Counters and recent events of every meter: ``period`` = current, previous or a date."""
+    await _reader(request)
+    async with state.db.transaction() as session:
+        return await reports.account_usage(
+            session, account_id, period=period, history_limit=history_limit
+        )

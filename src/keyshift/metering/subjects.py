@@ -1,0 +1,82 @@
+"""Whose usage it is: an account (a service recording for it) or the license presenting a
+key (a client application), with the period anchor and what the account's plan meters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyshift.catalog import service as catalog
+from keyshift.catalog.entitlements import Entitlements
+from keyshift.context import Actor
+from keyshift.db.tables import Subscription
+from keyshift.db.types import utcnow
+from keyshift.errors import Conflict, LicenseNotActive, LicenseNotFound
+from keyshift.licensing import service as licensing
+from keyshift.metering.errors import UnknownMeter
+from keyshift.metering.meters import MeterSpec, meter_specs
+from keyshift.metering.periods import Period
+from keyshift.security.keyring import Keyring
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Whose usage it is: the account, the license that reported it (if any), the period
+    anchor and what its plan meters."""
+
+    account_id: str
+    license_id: str | None
+    anchor: datetime
+    entitlements: Entitlements
+
+    @cached_property
+    def specs(self) -> dict[str, MeterSpec]:
+        return meter_specs(self.entitlements)
+
+    def spec(self, meter: str, field: str = "meter") -> MeterSpec:
+        spec = self.specs.get(meter)
+        if spec is None:
+            raise UnknownMeter(
+                f"the plan {self.entitlements.plan_ref} has no meter {meter!r}", field=field
+            )
+        return spec
+
+    def period(self, spec: MeterSpec, when: datetime) -> Period:
+        return spec.period(self.anchor, when, self.entitlements.term)
+
+
+async def _subject_of_account(
+    session: AsyncSession, account_id: str, license_id: str | None
+) -> Subject:
+    await licensing.get_account(session, account_id)
+    subscription = await session.get(Subscription, account_id)
+    if subscription is None:
+        raise Conflict("the account has no plan; subscribe it first", field="account_id")
+    ref = f"{subscription.plan_key}@{subscription.plan_version}"
+    entitlements = await catalog.entitlements_for(session, ref, subscription.plan_hash)
+    return Subject(account_id, license_id, subscription.started_at, entitlements)
+
+
+async def subject_for_account(session: AsyncSession, account_id: str) -> Subject:
+    return await _subject_of_account(session, account_id, None)
+
+
+async def subject_for_key(
+    session: AsyncSession, keyring: Keyring, key: str, now: datetime | None = None
+) -> Subject:
+    """The license presenting ``key``; it must be usable (active, or expired within grace)."""
+    row = await licensing.find_by_key(session, keyring, key)
+    if row is None:
+        raise LicenseNotFound("no license has this key", field="key")
+    subject = await _subject_of_account(session, row.account_id, row.id)
+    standing = licensing.standing(row, subject.entitlements.grace_seconds, now or utcnow())
+    if not licensing.is_usable(standing):
+        raise LicenseNotActive(f"the license is {standing}; it cannot record usage", field="key")
+    return subject
+
+
+def key_actor(subject: Subject, request_id: str | None = None) -> Actor:
+    return Actor(id=f"license:{subject.license_id}", request_id=request_id)
