@@ -12,10 +12,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from keyshift.api.app import create_app
+from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.db.tables import UsageCounter, UsageEvent
 from keyshift.db.types import utcnow
+from keyshift.errors import ConfigurationError
 from keyshift.licensing import cache
 from keyshift.security.secrets_store import Secrets
 from tests.conftest import LiveServer, cli_env, mint_token, run_keyshift
@@ -265,3 +268,20 @@ async def test_usage_from_the_command_line(
     shown = run_keyshift(env, "usage", "show", account)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["meters"]["jobs"]["used"] == 5
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "1e99"])
+def test_a_bad_usage_window_setting_fails_at_start_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, app_state: AppState, value: str
+) -> None:
+    monkeypatch.setenv("KEYSHIFT_USAGE_LATE_HOURS", value)
+    with pytest.raises(ConfigurationError, match="KEYSHIFT_USAGE_LATE_HOURS"):
+        create_app(state=app_state)
+
+
+def test_the_idempotency_window_cannot_be_set_below_48_hours(
+    monkeypatch: pytest.MonkeyPatch, app_state: AppState
+) -> None:
+    monkeypatch.setenv("KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS", "1")
+    with pytest.raises(ConfigurationError, match="KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS"):
+        create_app(state=app_state)

@@ -14,6 +14,7 @@ from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.licensing import cache
+from keyshift.metering.service import UsagePolicy
 from keyshift.observability.middleware import RequestContextMiddleware
 from keyshift.security.secrets_store import load_secrets
 
@@ -26,6 +27,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. Tests pass ``state``; `keyshift serve` passes nothing and reads the env."""
     owns_db = state is None and db is None
+    UsagePolicy.from_env()  # fail at start, not per request, on a bad KEYSHIFT_USAGE_* value
     if state is None:
         settings = settings or Settings.from_env()
         state = AppState(

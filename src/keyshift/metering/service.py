@@ -20,7 +20,7 @@ from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.db.tables import UsageEvent
 from keyshift.db.types import utcnow
-from keyshift.errors import Conflict, InvalidInput
+from keyshift.errors import ConfigurationError, Conflict, InvalidInput
 from keyshift.metering import repository as repo
 from keyshift.metering.errors import (
     IdempotencyConflict,
@@ -47,12 +47,28 @@ class UsagePolicy:
 
     @classmethod
     def from_env(cls) -> UsagePolicy:
-        env = os.environ.get
+        """Read the windows from the environment; a bad value is a ConfigurationError naming
+        the variable (``keyshift serve`` checks this at start, so it never surfaces as a 500)."""
         return cls(
-            idempotency_window=timedelta(hours=float(env("KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS", 72))),
-            clock_skew=timedelta(minutes=float(env("KEYSHIFT_USAGE_CLOCK_SKEW_MINUTES", 5))),
-            late_window=timedelta(hours=float(env("KEYSHIFT_USAGE_LATE_HOURS", 48))),
+            idempotency_window=timedelta(
+                hours=_env_number("KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS", 72, 48)
+            ),
+            clock_skew=timedelta(minutes=_env_number("KEYSHIFT_USAGE_CLOCK_SKEW_MINUTES", 5, 0)),
+            late_window=timedelta(hours=_env_number("KEYSHIFT_USAGE_LATE_HOURS", 48, 0)),
         )
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (minimum <= value <= 10 * 365 * 24 * 60):  # NaN fails this too
+        raise ConfigurationError(f"{name}={raw!r}: expected a number >= {minimum:g}")
+    return value
 
 
 @dataclass(frozen=True)
