@@ -1000,10 +1000,18 @@ Numbers measured with `benchmarks/validate.py` on the project's 2-core machines.
 a dated section below; older sections stay as a record (compare within a section: every ratio
 is measured in one run, on one machine, because the machines are shared and noisy).
 
-How to run (PostgreSQL on 127.0.0.1:5432 and Debian's `wrk` are needed):
+How to run (PostgreSQL on 127.0.0.1:5432 and Debian's `wrk` are needed; about 25 minutes, of
+which 3–5 are spent issuing the 10,000 licenses through the services):
 
     apt-get install -y wrk
     .venv/bin/python benchmarks/validate.py --workers 2 --licenses 10000 --duration 10
+
+Useful options: `--plan seat` (licenses on a node-locked seat plan, validated with key +
+fingerprint; default `usage`), `--server-env KEYSHIFT_VALIDATION_CACHE_TTL=300` (environment
+for the server), `--profile DIR` (py-spy profile of the workers under validation load; `pip
+install py-spy` into the venv), `--no-record` (print only), `--endpoint readyz` (a self-test
+of the harness). Everything runs on 127.0.0.1; each load is bounded by `--duration`; the
+database `keyshift_bench_<pid>` and the temporary secrets are removed at the end.
 
 What is measured:
 
