@@ -5,7 +5,8 @@ This is the object the validation hot path caches and signs; migrations compare 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from keyshift.catalog.durations import Duration
@@ -45,10 +46,15 @@ class Entitlements:
     grace_seconds: int = 0
     offline_seconds: int = 0
     meters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Set by an account's overrides (see ``with_overrides``): quotas the account may read but
+    #: not grow, and the end of a downgrade's grace (the old features and quotas until then).
+    read_only: tuple[str, ...] = ()
+    grace_until: datetime | None = None
+    addons: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The public form, as signed into validation responses and license files."""
-        return {
+        out: dict[str, Any] = {
             "plan": self.plan_ref,
             "edition": self.edition_ref,
             "model": self.model,
@@ -57,6 +63,13 @@ class Entitlements:
             "max_activations": self.max_activations,
             "activation_mode": self.activation_mode,
         }
+        if self.read_only:
+            out["read_only"] = list(self.read_only)
+        if self.grace_until is not None:
+            out["grace_until"] = self.grace_until
+        if self.addons:
+            out["addons"] = list(self.addons)
+        return out
 
 
 def feature_grants(edition: Edition) -> dict[str, FeatureGrant]:
@@ -88,4 +101,65 @@ def resolve(plan: Plan, plan_hash: str, edition: Edition) -> Entitlements:
         grace_seconds=Duration.parse(plan.term.grace_period).seconds(),
         offline_seconds=Duration.parse(plan.term.offline_allowance).seconds(),
         meters={m.key: m.model_dump() for m in plan.meters},
+    )
+
+
+def _grant(spec: Any) -> FeatureGrant:
+    if isinstance(spec, dict):
+        return FeatureGrant(str(spec.get("mode")), spec.get("limit"), spec.get("period"))
+    return FeatureGrant(str(spec))
+
+
+def with_overrides(
+    base: Entitlements,
+    subscription: dict[str, Any] | None,
+    license_overrides: dict[str, Any] | None,
+    now: datetime,
+) -> Entitlements:
+    """The plan's entitlements as one account and license actually hold them.
+
+    ``subscription`` (``Subscription.overrides``): ``addons`` (each with ``features`` and extra
+    ``quotas``), ``meters`` (``{meter: {"included": n}}``), ``read_only`` quota names, and a
+    ``grace`` (``{"until": …, "entitlements": {"features", "quotas"}}``) under which the old
+    features and quotas still apply until ``until``. ``license_overrides``: hand-set
+    ``features`` and extra ``quotas`` on one license. Pure; ``now`` decides the grace.
+    """
+    if not subscription and not license_overrides:
+        return base
+    subscription = subscription or {}
+    features = dict(base.features)
+    quotas = dict(base.quotas)
+    meters = {k: dict(v) for k, v in base.meters.items()}
+    grace_until = None
+    grace = subscription.get("grace")
+    if grace:
+        until = datetime.fromisoformat(str(grace["until"]).replace("Z", "+00:00"))
+        if until.tzinfo is None:
+            until = until.replace(tzinfo=UTC)
+        if now < until:
+            grace_until = until
+            old = grace.get("entitlements") or {}
+            features.update({k: _grant(v) for k, v in (old.get("features") or {}).items()})
+            for name, limit in (old.get("quotas") or {}).items():
+                quotas[name] = max(int(limit), quotas.get(name, 0))
+    addons = subscription.get("addons") or {}
+    for addon in addons.values():
+        features.update({k: _grant(v) for k, v in (addon.get("features") or {}).items()})
+        for name, extra in (addon.get("quotas") or {}).items():
+            quotas[name] = quotas.get(name, 0) + int(extra)
+    for name, change in (subscription.get("meters") or {}).items():
+        if name in meters and "included" in change:
+            meters[name]["included"] = int(change["included"])
+    for source in (license_overrides or {},):
+        features.update({k: _grant(v) for k, v in (source.get("features") or {}).items()})
+        for name, extra in (source.get("quotas") or {}).items():
+            quotas[name] = quotas.get(name, 0) + int(extra)
+    return replace(
+        base,
+        features=features,
+        quotas=quotas,
+        meters=meters,
+        read_only=tuple(sorted(subscription.get("read_only") or ())),
+        grace_until=grace_until,
+        addons=tuple(sorted(addons)),
     )

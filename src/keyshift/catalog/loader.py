@@ -254,3 +254,8 @@ def missing_editions(manifests: Iterable[Manifest]) -> list[tuple[Manifest, str]
         for m in manifests
         if isinstance(m.model, Plan) and m.model.plan.edition not in editions
     ]
+
+
+#: Shared with other TOML manifests (migration rules) so they report problems the same way.
+locate = _locate
+schema_problem = _schema_problem

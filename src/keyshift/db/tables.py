@@ -63,6 +63,7 @@ class Account(Base):
     external_ref: Mapped[str | None] = mapped_column(String(200), unique=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     attributes: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    preferences: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -80,6 +81,9 @@ class Subscription(Base):
     plan_hash: Mapped[str] = mapped_column(String(64))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     entitlements_version: Mapped[int] = mapped_column(Integer, default=1)
+    #: What this account has beyond its plan: ``addons``, ``meters`` (included quantities set by
+    #: a seat → usage conversion), ``read_only`` quotas and a ``grace`` with the old entitlements.
+    overrides: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -244,3 +248,106 @@ class UsageNotice(Base):
     threshold: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     used: Mapped[int] = mapped_column(BigInteger)
     fired_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- account data objects ----------------------------------------------------------------------
+
+
+class DataObject(Base):
+    """A piece of an account's data that counts against a quota (``units`` of ``quota``), kept in
+    a storage ``tier``. A migration that archives it copies it (same content, hash verified) to
+    the archive tier and marks the original ``superseded``; the original is deleted only when
+    the migration is finalized."""
+
+    __tablename__ = "data_objects"
+    __table_args__ = (Index("ix_data_objects_account", "account_id", "quota", "state"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    quota: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    units: Mapped[int] = mapped_column(BigInteger)
+    tier: Mapped[str] = mapped_column(String(16), default="standard")  # standard | archive
+    state: Mapped[str] = mapped_column(String(16), default="active")  # active|staged|superseded
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    migration_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- migrations --------------------------------------------------------------------------------
+
+
+class MigrationRulesVersion(Base):
+    """A migration rules manifest as used: immutable, by ``key@version`` and content hash."""
+
+    __tablename__ = "migration_rules"
+    __table_args__ = (UniqueConstraint("key", "version", name="uq_migration_rules_ref"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    content: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    registered_by: Mapped[str] = mapped_column(String(200))
+
+
+class Migration(Base):
+    """One account's migration: its rules and plans by content hash, its state, its snapshot.
+
+    ``lock_account_id`` equals ``account_id`` while the migration holds the account (from the
+    lock step until it completes, rolls back or fails) and is NULL otherwise: its UNIQUE
+    constraint is the database's guarantee of one migration per account at a time.
+    """
+
+    __tablename__ = "migrations"
+    __table_args__ = (Index("ix_migrations_account", "account_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    lock_account_id: Mapped[str | None] = mapped_column(String(36), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    rules_ref: Mapped[str] = mapped_column(String(100))
+    rules_hash: Mapped[str] = mapped_column(String(64))
+    source_ref: Mapped[str | None] = mapped_column(String(100))
+    source_hash: Mapped[str | None] = mapped_column(String(64))
+    target_ref: Mapped[str] = mapped_column(String(100))
+    target_hash: Mapped[str] = mapped_column(String(64))
+    effective_at: Mapped[datetime | None] = mapped_column()
+    outcome_digest: Mapped[str | None] = mapped_column(String(64))
+    snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    snapshot_hash: Mapped[str | None] = mapped_column(String(64))
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    receipt: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    cutover_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class MigrationStep(Base):
+    """The ledger: one row per step of one migration, committed with the step's effect.
+
+    The primary key (migration, step) is the step's deterministic key: a replayed step finds
+    its row and changes nothing.
+    """
+
+    __tablename__ = "migration_ledger"
+
+    migration_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("migrations.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(36), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))  # done | failed
+    snapshot_hash: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
-from keyshift.catalog.entitlements import Entitlements, FeatureGrant
+from keyshift.catalog.entitlements import Entitlements, FeatureGrant, with_overrides
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.db.tables import Activation, License, Subscription
 from keyshift.db.types import utcnow
@@ -102,6 +102,8 @@ class LicenseState:
     plan_hash: str | None = None
     entitlements_version: int | None = None
     anchor: datetime | None = None  # the subscription's start: where meter periods begin
+    subscription_overrides: Mapping[str, Any] | None = None  # add-ons, grace, read-only …
+    license_overrides: Mapping[str, Any] | None = None  # hand-set features and quotas
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,8 @@ async def load_state(session: AsyncSession, lookup: str) -> LicenseState | None:
             Subscription.plan_hash,
             Subscription.entitlements_version,
             Subscription.started_at,
+            Subscription.overrides.label("subscription_overrides"),
+            License.overrides.label("license_overrides"),
             Activation.id.label("activation_id"),
             Activation.fingerprint,
             Activation.mode,
@@ -373,6 +377,22 @@ async def load_state(session: AsyncSession, lookup: str) -> LicenseState | None:
         plan_hash=first.plan_hash,
         entitlements_version=first.entitlements_version,
         anchor=first.started_at,
+        subscription_overrides=first.subscription_overrides or None,
+        license_overrides=first.license_overrides or None,
+    )
+
+
+def effective_entitlements(entry: CachedLicense, now: datetime) -> Entitlements | None:
+    """The plan's entitlements with the account's and the license's overrides applied (a
+    grace period ends by the clock, so this is computed per validation, not cached)."""
+    state, base = entry.state, entry.entitlements
+    if base is None or (not state.subscription_overrides and not state.license_overrides):
+        return base
+    return with_overrides(
+        base,
+        dict(state.subscription_overrides or {}),
+        dict(state.license_overrides or {}),
+        now,
     )
 
 
@@ -388,11 +408,17 @@ async def load(session: AsyncSession, lookup: str) -> CachedLicense | None:
 
 
 async def current_meters(
-    sessions: SessionSource, entry: CachedLicense, feature: str | None, now: datetime
+    sessions: SessionSource,
+    entry: CachedLicense,
+    feature: str | None,
+    now: datetime,
+    entitlements: Entitlements | None = None,
 ) -> dict[str, MeterState] | None:
     """Meter state is read fresh (one query), never cached, and only when there is any: the
-    plan has meters, or the asked feature is throttled."""
-    entitlements, anchor = entry.entitlements, entry.state.anchor
+    plan has meters, or the asked feature is throttled. ``entitlements``: the effective ones
+    (default: the plan's)."""
+    entitlements = entitlements if entitlements is not None else entry.entitlements
+    anchor = entry.state.anchor
     if entitlements is None or anchor is None:
         return None
     wanted = set(entitlements.meters)
@@ -444,10 +470,11 @@ async def validate(
         )
         code = Code.NOT_FOUND
     else:
-        meters = await current_meters(sessions, entry, feature, now)
+        effective = effective_entitlements(entry, now)
+        meters = await current_meters(sessions, entry, feature, now, effective)
         decision = decide(
             entry.state,
-            entry.entitlements,
+            effective,
             fingerprint=fingerprint,
             feature=feature,
             now=now,
@@ -456,7 +483,7 @@ async def validate(
         )
         payload = response_body(
             entry.state,
-            entry.entitlements,
+            effective,
             decision,
             fingerprint=fingerprint,
             feature=feature,

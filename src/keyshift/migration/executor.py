@@ -1,0 +1,672 @@
+"""The executor: performs one account's migration step by step, each step in its own
+transaction with its ledger row, so a process killed anywhere leaves a state that ``run``
+resumes. Rollback and finalize live in ``keyshift.migration.rollback``.
+
+Steps: lock → snapshot → prepare → cutover → verify → receipt (``planner.STEPS``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyshift.audit import service as audit
+from keyshift.canonical import canonical_json
+from keyshift.catalog import service as catalog
+from keyshift.catalog.manifests import parse_ref
+from keyshift.context import Actor
+from keyshift.db.engine import Database
+from keyshift.db.tables import (
+    Activation,
+    DataObject,
+    License,
+    Migration,
+    MigrationRulesVersion,
+)
+from keyshift.db.types import utcnow
+from keyshift.errors import AccountNotFound, NotFound
+from keyshift.licensing import cache as license_cache
+from keyshift.licensing import validation
+from keyshift.migration import repository
+from keyshift.migration.errors import (
+    MigrationBlocked,
+    MigrationInProgress,
+    MigrationNotFound,
+    NotEligible,
+    RulesInvalid,
+    RulesVersionConflict,
+)
+from keyshift.migration.planner import CounterMove, MigrationPlan, plan_migration
+from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
+from keyshift.migration.state import State, differences, iso, parse_iso
+from keyshift.security.signing import SigningKeys
+
+#: A migration holds its account (``lock_account_id`` set) in these states.
+HOLDING = frozenset(
+    {"scheduled", "held", "locked", "snapshotted", "prepared", "cutover", "verified"}
+)
+#: States in which the steps still have work to do.
+IN_FLIGHT = frozenset({"locked", "snapshotted", "prepared", "cutover", "verified"})
+RUN_STEPS = ("snapshot", "prepare", "cutover", "verify", "receipt")
+STATE_AFTER = {
+    "snapshot": "snapshotted",
+    "prepare": "prepared",
+    "cutover": "cutover",
+    "verify": "verified",
+    "receipt": "completed",
+}
+
+#: Test hook: ``KEYSHIFT_FAULT_POINT=inside:cutover`` makes the process SIGKILL itself there.
+#: Points: ``before:<step>``, ``inside:<step>`` (effects written, not committed), ``after:<step>``.
+FAULT_ENV = "KEYSHIFT_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- rules and plans ----------------------------------------------------------------------------
+
+
+async def plan_pair(session: AsyncSession, ref: str) -> PlanPair | None:
+    try:
+        plan, digest = await catalog.get_plan(session, ref)
+        edition, _ = await catalog.get_edition(session, plan.plan.edition)
+    except NotFound:
+        return None
+    return PlanPair(plan, digest, edition)
+
+
+async def check_rules(session: AsyncSession, rules: MigrationRules) -> list[Any]:
+    """Cross-check rules with the published catalog (problems; empty if they fit)."""
+    sources = {ref: await plan_pair(session, ref) for ref in rules.rules.from_plans}
+    return check_against_catalog(rules, sources, await plan_pair(session, rules.rules.to))
+
+
+async def register_rules(session: AsyncSession, actor: Actor, rules: MigrationRules) -> str:
+    """Record the rules as used (immutable by key@version); their content hash."""
+    digest = rules.content_hash()
+    existing = (
+        await session.execute(
+            select(MigrationRulesVersion).where(
+                MigrationRulesVersion.key == rules.rules.key,
+                MigrationRulesVersion.version == rules.rules.version,
+            )
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        if existing.content_hash != digest:
+            raise RulesVersionConflict(
+                f"rules {rules.ref} were used before with different content"
+                f" ({existing.content_hash[:12]}…); publish a new version",
+                field="rules.version",
+            )
+        return digest
+    await session.execute(
+        insert(MigrationRulesVersion).values(
+            key=rules.rules.key,
+            version=rules.rules.version,
+            content_hash=digest,
+            content=rules.content(),
+            registered_at=utcnow(),
+            registered_by=actor.id,
+        )
+    )
+    await audit.record(
+        session, actor, "migration.rules.register", "rules", rules.ref, details={"hash": digest}
+    )
+    return digest
+
+
+async def rules_by_hash(session: AsyncSession, digest: str) -> MigrationRules:
+    row = (
+        (
+            await session.execute(
+                select(MigrationRulesVersion).where(MigrationRulesVersion.content_hash == digest)
+            )
+        )
+        .scalars()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"no registered rules with hash {digest}")
+    return MigrationRules.model_validate(row.content)
+
+
+async def preview(
+    session: AsyncSession,
+    rules: MigrationRules,
+    account_id: str,
+    *,
+    now: datetime,
+    migration_id: str = "preview",
+) -> tuple[MigrationPlan, State]:
+    """The plan for one account, from its state now; reads only."""
+    snapshot = await repository.read_state(session, account_id, now)
+    if snapshot is None:
+        raise AccountNotFound(f"no account {account_id}", field="account_id")
+    problems = await check_rules(session, rules)
+    if problems:
+        raise RulesInvalid(problems)
+    target = await plan_pair(session, rules.rules.to)
+    assert target is not None  # check_rules found it
+    source = None
+    sub = snapshot.get("subscription")
+    if sub is not None:
+        source = await plan_pair(session, sub["plan"])
+    plan = plan_migration(snapshot, rules, source, target, migration_id=migration_id, now=now)
+    return plan, snapshot
+
+
+# -- the executor -------------------------------------------------------------------------------
+
+
+@dataclass
+class Executor:
+    """Runs migrations against one database. ``clock`` is the time source (tests move it)."""
+
+    db: Database
+    signing: SigningKeys
+    cache: license_cache.LicenseStateCache | None = None
+    clock: Callable[[], datetime] = field(default=utcnow)
+
+    async def request(
+        self,
+        actor: Actor,
+        rules: MigrationRules,
+        account_id: str,
+        *,
+        on_pending: str = "refuse",
+    ) -> Migration:
+        """Check, plan and lock: the first step. A migration whose rules take effect later is
+        created ``scheduled`` (it holds the account; ``run_due`` executes it). ``on_pending``:
+        what to do when the account has a scheduled change — ``refuse``, ``replace`` it, or
+        ``queue`` after it."""
+        if on_pending not in ("refuse", "replace", "queue"):
+            raise RulesInvalid(["on_pending must be refuse, replace or queue"])
+        now = self.clock()
+        migration_id = str(uuid.uuid4())
+        try:
+            async with self.db.transaction() as session:
+                plan, _ = await preview(
+                    session, rules, account_id, now=now, migration_id=migration_id
+                )
+                if not plan.eligible:
+                    raise NotEligible(
+                        "the account is not eligible: " + "; ".join(plan.reasons),
+                        field="account_id",
+                        reasons=list(plan.reasons),
+                    )
+                if plan.blocked:
+                    raise MigrationBlocked(
+                        "the rules block this migration: " + "; ".join(plan.reasons),
+                        field="account_id",
+                        reasons=list(plan.reasons),
+                    )
+                await register_rules(session, actor, rules)
+                effective_at = parse_iso(plan.effective_at)
+                scheduled = effective_at is not None and effective_at > now
+                holder = await repository.active_migration(session, account_id)
+                queued = False
+                if holder is not None:
+                    if holder.state not in ("scheduled", "held") or on_pending == "refuse":
+                        raise MigrationInProgress(
+                            f"account {account_id} already has migration {holder.id}"
+                            f" ({holder.state})",
+                            field="account_id",
+                            migration_id=holder.id,
+                        )
+                    if on_pending == "replace":
+                        holder.state, holder.lock_account_id = "cancelled", None
+                        holder.finished_at = now
+                        holder.error = f"replaced by migration {migration_id}"
+                        await session.flush()
+                        await audit.record(
+                            session,
+                            actor,
+                            "migration.cancel",
+                            "migration",
+                            holder.id,
+                            account_id=account_id,
+                            details={"replaced_by": migration_id},
+                        )
+                    else:
+                        queued = True
+                row = Migration(
+                    id=migration_id,
+                    account_id=account_id,
+                    lock_account_id=None if queued else account_id,
+                    state="queued" if queued else "scheduled" if scheduled else "locked",
+                    rules_ref=rules.ref,
+                    rules_hash=rules.content_hash(),
+                    source_ref=plan.source_ref,
+                    source_hash=None,
+                    target_ref=plan.target_ref,
+                    target_hash=plan.target_hash,
+                    effective_at=effective_at,
+                    outcome_digest=plan.outcome_digest(),
+                    plan=plan.to_dict() if (scheduled or queued) else None,
+                    created_by=actor.id,
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(row)
+                await session.flush()
+                if row.state == "locked":
+                    await repository.write_step(
+                        session, row, "lock", details={"rules": rules.ref}, now=now
+                    )
+                await audit.record(
+                    session,
+                    actor,
+                    f"migration.{row.state if row.state != 'locked' else 'start'}",
+                    "migration",
+                    row.id,
+                    account_id=account_id,
+                    details={
+                        "rules": rules.ref,
+                        "rules_hash": row.rules_hash,
+                        "from": plan.source_ref,
+                        "to": plan.target_ref,
+                        "to_hash": plan.target_hash,
+                        "effective_at": plan.effective_at,
+                    },
+                )
+        except IntegrityError as exc:
+            # Two requests raced for the account: the unique lock_account_id settled it.
+            raise MigrationInProgress(
+                f"account {account_id} already has a migration in progress", field="account_id"
+            ) from exc
+        return row
+
+    async def apply(self, actor: Actor, rules: MigrationRules, account_id: str) -> Migration:
+        """Request and, unless it is scheduled for later, run to the end."""
+        row = await self.request(actor, rules, account_id)
+        if row.state != "locked":
+            return row
+        return await self.run(actor, row.id)
+
+    async def run(self, actor: Actor, migration_id: str) -> Migration:
+        """Run (or resume) every step not yet in the ledger. Safe to call again after a crash
+        at any point: a committed step is skipped, an uncommitted one is redone."""
+        for step in RUN_STEPS:
+            fault_point(f"before:{step}")
+            outcome = await self._step(actor, migration_id, step)
+            fault_point(f"after:{step}")
+            if outcome == "stop":
+                break
+            if outcome == "verify_failed":
+                from keyshift.migration.rollback import rollback
+
+                await rollback(self, actor, migration_id, reason="verification failed")
+                break
+        return await self.get(migration_id)
+
+    async def get(self, migration_id: str) -> Migration:
+        async with self.db.transaction() as session:
+            row = await session.get(Migration, migration_id, populate_existing=True)
+            if row is None:
+                raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
+            return row
+
+    async def _step(self, actor: Actor, migration_id: str, step: str) -> str:
+        async with self.db.transaction() as session:
+            row = await repository.lock_migration(session, migration_id)
+            if row is None:
+                raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
+            done = await repository.steps_done(session, migration_id)
+            if step in done:
+                return "next"
+            if row.state not in IN_FLIGHT:
+                return "stop"
+            now = self.clock()
+            handler = getattr(self, f"_{step}")
+            outcome: str = await handler(session, actor, row, now)
+            fault_point(f"inside:{step}")
+        return outcome
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    async def _snapshot(
+        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+    ) -> str:
+        # Lock what admin changes go through (the subscription and the licenses), so the
+        # snapshot is a consistent cut: a concurrent admin change lands before it or is
+        # refused after it (the account is held).
+        await repository.lock_subscription(session, row.account_id)
+        await session.execute(
+            select(License.id).where(License.account_id == row.account_id).with_for_update()
+        )
+        rules = await rules_by_hash(session, row.rules_hash)
+        plan, snapshot = await preview(session, rules, row.account_id, now=now, migration_id=row.id)
+        snapshot_hash = content_hash_of(snapshot)
+        if not plan.can_apply:
+            row.state, row.lock_account_id, row.finished_at = "refused", None, now
+            row.error = "; ".join(plan.reasons)
+            await repository.write_step(
+                session,
+                row,
+                "snapshot",
+                outcome="refused",
+                details={"reasons": list(plan.reasons)},
+                now=now,
+            )
+            await audit.record(
+                session,
+                actor,
+                "migration.refused",
+                "migration",
+                row.id,
+                account_id=row.account_id,
+                details={"reasons": list(plan.reasons)},
+            )
+            return "stop"
+        row.snapshot, row.snapshot_hash, row.plan = snapshot, snapshot_hash, plan.to_dict()
+        row.source_ref = plan.source_ref
+        sub = snapshot.get("subscription") or {}
+        row.source_hash = sub.get("plan_hash")
+        row.state = "snapshotted"
+        await repository.write_step(
+            session,
+            row,
+            "snapshot",
+            snapshot_hash=snapshot_hash,
+            details={"taken_at": snapshot["taken_at"], "risks": list(plan.risks)},
+            now=now,
+        )
+        return "next"
+
+    async def _prepare(
+        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+    ) -> str:
+        """Stage archive copies beside the originals, each verified by hash. Nothing the app
+        reads changes."""
+        plan = row.plan or {}
+        staged = []
+        for object_id in plan.get("archive", []):
+            original = await session.get(DataObject, object_id)
+            if original is None:
+                raise NotFound(f"object {object_id} vanished before prepare")
+            copy_id = _derived(row.id, object_id)
+            await session.execute(delete(DataObject).where(DataObject.id == copy_id))
+            await session.execute(
+                insert(DataObject).values(
+                    id=copy_id,
+                    account_id=original.account_id,
+                    quota=original.quota,
+                    name=original.name,
+                    units=original.units,
+                    tier="archive",
+                    state="staged",
+                    content=original.content,
+                    content_hash=original.content_hash,
+                    migration_id=row.id,
+                    created_at=original.created_at,
+                )
+            )
+            copied = (
+                await session.execute(select(DataObject.content).where(DataObject.id == copy_id))
+            ).scalar_one()
+            if hashlib.sha256(copied).hexdigest() != original.content_hash:
+                raise NotFound(f"the archive copy of {object_id} does not match its hash")
+            staged.append(copy_id)
+        row.state = "prepared"
+        await repository.write_step(session, row, "prepare", details={"staged": staged}, now=now)
+        return "next"
+
+    async def _cutover(
+        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+    ) -> str:
+        """ONE transaction: the plan, overrides, activations, objects and counters flip."""
+        plan = row.plan or {}
+        expected: State = plan["expected"]
+        snapshot: State = row.snapshot or {}
+        sub = await repository.lock_subscription(session, row.account_id)
+        before = snapshot.get("subscription") or {}
+        if sub is None or sub.plan_hash != before.get("plan_hash"):
+            row.state, row.lock_account_id, row.finished_at = "failed", None, now
+            row.error = "the account's plan changed after the snapshot"
+            await repository.write_step(
+                session, row, "cutover", outcome="failed", details={"error": row.error}, now=now
+            )
+            return "stop"
+        target = expected["subscription"]
+        key, version = parse_ref(target["plan"])
+        sub.plan_key, sub.plan_version, sub.plan_hash = key, version, target["plan_hash"]
+        sub.overrides = target["overrides"]
+        sub.entitlements_version += 1
+        sub.updated_at = now
+        license_changes = []
+        wanted = {lic["id"]: lic for lic in expected["licenses"]}
+        current = (
+            await session.execute(
+                select(License)
+                .where(License.account_id == row.account_id)
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+        for lic_row in current:
+            want = wanted.get(lic_row.id)
+            if want is None:
+                continue
+            if (lic_row.max_activations_override, lic_row.overrides or {}) != (
+                want["max_activations_override"],
+                want["overrides"],
+            ):
+                lic_row.max_activations_override = want["max_activations_override"]
+                lic_row.overrides = want["overrides"]
+                lic_row.version += 1
+                lic_row.updated_at = now
+                license_changes.append(lic_row.id)
+        await session.flush()
+        removed = []
+        if plan.get("deactivate"):
+            by_id = {a["id"]: a for a in snapshot.get("activations", [])}
+            await session.execute(delete(Activation).where(Activation.id.in_(plan["deactivate"])))
+            removed = [by_id[i] for i in plan["deactivate"] if i in by_id]
+        archived = list(plan.get("archive", []))
+        if archived:
+            await session.execute(
+                update(DataObject)
+                .where(DataObject.id.in_(archived))
+                .values(state="superseded", migration_id=row.id)
+            )
+            await session.execute(
+                update(DataObject)
+                .where(DataObject.migration_id == row.id, DataObject.state == "staged")
+                .values(state="active")
+            )
+        moves = [CounterMove(**m) for m in plan.get("counter_moves", [])]
+        counters = await _move_counters(session, row.account_id, moves)
+        await license_cache.invalidate_on_commit(
+            session, account_id=row.account_id, cache=self.cache
+        )
+        row.state, row.cutover_at = "cutover", now
+        details = {
+            "from": row.source_ref,
+            "to": row.target_ref,
+            "licenses_changed": license_changes,
+            "activations_deactivated": removed,
+            "objects_archived": archived,
+            "counters": counters,
+        }
+        await repository.write_step(session, row, "cutover", details=details, now=now)
+        await audit.record(
+            session,
+            actor,
+            "migration.cutover",
+            "migration",
+            row.id,
+            account_id=row.account_id,
+            details={
+                "from": row.source_ref,
+                "to": row.target_ref,
+                "activations_deactivated": [a["id"] for a in removed],
+                "objects_archived": archived,
+            },
+        )
+        return "next"
+
+    async def _verify(
+        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+    ) -> str:
+        """Actual == expected (counters: nothing below what the plan expected; activations:
+        every expected one present, new ones allowed), and every active license validates
+        under the new plan."""
+        plan = row.plan or {}
+        expected: State = plan["expected"]
+        actual = await repository.read_state(session, row.account_id, now)
+        assert actual is not None
+        problems = compare_after_cutover(expected, actual, row.snapshot or {})
+        for lic in actual["licenses"]:
+            loaded = await validation.load(session, lic["key_lookup"])
+            if loaded is None:
+                problems.append(f"license {lic['id']}: its key no longer finds it")
+                continue
+            if loaded.state.plan_ref != row.target_ref:
+                problems.append(f"license {lic['id']}: validates under {loaded.state.plan_ref}")
+            decision = validation.decide(
+                loaded.state, loaded.entitlements, fingerprint=None, feature=None, now=now
+            )
+            if lic["status"] == "active" and decision.code.value in ("NO_PLAN", "NOT_FOUND"):
+                problems.append(f"license {lic['id']}: validates as {decision.code.value}")
+        if problems:
+            await repository.write_step(
+                session, row, "verify", outcome="failed", details={"problems": problems}, now=now
+            )
+            row.error = "verification failed: " + "; ".join(problems[:5])
+            return "verify_failed"
+        row.state = "verified"
+        await repository.write_step(session, row, "verify", details={"checked": True}, now=now)
+        return "next"
+
+    async def _receipt(
+        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+    ) -> str:
+        body = {
+            "migration_id": row.id,
+            "account_id": row.account_id,
+            "from": row.source_ref,
+            "from_hash": row.source_hash,
+            "to": row.target_ref,
+            "to_hash": row.target_hash,
+            "rules": row.rules_ref,
+            "rules_hash": row.rules_hash,
+            "effective_at": iso(row.cutover_at),
+            "snapshot_hash": row.snapshot_hash,
+            "issued_at": iso(now),
+        }
+        kid, signature = self.signing.sign(canonical_json(body))
+        import base64
+
+        row.receipt = {
+            "body": body,
+            "signature": base64.b64encode(signature).decode(),
+            "keyid": kid,
+            "algorithm": "ed25519",
+        }
+        row.state, row.lock_account_id, row.finished_at = "completed", None, now
+        await repository.write_step(session, row, "receipt", details={"keyid": kid}, now=now)
+        await audit.record(
+            session,
+            actor,
+            "migration.complete",
+            "migration",
+            row.id,
+            account_id=row.account_id,
+            details={
+                "from": row.source_ref,
+                "to": row.target_ref,
+                "snapshot_hash": row.snapshot_hash,
+            },
+        )
+        return "next"
+
+
+def _derived(migration_id: str, object_id: str) -> str:
+    from keyshift.migration.state import derived_id
+
+    return derived_id(migration_id, "archive", object_id)
+
+
+def content_hash_of(state: State) -> str:
+    from keyshift.migration.state import state_hash
+
+    return state_hash(state)
+
+
+async def _move_counters(
+    session: AsyncSession, account_id: str, moves: list[CounterMove]
+) -> list[dict[str, Any]]:
+    """Apply the counter moves as deltas under row locks, reading every source count before
+    writing any target (locks taken in one sorted order: no deadlock with usage writers)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    wanted: dict[tuple[str, str], str] = {}
+    for move in moves:
+        wanted[(move.meter, move.period_start)] = move.period_end
+        if move.source_meter and move.source_period_start:
+            wanted.setdefault((move.source_meter, move.source_period_start), move.period_end)
+    for (meter, start), end in sorted(wanted.items()):
+        used, existed = await repository.lock_counter_row(session, account_id, meter, start, end)
+        rows[(meter, start)] = {
+            "meter": meter,
+            "period_start": start,
+            "period_end": end,
+            "before": used,
+            "existed": existed,
+        }
+    deltas: dict[tuple[str, str], int] = {}
+    for move in moves:
+        source = rows.get((move.source_meter or "", move.source_period_start or ""))
+        count = source["before"] if source else 0
+        value = move.value(count)
+        key = (move.meter, move.period_start)
+        if move.same_row:
+            deltas[key] = deltas.get(key, 0) + value - count
+        else:
+            deltas[key] = deltas.get(key, 0) + value
+    out = []
+    for key, delta in sorted(deltas.items()):
+        await repository.add_to_counter_row(session, account_id, key[0], key[1], delta)
+        info = rows[key]
+        out.append({**info, "delta": delta, "after": info["before"] + delta})
+    return out
+
+
+def compare_after_cutover(expected: State, actual: State, snapshot: State) -> list[str]:
+    """Where ``actual`` falls short of ``expected``: exact on the account, subscription,
+    licenses and objects; counters at least the expected count (usage keeps arriving);
+    every expected activation present, extra ones only if created after the snapshot."""
+    taken_at = snapshot.get("taken_at") or ""
+    exp = {k: v for k, v in expected.items() if k not in ("counters", "activations")}
+    act = {k: v for k, v in actual.items() if k not in ("counters", "activations")}
+    problems = differences(
+        {**exp, "activations": [], "counters": []}, {**act, "activations": [], "counters": []}
+    )
+    have = {a["id"]: a for a in actual["activations"]}
+    for activation in expected["activations"]:
+        if activation["id"] not in have:
+            problems.append(f"activations[{activation['id']}]: missing")
+    expected_ids = {a["id"] for a in expected["activations"]}
+    for activation_id, activation in have.items():
+        if activation_id not in expected_ids and (activation["created_at"] or "") <= taken_at:
+            problems.append(f"activations[{activation_id}]: should have been deactivated")
+    counts = {(c["meter"], c["period_start"]): c["used"] for c in actual["counters"]}
+    for counter in expected["counters"]:
+        key = (counter["meter"], counter["period_start"])
+        if counts.get(key, 0) < counter["used"]:
+            problems.append(
+                f"counters[{key[0]}@{key[1]}]: {counts.get(key, 0)} < expected {counter['used']}"
+            )
+    return problems

@@ -1,0 +1,609 @@
+"""The planner: a pure function of (snapshot, rules, source plan, target plan, now) that decides
+every step of one account's migration and the state expected after it. It imports no database
+code; the executor performs what it decides, and verification compares against ``expected``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from keyshift.canonical import content_hash
+from keyshift.catalog.entitlements import Entitlements, resolve
+from keyshift.catalog.manifests import Meter
+from keyshift.metering.periods import period_containing
+from keyshift.migration.rules import MigrationRules, PlanPair
+from keyshift.migration.state import State, deep_copy, derived_id, iso, parse_iso, sort_state
+
+STEPS = ("lock", "snapshot", "prepare", "cutover", "verify", "receipt")
+
+
+@dataclass(frozen=True)
+class QuotaConflict:
+    """The account uses more of a quota than the target allows, and what the rules do."""
+
+    quota: str  # the target's quota name
+    source_quota: str
+    used: int
+    limit: int
+    policy: str  # archive | read_only | grace | block
+    resolution: str
+    objects_to_archive: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quota": self.quota,
+            "source_quota": self.source_quota,
+            "used": self.used,
+            "limit": self.limit,
+            "policy": self.policy,
+            "resolution": self.resolution,
+            "objects_to_archive": list(self.objects_to_archive),
+        }
+
+
+@dataclass(frozen=True)
+class CounterMove:
+    """How one counter row changes at cutover: ``value`` is a function of the count then."""
+
+    meter: str  # the target row's meter
+    period_start: str
+    period_end: str
+    source_meter: str | None  # the row whose count is read (None: a fixed value)
+    source_period_start: str | None
+    action: str  # carry | reset | prorate | convert
+    factor: float = 1.0  # value = round(count * factor); reset: 0
+
+    def value(self, count: int) -> int:
+        return 0 if self.action == "reset" else round(count * self.factor)
+
+    @property
+    def same_row(self) -> bool:
+        return (self.source_meter, self.source_period_start) == (self.meter, self.period_start)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "meter": self.meter,
+            "period_start": self.period_start,
+            "period_end": self.period_end,
+            "source_meter": self.source_meter,
+            "source_period_start": self.source_period_start,
+            "action": self.action,
+            "factor": self.factor,
+        }
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    account_id: str
+    rules_ref: str
+    rules_hash: str
+    source_ref: str | None
+    target_ref: str
+    target_hash: str
+    eligible: bool
+    reasons: tuple[str, ...]  # why not eligible, or why blocked
+    blocked: bool
+    effective: str  # immediately | period_end | at
+    effective_at: str | None
+    steps: tuple[dict[str, Any], ...]
+    expected: State
+    conflicts: tuple[QuotaConflict, ...]
+    counter_moves: tuple[CounterMove, ...]
+    deactivate: tuple[str, ...]  # activation ids trimmed over the new cap
+    archive: tuple[str, ...]  # object ids moved to the archive tier
+    risks: tuple[str, ...]
+    changes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def can_apply(self) -> bool:
+        return self.eligible and not self.blocked
+
+    def outcome_digest(self) -> str:
+        """What a scheduled change previews and re-checks at execution: if this differs then,
+        the change is held for review instead of applied."""
+        return content_hash(
+            {
+                "eligible": self.eligible,
+                "blocked": self.blocked,
+                "conflicts": [c.to_dict() for c in self.conflicts],
+                "deactivate": list(self.deactivate),
+                "archive": list(self.archive),
+                "risks": list(self.risks),
+                "target": self.target_ref,
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "account_id": self.account_id,
+            "rules": self.rules_ref,
+            "rules_hash": self.rules_hash,
+            "from": self.source_ref,
+            "to": self.target_ref,
+            "to_hash": self.target_hash,
+            "eligible": self.eligible,
+            "blocked": self.blocked,
+            "can_apply": self.can_apply,
+            "reasons": list(self.reasons),
+            "effective": self.effective,
+            "effective_at": self.effective_at,
+            "steps": list(self.steps),
+            "changes": self.changes,
+            "conflicts": [c.to_dict() for c in self.conflicts],
+            "counter_moves": [m.to_dict() for m in self.counter_moves],
+            "deactivate": list(self.deactivate),
+            "archive": list(self.archive),
+            "risks": list(self.risks),
+            "expected": self.expected,
+            "outcome_digest": self.outcome_digest(),
+        }
+
+
+# -- entitlements with the account's overrides --------------------------------------------------
+
+
+def quota_usage(state: State) -> dict[str, int]:
+    """Units of each quota held by live objects in the standard tier."""
+    used: dict[str, int] = {}
+    for obj in state.get("objects", []):
+        if obj["state"] == "active" and obj["tier"] == "standard":
+            used[obj["quota"]] = used.get(obj["quota"], 0) + int(obj["units"])
+    return used
+
+
+def effective_view(entitlements: Entitlements, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Features and quotas a subscription's overrides make of its plan's (for the plan diff)."""
+    features = {k: v.to_dict() for k, v in entitlements.features.items()}
+    quotas = dict(entitlements.quotas)
+    for addon in (overrides.get("addons") or {}).values():
+        for name, mode in (addon.get("features") or {}).items():
+            features[name] = {"mode": mode}
+        for name, extra in (addon.get("quotas") or {}).items():
+            quotas[name] = quotas.get(name, 0) + int(extra)
+    return {"features": features, "quotas": quotas}
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def plan_migration(
+    snapshot: State,
+    rules: MigrationRules,
+    source: PlanPair | None,
+    target: PlanPair,
+    *,
+    migration_id: str,
+    now: datetime,
+) -> MigrationPlan:
+    """Decide every step and the expected end state; touch nothing.
+
+    ``source`` is the account's current plan (None: it has none). ``migration_id`` seeds the
+    ids of what the migration creates, so a recomputed plan names the same rows.
+    """
+    reasons = eligibility_reasons(snapshot, rules, source)
+    target_ent = resolve(target.plan, target.plan_hash, target.edition)
+    source_ent = resolve(source.plan, source.plan_hash, source.edition) if source else None
+    sub = snapshot.get("subscription") or {}
+    old_overrides: dict[str, Any] = sub.get("overrides") or {}
+    expected = deep_copy(snapshot)
+    expected.pop("taken_at", None)
+    risks: list[str] = []
+    blocked: list[str] = []
+
+    # Features: what the app loses (usable before, not after the mapping).
+    lost = []
+    if source_ent is not None:
+        for name, grant in sorted(source_ent.features.items()):
+            rule = rules.features.get(name)
+            to = (rule.to or name) if rule and rule.action == "rename" else name
+            after = target_ent.features.get(to)
+            if grant.is_usable and (
+                rule is None or rule.action == "drop" or after is None or not after.is_usable
+            ):
+                lost.append(name)
+    risks += [f"loses_feature:{name}" for name in lost]
+
+    # Quotas: conflicts where the account holds more than the target allows.
+    usage = quota_usage(snapshot)
+    conflicts: list[QuotaConflict] = []
+    archive: list[str] = []
+    read_only: list[str] = []
+    grace_days = 0
+    for name, rule in sorted(rules.quotas.items()):
+        if rule.action == "drop":
+            if usage.get(name):
+                risks.append(f"quota_dropped_with_data:{name}")
+            continue
+        to = rule.to if rule.action == "rename" and rule.to else name
+        limit = _addon_quota(old_overrides, rules, to, target_ent.quotas.get(to))
+        used = usage.get(name, 0)
+        if limit is None or used <= limit:
+            continue
+        risks.append(f"over_quota:{to}")
+        excess: tuple[str, ...] = ()
+        if rule.on_conflict == "archive":
+            excess = _objects_over(snapshot, name, limit)
+            archive += excess
+            resolution = f"archive {len(excess)} object(s) to bring {used} down to {limit}"
+            risks.append(f"data_to_archive:{to}:{len(excess)}")
+        elif rule.on_conflict == "read_only":
+            read_only.append(to)
+            resolution = f"{to} becomes read-only until usage is under {limit}"
+        elif rule.on_conflict == "grace":
+            assert rule.grace_days is not None
+            grace_days = max(grace_days, rule.grace_days)
+            resolution = f"keep the old entitlements for {rule.grace_days} day(s)"
+        else:
+            resolution = "the migration is blocked"
+            blocked.append(
+                f"quota {to}: {used} used, the target allows {limit} (on_conflict=block)"
+            )
+        conflicts.append(QuotaConflict(to, name, used, limit, rule.on_conflict, resolution, excess))
+
+    # Add-ons on the subscription.
+    addons: dict[str, Any] = {}
+    for name, content in sorted((old_overrides.get("addons") or {}).items()):
+        addon_rule = rules.addons.get(name)
+        action = addon_rule.action if addon_rule else rules.addons_default
+        if action == "refuse":
+            blocked.append(f"add-on {name!r} has no rule (addons_default = 'refuse')")
+        elif action == "carry":
+            addons[name] = content
+        elif action == "rename" and addon_rule is not None and addon_rule.to:
+            addons[addon_rule.to] = content
+        else:
+            risks.append(f"drops_addon:{name}")
+
+    # Subscription: the target plan, with the overrides the rules produce.
+    overrides: dict[str, Any] = {}
+    if addons:
+        overrides["addons"] = addons
+    if read_only:
+        overrides["read_only"] = sorted(read_only)
+    if grace_days:
+        grace_until = now + timedelta(days=grace_days)
+        old_view = (
+            effective_view(source_ent, old_overrides)
+            if source_ent
+            else effective_view(target_ent, {})
+        )
+        overrides["grace"] = {"until": iso(grace_until), "entitlements": old_view}
+    seat_units = _seat_units(snapshot, rules, source_ent)
+    if seat_units is not None and rules.seats.convert_to_meter:
+        overrides["meters"] = {rules.seats.convert_to_meter: {"included": seat_units}}
+    started_at = sub.get("started_at") or iso(now)
+    expected["subscription"] = {
+        "plan": target.ref,
+        "plan_hash": target.plan_hash,
+        "started_at": started_at,
+        "overrides": overrides,
+    }
+
+    # Licenses: hand-set overrides carried, mapped or reset as the rules say.
+    changes_licenses = []
+    for lic in expected["licenses"]:
+        before = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
+        if rules.overrides.max_activations == "reset":
+            lic["max_activations_override"] = None
+        lic["overrides"] = _map_license_overrides(lic["overrides"] or {}, rules)
+        after = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
+        if before != after:
+            changes_licenses.append({"license_id": lic["id"], "before": before, "after": after})
+
+    # Activations: keep all, or keep up to each license's new cap, most recently seen first.
+    deactivate: list[str] = []
+    if rules.seats.activations == "trim_to_cap":
+        for lic in expected["licenses"]:
+            cap = lic["max_activations_override"] or target_ent.max_activations
+            if cap is None:
+                continue
+            mine = [a for a in expected["activations"] if a["license_id"] == lic["id"]]
+            mine.sort(key=lambda a: _recency(a, now), reverse=True)
+            deactivate += [a["id"] for a in mine[cap:]]
+        if deactivate:
+            risks.append(f"activations_trimmed:{len(deactivate)}")
+    gone = set(deactivate)
+    expected["activations"] = [a for a in expected["activations"] if a["id"] not in gone]
+
+    # Objects over a quota: copied to the archive tier, the originals superseded (released
+    # only at finalize, so rollback has them).
+    to_archive = set(archive)
+    new_objects = []
+    for obj in expected["objects"]:
+        if obj["id"] in to_archive:
+            new_objects.append({**obj, "state": "superseded"})
+            copy_id = derived_id(migration_id, "archive", obj["id"])
+            new_objects.append({**obj, "id": copy_id, "tier": "archive", "state": "active"})
+        else:
+            new_objects.append(obj)
+    expected["objects"] = new_objects
+
+    # Counters: the current period's counts moved as the rules say.
+    moves = _counter_moves(snapshot, rules, source, target, now)
+    expected["counters"] = _apply_moves(snapshot.get("counters", []), moves)
+
+    if not reasons and source is not None and source.ref not in rules.rules.from_plans:
+        reasons.append(f"the account's plan {source.ref} is not a source of these rules")
+    effective, effective_at = _effective(rules, snapshot, source_ent, now)
+    plan = MigrationPlan(
+        account_id=snapshot["account"]["id"],
+        rules_ref=rules.ref,
+        rules_hash=rules.content_hash(),
+        source_ref=source.ref if source else None,
+        target_ref=target.ref,
+        target_hash=target.plan_hash,
+        eligible=not reasons,
+        reasons=tuple(reasons + blocked),
+        blocked=bool(blocked),
+        effective=effective,
+        effective_at=effective_at,
+        steps=(),
+        expected=sort_state(expected),
+        conflicts=tuple(conflicts),
+        counter_moves=tuple(moves),
+        deactivate=tuple(sorted(deactivate)),
+        archive=tuple(sorted(archive)),
+        risks=tuple(risks),
+    )
+    changes = {
+        "plan": {"from": plan.source_ref, "to": plan.target_ref},
+        "entitlements": _entitlement_changes(source_ent, old_overrides, target_ent, overrides),
+        "licenses": changes_licenses,
+        "activations_deactivated": sorted(deactivate),
+        "objects_archived": sorted(archive),
+        "counters": [
+            {
+                "meter": c["meter"],
+                "period_start": c["period_start"],
+                "before": _count(snapshot, c["meter"], c["period_start"]),
+                "after": c["used"],
+            }
+            for c in expected["counters"]
+            if _count(snapshot, c["meter"], c["period_start"]) != c["used"]
+        ],
+        "subscription_overrides": {"before": old_overrides, "after": overrides},
+    }
+    return _with_steps(plan, changes)
+
+
+def eligibility_reasons(
+    snapshot: State, rules: MigrationRules, source: PlanPair | None
+) -> list[str]:
+    account = snapshot["account"]
+    reasons = []
+    if account["status"] not in rules.eligibility.account_status:
+        allowed = ", ".join(rules.eligibility.account_status)
+        reasons.append(f"account status is {account['status']!r} (rules allow: {allowed})")
+    if source is None:
+        reasons.append("the account has no plan to migrate from")
+    elif source.ref not in rules.rules.from_plans:
+        reasons.append(f"the account's plan {source.ref} is not a source of these rules")
+    attributes = account.get("attributes") or {}
+    for predicate in rules.eligibility.attributes:
+        if not predicate.holds(attributes):
+            reasons.append(f"attribute {predicate.name!r} fails {predicate.op} {predicate.value!r}")
+    return reasons
+
+
+def _addon_quota(
+    overrides: dict[str, Any], rules: MigrationRules, quota: str, base: int | None
+) -> int | None:
+    """The target limit plus what carried add-ons add to it."""
+    if base is None:
+        return None
+    extra = 0
+    for name, addon in (overrides.get("addons") or {}).items():
+        rule = rules.addons.get(name)
+        action = rule.action if rule else rules.addons_default
+        if action in ("carry", "rename"):
+            extra += int((addon.get("quotas") or {}).get(quota, 0))
+    return base + extra
+
+
+def _objects_over(snapshot: State, quota: str, limit: int) -> tuple[str, ...]:
+    """Keep the newest objects that fit in ``limit``; the rest go to the archive."""
+    live = [
+        o
+        for o in snapshot.get("objects", [])
+        if o["quota"] == quota and o["state"] == "active" and o["tier"] == "standard"
+    ]
+    live.sort(key=lambda o: (o["created_at"], o["id"]), reverse=True)
+    kept, excess = 0, []
+    for obj in live:
+        if kept + int(obj["units"]) <= limit:
+            kept += int(obj["units"])
+        else:
+            excess.append(obj["id"])
+    return tuple(sorted(excess))
+
+
+def _recency(activation: dict[str, Any], now: datetime) -> tuple[int, str, str, str]:
+    lease = parse_iso(activation.get("lease_expires_at"))
+    live = 1 if lease is None or lease > now else 0  # a lapsed lease goes first
+    return (
+        live,
+        activation["last_seen_at"] or "",
+        activation["created_at"] or "",
+        activation["id"],
+    )
+
+
+def _map_license_overrides(overrides: dict[str, Any], rules: MigrationRules) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if rules.overrides.features == "carry" and overrides.get("features"):
+        features = {}
+        for name, mode in overrides["features"].items():
+            rule = rules.features.get(name)
+            if rule is None or rule.action == "keep":
+                features[name] = mode
+            elif rule.action == "rename" and rule.to:
+                features[rule.to] = mode
+        if features:
+            out["features"] = features
+    if rules.overrides.quotas == "carry" and overrides.get("quotas"):
+        quotas = {}
+        for name, extra in overrides["quotas"].items():
+            quota_rule = rules.quotas.get(name)
+            if quota_rule is None or quota_rule.action == "keep":
+                quotas[name] = extra
+            elif quota_rule.action == "rename" and quota_rule.to:
+                quotas[quota_rule.to] = extra
+        if quotas:
+            out["quotas"] = quotas
+    return out
+
+
+def _seat_units(
+    snapshot: State, rules: MigrationRules, source_ent: Entitlements | None
+) -> int | None:
+    seats_rule = rules.seats
+    if seats_rule.convert_to_meter is None or seats_rule.units_per_seat is None:
+        return None
+    active = [lic for lic in snapshot["licenses"] if lic["status"] == "active"]
+    if seats_rule.seat_basis == "active":
+        ids = {lic["id"] for lic in active}
+        seats = sum(1 for a in snapshot["activations"] if a["license_id"] in ids)
+    else:
+        default_cap = source_ent.max_activations if source_ent else None
+        seats = sum((lic["max_activations_override"] or default_cap or 0) for lic in active)
+    return seats * seats_rule.units_per_seat
+
+
+def _period(meter: Meter, anchor: datetime, when: datetime, term: str) -> tuple[str, str]:
+    span = period_containing(meter.reset, anchor, when, term=term)
+    return iso(span.start) or "", iso(span.end) or ""
+
+
+def _counter_moves(
+    snapshot: State,
+    rules: MigrationRules,
+    source: PlanPair | None,
+    target: PlanPair,
+    now: datetime,
+) -> list[CounterMove]:
+    sub = snapshot.get("subscription") or {}
+    anchor = parse_iso(sub.get("started_at")) or now
+    source_meters = {m.key: m for m in source.plan.meters} if source else {}
+    target_meters = {m.key: m for m in target.plan.meters}
+    moves = []
+    for name, rule in sorted(rules.counters.items()):
+        meter = source_meters.get(name)
+        if meter is None or source is None:
+            continue
+        src_start, _ = _period(meter, anchor, now, source.plan.term.length)
+        to = rule.to or name
+        to_meter = target_meters.get(to)
+        if to_meter is None:
+            continue
+        start, end = _period(to_meter, anchor, now, target.plan.term.length)
+        factor = 1.0
+        if rule.action == "convert":
+            factor = float(rule.factor or 1.0)
+        elif rule.action == "prorate":
+            factor = _overlap_share(src_start, parse_iso(start), parse_iso(end), now)
+        moves.append(CounterMove(to, start, end, name, src_start, rule.action, factor))
+    return moves
+
+
+def _overlap_share(
+    source_start: str, start: datetime | None, end: datetime | None, now: datetime
+) -> float:
+    """The share of the source period's elapsed time that falls inside the target's current
+    period: usage is assumed spread evenly over it."""
+    began = parse_iso(source_start)
+    if began is None or start is None or end is None or now <= began:
+        return 1.0
+    elapsed = (now - began).total_seconds()
+    overlap = (min(now, end) - max(began, start)).total_seconds()
+    return max(0.0, min(1.0, overlap / elapsed))
+
+
+def _count(state: State, meter: str | None, period_start: str | None) -> int:
+    for counter in state.get("counters", []):
+        if counter["meter"] == meter and counter["period_start"] == period_start:
+            return int(counter["used"])
+    return 0
+
+
+def _apply_moves(counters: list[dict[str, Any]], moves: list[CounterMove]) -> list[dict[str, Any]]:
+    """The counters after the moves, reading every source count before writing any target."""
+    state = {"counters": counters}
+    values = [m.value(_count(state, m.source_meter, m.source_period_start)) for m in moves]
+    out = {(c["meter"], c["period_start"]): dict(c) for c in counters}
+    for move, value in zip(moves, values, strict=True):
+        key = (move.meter, move.period_start)
+        row = out.get(key)
+        if row is None:
+            out[key] = {
+                "meter": move.meter,
+                "period_start": move.period_start,
+                "period_end": move.period_end,
+                "used": value,
+            }
+        elif move.same_row:
+            row["used"] = value
+        else:
+            row["used"] = int(row["used"]) + value
+    return [out[k] for k in sorted(out)]
+
+
+def _effective(
+    rules: MigrationRules, snapshot: State, source_ent: Entitlements | None, now: datetime
+) -> tuple[str, str | None]:
+    schedule = rules.schedule
+    if schedule.effective == "at":
+        return "at", iso(schedule.at)
+    if schedule.effective == "period_end":
+        sub = snapshot.get("subscription") or {}
+        anchor = parse_iso(sub.get("started_at")) or now
+        term = source_ent.term if source_ent else "1y"
+        span = period_containing("term", anchor, now, term=term)
+        return "period_end", iso(span.end) if not span.is_endless else None
+    return "immediately", None
+
+
+def _entitlement_changes(
+    source: Entitlements | None,
+    old_overrides: dict[str, Any],
+    target: Entitlements,
+    new_overrides: dict[str, Any],
+) -> dict[str, Any]:
+    before = effective_view(source, old_overrides) if source else {"features": {}, "quotas": {}}
+    after = effective_view(target, new_overrides)
+    out: dict[str, Any] = {}
+    for kind in ("features", "quotas"):
+        old, new = before[kind], after[kind]
+        out[kind] = {
+            "gained": {k: new[k] for k in sorted(set(new) - set(old))},
+            "lost": {k: old[k] for k in sorted(set(old) - set(new))},
+            "changed": {
+                k: {"from": old[k], "to": new[k]}
+                for k in sorted(set(old) & set(new))
+                if old[k] != new[k]
+            },
+        }
+    return out
+
+
+def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:
+    steps = (
+        {"step": "lock", "does": "mark the account as migrating (one migration at a time)"},
+        {"step": "snapshot", "does": "record the account's state and its SHA-256 in the ledger"},
+        {
+            "step": "prepare",
+            "does": f"stage {len(plan.archive)} archive copies and the new entitlement set",
+        },
+        {
+            "step": "cutover",
+            "does": (
+                f"one transaction: plan → {plan.target_ref}, {len(plan.deactivate)} activation(s)"
+                f" deactivated, {len(plan.counter_moves)} counter move(s), license overrides"
+                " mapped, caches invalidated"
+            ),
+        },
+        {"step": "verify", "does": "actual state == expected; the license keys still validate"},
+        {"step": "receipt", "does": "issue a signed receipt (account, from, to, time, hash)"},
+    )
+    return MigrationPlan(**{**plan.__dict__, "steps": steps, "changes": changes})

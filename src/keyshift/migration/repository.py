@@ -1,0 +1,312 @@
+"""Migration queries: read an account's state, lock what a step changes, write the ledger.
+
+Every function works inside the caller's transaction; the executor decides where it ends.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from keyshift.db.tables import (
+    Account,
+    Activation,
+    DataObject,
+    License,
+    Migration,
+    MigrationStep,
+    Subscription,
+    UsageCounter,
+)
+from keyshift.migration.state import State, iso, parse_iso, sort_state
+
+
+async def read_state(
+    session: AsyncSession, account_id: str, now: datetime, *, counters_at: datetime | None = None
+) -> State | None:
+    """The account's state (see ``keyshift.migration.state``); None if there is no account.
+
+    Counters are those of the periods current at ``counters_at`` (default ``now``): the ones a
+    migration moves. Rollback passes the snapshot's time, so it compares the same periods.
+    """
+    counters_at = counters_at or now
+    account = (
+        await session.execute(
+            select(Account)
+            .where(Account.id == account_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if account is None:
+        return None
+    sub = (
+        await session.execute(
+            select(Subscription)
+            .where(Subscription.account_id == account_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    licenses = (
+        await session.execute(
+            select(License)
+            .where(License.account_id == account_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    activations = (
+        await session.execute(
+            select(Activation)
+            .where(Activation.account_id == account_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    counters = (
+        await session.execute(
+            select(UsageCounter)
+            .where(UsageCounter.account_id == account_id, UsageCounter.period_end > counters_at)
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    objects = (
+        await session.execute(
+            select(
+                DataObject.id,
+                DataObject.quota,
+                DataObject.name,
+                DataObject.units,
+                DataObject.tier,
+                DataObject.state,
+                DataObject.content_hash,
+                DataObject.created_at,
+            ).where(DataObject.account_id == account_id, DataObject.state != "staged")
+        )
+    ).all()
+    state: State = {
+        "account": {
+            "id": account.id,
+            "name": account.name,
+            "status": account.status,
+            "external_ref": account.external_ref,
+            "attributes": account.attributes or {},
+            "preferences": account.preferences or {},
+        },
+        "subscription": None
+        if sub is None
+        else {
+            "plan": f"{sub.plan_key}@{sub.plan_version}",
+            "plan_hash": sub.plan_hash,
+            "started_at": iso(sub.started_at),
+            "overrides": sub.overrides or {},
+        },
+        "licenses": [
+            {
+                "id": lic.id,
+                "key_lookup": lic.key_lookup,
+                "status": lic.status,
+                "expires_at": iso(lic.expires_at),
+                "max_activations_override": lic.max_activations_override,
+                "overrides": lic.overrides or {},
+            }
+            for lic in licenses
+        ],
+        "activations": [
+            {
+                "id": a.id,
+                "license_id": a.license_id,
+                "fingerprint": a.fingerprint,
+                "mode": a.mode,
+                "label": a.label,
+                "created_at": iso(a.created_at),
+                "last_seen_at": iso(a.last_seen_at),
+                "lease_expires_at": iso(a.lease_expires_at),
+            }
+            for a in activations
+        ],
+        "counters": [
+            {
+                "meter": c.meter,
+                "period_start": iso(c.period_start),
+                "period_end": iso(c.period_end),
+                "used": int(c.used),
+            }
+            for c in counters
+        ],
+        "objects": [
+            {
+                "id": o.id,
+                "quota": o.quota,
+                "name": o.name,
+                "units": int(o.units),
+                "tier": o.tier,
+                "state": o.state,
+                "content_hash": o.content_hash,
+                "created_at": iso(o.created_at),
+            }
+            for o in objects
+        ],
+        "taken_at": iso(now),
+    }
+    return sort_state(state)
+
+
+async def lock_subscription(session: AsyncSession, account_id: str) -> Subscription | None:
+    return (
+        await session.execute(
+            select(Subscription)
+            .where(Subscription.account_id == account_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+
+
+async def lock_migration(session: AsyncSession, migration_id: str) -> Migration | None:
+    """The migration row, locked: concurrent resumers of one migration take turns."""
+    return (
+        await session.execute(
+            select(Migration)
+            .where(Migration.id == migration_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+
+
+async def steps_done(session: AsyncSession, migration_id: str) -> dict[str, MigrationStep]:
+    rows = (
+        await session.execute(
+            select(MigrationStep)
+            .where(MigrationStep.migration_id == migration_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    return {row.step: row for row in rows}
+
+
+async def write_step(
+    session: AsyncSession,
+    migration: Migration,
+    step: str,
+    *,
+    outcome: str = "done",
+    snapshot_hash: str | None = None,
+    details: dict[str, Any] | None = None,
+    now: datetime,
+) -> None:
+    """The ledger row of a step; its primary key (migration, step) makes a replay fail loudly
+    instead of recording the step twice."""
+    seq = (
+        await session.execute(
+            select(func.count()).where(MigrationStep.migration_id == migration.id)
+        )
+    ).scalar_one()
+    await session.execute(
+        insert(MigrationStep).values(
+            migration_id=migration.id,
+            step=step,
+            account_id=migration.account_id,
+            seq=int(seq) + 1,
+            outcome=outcome,
+            snapshot_hash=snapshot_hash,
+            details=details or {},
+            at=now,
+        )
+    )
+
+
+async def active_migration(session: AsyncSession, account_id: str) -> Migration | None:
+    return (
+        await session.execute(
+            select(Migration)
+            .where(Migration.lock_account_id == account_id)
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+
+
+async def latest_migrations(
+    session: AsyncSession, account_id: str, limit: int = 50
+) -> list[Migration]:
+    rows = await session.execute(
+        select(Migration)
+        .where(Migration.account_id == account_id)
+        .order_by(Migration.created_at.desc(), Migration.id)
+        .limit(limit)
+    )
+    return list(rows.scalars())
+
+
+# -- counters, moved by deltas under row locks ----------------------------------------------------
+
+
+def _insert(session: AsyncSession, table: Any) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+async def lock_counter_row(
+    session: AsyncSession, account_id: str, meter: str, start: str, end: str
+) -> tuple[int, bool]:
+    """Create the row if missing (at 0) and lock it; returns (used, existed before)."""
+    period_start, period_end = parse_iso(start), parse_iso(end)
+    created = (
+        await session.execute(
+            _insert(session, UsageCounter)
+            .values(
+                account_id=account_id,
+                meter=meter,
+                period_start=period_start,
+                period_end=period_end,
+                used=0,
+            )
+            .on_conflict_do_nothing(index_elements=["account_id", "meter", "period_start"])
+            .returning(UsageCounter.used)
+        )
+    ).first()
+    used = (
+        await session.execute(
+            select(UsageCounter.used)
+            .where(
+                UsageCounter.account_id == account_id,
+                UsageCounter.meter == meter,
+                UsageCounter.period_start == period_start,
+            )
+            .with_for_update()
+        )
+    ).scalar_one()
+    return int(used), created is None
+
+
+async def add_to_counter_row(
+    session: AsyncSession, account_id: str, meter: str, start: str, delta: int
+) -> None:
+    if delta == 0:
+        return
+    await session.execute(
+        update(UsageCounter)
+        .where(
+            UsageCounter.account_id == account_id,
+            UsageCounter.meter == meter,
+            UsageCounter.period_start == parse_iso(start),
+        )
+        .values(used=UsageCounter.used + delta)
+    )
+
+
+async def delete_counter_row_if_zero(
+    session: AsyncSession, account_id: str, meter: str, start: str
+) -> bool:
+    result = await session.execute(
+        delete(UsageCounter).where(
+            UsageCounter.account_id == account_id,
+            UsageCounter.meter == meter,
+            UsageCounter.period_start == parse_iso(start),
+            UsageCounter.used == 0,
+        )
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
