@@ -11,6 +11,7 @@ from keyshift.cli import (
     catalog,
     demo,
     licenses,
+    migrate,
     server,
     usage,
     validation,
@@ -23,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (server, demo, catalog, accounts, licenses, validation, usage, admin, audit):
+for module in (server, demo, catalog, accounts, licenses, validation, usage, migrate, admin, audit):
     module.register(app)
 
 

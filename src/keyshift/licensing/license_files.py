@@ -19,7 +19,9 @@ from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
 from keyshift.catalog.durations import Duration
+from keyshift.catalog.entitlements import with_overrides
 from keyshift.client import license_files as fmt
+from keyshift.client.errors import LicenseFileError, LicenseFileExpired
 from keyshift.context import Actor
 from keyshift.db.tables import Activation, License, Subscription
 from keyshift.db.types import utcnow
@@ -107,8 +109,11 @@ async def export_license_file(
     subscription = await session.get(Subscription, row.account_id)
     if subscription is None:
         raise Conflict("the license's account has no plan", field="license_id")
-    entitlements = await catalog.entitlements_for(
+    plan_entitlements = await catalog.entitlements_for(
         session, f"{subscription.plan_key}@{subscription.plan_version}", subscription.plan_hash
+    )
+    entitlements = with_overrides(
+        plan_entitlements, subscription.overrides or {}, row.overrides or {}, now
     )
     standing = licensing.standing(row, entitlements.grace_seconds, now)
     if not licensing.is_usable(standing):
@@ -156,6 +161,7 @@ async def export_license_file(
             "expires_at": row.expires_at,
         },
         "entitlements": entitlements.to_dict(),
+        "revision": revision_of(subscription, row),
         "issued_at": now,
         "file_expires_at": until,
         "grace": {
@@ -246,4 +252,85 @@ async def checkout(
         fingerprint=fingerprint,
         license_key=key,
         now=now,
+    )
+
+
+def revision_of(subscription: Subscription, row: License) -> dict[str, Any]:
+    """What a file was issued under: any plan change (a migration, a rollback) or license
+    change bumps one of these, and files with an older revision are superseded."""
+    return {
+        "plan": f"{subscription.plan_key}@{subscription.plan_version}",
+        "entitlements_version": subscription.entitlements_version,
+        "license_version": row.version,
+    }
+
+
+@dataclass(frozen=True)
+class CheckIn:
+    superseded: bool
+    reason: str | None
+    presented_revision: dict[str, Any] | None
+    current_revision: dict[str, Any]
+    file: ExportedFile | None  # the replacement, when superseded
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "superseded": self.superseded,
+            "reason": self.reason,
+            "presented_revision": self.presented_revision,
+            "current_revision": self.current_revision,
+            "license_file": None,
+            "file_expires_at": None,
+        }
+        if self.file is not None:
+            out["license_file"] = self.file.text
+            out["file_expires_at"] = self.file.file_expires_at
+        return out
+
+
+async def check_in(
+    session: AsyncSession,
+    keyring: Keyring,
+    signing: SigningKeys,
+    *,
+    key: str,
+    license_file: str,
+    fingerprint: str | None = None,
+    encrypt: bool = True,
+    ttl: str | timedelta = DEFAULT_TTL,
+) -> CheckIn:
+    """An application presents the file it holds: if a newer one exists (the plan or the
+    license changed since — e.g. a migration), say so and return the new file; else say it
+    is current. A file that fails verification is refused (InvalidInput on license_file)."""
+    row = await licensing.find_by_key(session, keyring, key)
+    if row is None:
+        raise LicenseNotFound("no license has this key", field="key")
+    public = signing.public_keys()
+    try:
+        payload = fmt.verify_license_file(license_file, public, license_key=key)
+    except LicenseFileExpired as expired:
+        payload = expired.payload
+    except (LicenseFileError, ValueError) as exc:
+        raise InvalidInput(
+            f"the license file does not verify: {exc}", field="license_file"
+        ) from exc
+    if (payload.get("license") or {}).get("id") != row.id:
+        raise InvalidInput("the license file is for another license", field="license_file")
+    subscription = await session.get(Subscription, row.account_id)
+    if subscription is None:
+        raise Conflict("the license's account has no plan", field="key")
+    current = revision_of(subscription, row)
+    presented = payload.get("revision")
+    if presented == current:
+        return CheckIn(False, None, presented, current, None)
+    reason = (
+        f"the plan changed ({presented.get('plan')} → {current['plan']})"
+        if isinstance(presented, dict) and presented.get("plan") != current["plan"]
+        else "the license or its entitlements changed since the file was issued"
+    )
+    new_file = await checkout(
+        session, keyring, signing, key=key, fingerprint=fingerprint, encrypt=encrypt, ttl=ttl
+    )
+    return CheckIn(
+        True, reason, presented if isinstance(presented, dict) else None, current, new_file
     )

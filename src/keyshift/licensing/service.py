@@ -16,7 +16,7 @@ from keyshift.catalog import service as catalog
 from keyshift.catalog.durations import Duration
 from keyshift.catalog.entitlements import Entitlements
 from keyshift.context import Actor
-from keyshift.db.tables import Account, License, Subscription
+from keyshift.db.tables import Account, License, Migration, Subscription
 from keyshift.db.types import utcnow
 from keyshift.errors import (
     AccountNotFound,
@@ -27,6 +27,7 @@ from keyshift.errors import (
     MalformedKey,
 )
 from keyshift.licensing import cache, keys, repository
+from keyshift.migration.errors import MigrationInProgress
 from keyshift.security.keyring import Keyring, Sealed
 
 
@@ -79,6 +80,7 @@ async def subscribe(
     _, plan_hash = await catalog.get_plan(session, plan_ref)
     key, version = plan_ref.split("@", 1)
     current = await session.get(Subscription, account.id, with_for_update=True)
+    await ensure_not_migrating(session, account.id)
     previous = f"{current.plan_key}@{current.plan_version}" if current else None
     if current is None:
         current = Subscription(
@@ -258,7 +260,32 @@ async def _locked(session: AsyncSession, license_id: str) -> License:
     row = await repository.lock_license(session, license_id)
     if row is None:
         raise LicenseNotFound(f"no license {license_id}", field="license_id")
+    await ensure_not_migrating(session, row.account_id)
     return row
+
+
+#: Migration states in which the account's licenses and plan belong to the migration.
+_MIGRATING = ("locked", "snapshotted", "prepared", "cutover", "verified")
+
+
+async def ensure_not_migrating(session: AsyncSession, account_id: str) -> None:
+    """Refuse an admin change to an account while a migration runs on it. Checked under the
+    license's (or subscription's) row lock, which the snapshot step also takes: a change
+    lands before the snapshot or is refused after it, never in between."""
+    holder = (
+        await session.execute(
+            select(Migration.id, Migration.state).where(
+                Migration.lock_account_id == account_id, Migration.state.in_(_MIGRATING)
+            )
+        )
+    ).first()
+    if holder is not None:
+        raise MigrationInProgress(
+            f"account {account_id} is being migrated (migration {holder.id}, {holder.state});"
+            " try again when it completes",
+            field="account_id",
+            migration_id=holder.id,
+        )
 
 
 async def _changed(

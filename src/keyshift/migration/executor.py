@@ -34,7 +34,7 @@ from keyshift.db.tables import (
     MigrationRulesVersion,
 )
 from keyshift.db.types import utcnow
-from keyshift.errors import AccountNotFound, NotFound
+from keyshift.errors import AccountNotFound, InvalidInput, NotFound
 from keyshift.licensing import cache as license_cache
 from keyshift.licensing import validation
 from keyshift.migration import repository
@@ -194,7 +194,8 @@ class Executor:
         what to do when the account has a scheduled change — ``refuse``, ``replace`` it, or
         ``queue`` after it."""
         if on_pending not in ("refuse", "replace", "queue"):
-            raise RulesInvalid(["on_pending must be refuse, replace or queue"])
+            raise InvalidInput("on_pending is refuse, replace or queue", field="on_pending")
+        fault_point("before:lock")
         now = self.clock()
         migration_id = str(uuid.uuid4())
         try:
@@ -202,13 +203,17 @@ class Executor:
                 plan, _ = await preview(
                     session, rules, account_id, now=now, migration_id=migration_id
                 )
-                if not plan.eligible:
+                holder = await repository.active_migration(session, account_id)
+                queued = holder is not None and on_pending == "queue"
+                # A queued change is planned against the state its predecessor leaves, when
+                # it is taken up; now only the rules themselves are checked.
+                if not plan.eligible and not queued:
                     raise NotEligible(
                         "the account is not eligible: " + "; ".join(plan.reasons),
                         field="account_id",
                         reasons=list(plan.reasons),
                     )
-                if plan.blocked:
+                if plan.blocked and not queued:
                     raise MigrationBlocked(
                         "the rules block this migration: " + "; ".join(plan.reasons),
                         field="account_id",
@@ -217,8 +222,6 @@ class Executor:
                 await register_rules(session, actor, rules)
                 effective_at = parse_iso(plan.effective_at)
                 scheduled = effective_at is not None and effective_at > now
-                holder = await repository.active_migration(session, account_id)
-                queued = False
                 if holder is not None:
                     if holder.state not in ("scheduled", "held") or on_pending == "refuse":
                         raise MigrationInProgress(
@@ -241,8 +244,6 @@ class Executor:
                             account_id=account_id,
                             details={"replaced_by": migration_id},
                         )
-                    else:
-                        queued = True
                 row = Migration(
                     id=migration_id,
                     account_id=account_id,
@@ -255,7 +256,7 @@ class Executor:
                     target_ref=plan.target_ref,
                     target_hash=plan.target_hash,
                     effective_at=effective_at,
-                    outcome_digest=plan.outcome_digest(),
+                    outcome_digest=None if queued else plan.outcome_digest(),
                     plan=plan.to_dict() if (scheduled or queued) else None,
                     created_by=actor.id,
                     created_at=now,
@@ -283,11 +284,14 @@ class Executor:
                         "effective_at": plan.effective_at,
                     },
                 )
+                await session.flush()
+                fault_point("inside:lock")
         except IntegrityError as exc:
             # Two requests raced for the account: the unique lock_account_id settled it.
             raise MigrationInProgress(
                 f"account {account_id} already has a migration in progress", field="account_id"
             ) from exc
+        fault_point("after:lock")
         return row
 
     async def apply(self, actor: Actor, rules: MigrationRules, account_id: str) -> Migration:
@@ -333,6 +337,7 @@ class Executor:
             now = self.clock()
             handler = getattr(self, f"_{step}")
             outcome: str = await handler(session, actor, row, now)
+            await session.flush()  # every effect is in the database, only the commit is left
             fault_point(f"inside:{step}")
         return outcome
 

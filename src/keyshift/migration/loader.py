@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -10,6 +12,8 @@ from pydantic import ValidationError
 from keyshift.catalog.loader import MAX_FILE_BYTES, Problem, locate, schema_problem
 from keyshift.migration.errors import RulesInvalid
 from keyshift.migration.rules import MigrationRules, RuleProblem
+
+_TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)$")
 
 
 def load_rules(path: str | Path) -> tuple[MigrationRules, str]:
@@ -43,10 +47,14 @@ def load_rules_text(name: str, raw: str | bytes) -> tuple[MigrationRules, str]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        # Python < 3.14 has no ``lineno``: the position is only in the message's tail.
         message = str(exc)
-        line = getattr(exc, "lineno", None)
-        reason = message.split(" (at line")[0]
-        raise RulesInvalid([Problem(name, "", f"TOML syntax: {reason}", line)]) from exc
+        position = _TOML_POSITION.search(message)
+        at_line: int | None = getattr(exc, "lineno", None)
+        if at_line is None and position:
+            at_line = int(position.group(1))
+        reason = message[: position.start()].rstrip() if position else message
+        raise RulesInvalid([Problem(name, "", f"TOML syntax: {reason}", at_line)]) from exc
     except RecursionError as exc:
         raise RulesInvalid([Problem(name, "", "TOML syntax: nested too deeply")]) from exc
     if not isinstance(data.get("rules"), dict):
@@ -54,9 +62,15 @@ def load_rules_text(name: str, raw: str | bytes) -> tuple[MigrationRules, str]:
     try:
         rules = MigrationRules.model_validate(data)
     except ValidationError as exc:
-        problems = [schema_problem(name, text, data, err) for err in exc.errors()]
+        problems = [_rules_problem(schema_problem(name, text, data, err)) for err in exc.errors()]
         raise RulesInvalid(problems, source=name) from exc
     return rules, text
+
+
+def _rules_problem(problem: Problem) -> Problem:
+    """The shared catalog wording, pointed at the rules' own schema document."""
+    reason = problem.reason.replace("docs/manifests.md", "docs/migration-rules.md")
+    return replace(problem, reason=reason)
 
 
 def catalog_problems(name: str, text: str, problems: list[RuleProblem]) -> list[Problem]:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyshift.canonical import content_hash
-from keyshift.catalog.entitlements import Entitlements, resolve
+from keyshift.catalog.entitlements import Entitlements, FeatureGrant, resolve
 from keyshift.catalog.manifests import Meter
 from keyshift.metering.periods import period_containing
 from keyshift.migration.rules import MigrationRules, PlanPair
@@ -165,6 +165,44 @@ def effective_view(entitlements: Entitlements, overrides: dict[str, Any]) -> dic
     return {"features": features, "quotas": quotas}
 
 
+def grace_view(
+    source: Entitlements,
+    overrides: dict[str, Any],
+    target: Entitlements,
+    carried_addons: dict[str, Any],
+) -> dict[str, Any]:
+    """The old entitlements a grace keeps, as ``with_overrides`` lays them over the new ones.
+
+    Features: each one the old plan granted more of than the new one; one the old plan left
+    disabled, or granted no more of, is left out (the grace must not take away what the new
+    plan grants). Quotas: the old limits less what the carried add-ons add again on top, so the
+    account gets the larger of its old and its new limit, each add-on counted once.
+    """
+    view = effective_view(source, overrides)
+    view["features"] = {
+        name: grant
+        for name, grant in view["features"].items()
+        if _more_generous(grant, target.features.get(name))
+    }
+    for addon in carried_addons.values():
+        for name, extra in (addon.get("quotas") or {}).items():
+            if name in view["quotas"]:
+                view["quotas"][name] = max(0, view["quotas"][name] - int(extra))
+    return view
+
+
+def _more_generous(old: dict[str, Any], new: FeatureGrant | None) -> bool:
+    if old.get("mode") == "disabled":
+        return False
+    if new is None or not new.is_usable or (new.mode == "throttled" and old["mode"] == "enabled"):
+        return True
+    if new.mode == "throttled" and old["mode"] == "throttled":
+        if old.get("period") != new.period:
+            return True  # not comparable: the old grant, as the grace promises
+        return int(old.get("limit") or 0) > int(new.limit or 0)
+    return False
+
+
 # -- the plan ---------------------------------------------------------------------------------
 
 
@@ -230,7 +268,7 @@ def plan_migration(
             risks.append(f"data_to_archive:{to}:{len(excess)}")
         elif rule.on_conflict == "read_only":
             read_only.append(to)
-            resolution = f"{to} becomes read-only until usage is under {limit}"
+            resolution = f"{to} becomes read-only: data kept, nothing new until under {limit}"
         elif rule.on_conflict == "grace":
             assert rule.grace_days is not None
             grace_days = max(grace_days, rule.grace_days)
@@ -265,7 +303,7 @@ def plan_migration(
     if grace_days:
         grace_until = now + timedelta(days=grace_days)
         old_view = (
-            effective_view(source_ent, old_overrides)
+            grace_view(source_ent, old_overrides, target_ent, addons)
             if source_ent
             else effective_view(target_ent, {})
         )
@@ -528,24 +566,27 @@ def _count(state: State, meter: str | None, period_start: str | None) -> int:
 
 
 def _apply_moves(counters: list[dict[str, Any]], moves: list[CounterMove]) -> list[dict[str, Any]]:
-    """The counters after the moves, reading every source count before writing any target."""
+    """The counters after the moves, reading every source count before writing any target.
+
+    Each move is a delta, as the executor applies it (``value - count`` on its own row,
+    ``+ value`` on another), so the result does not depend on the order of the moves.
+    """
     state = {"counters": counters}
-    values = [m.value(_count(state, m.source_meter, m.source_period_start)) for m in moves]
+    counts = [_count(state, m.source_meter, m.source_period_start) for m in moves]
     out = {(c["meter"], c["period_start"]): dict(c) for c in counters}
-    for move, value in zip(moves, values, strict=True):
+    for move, count in zip(moves, counts, strict=True):
+        value = move.value(count)
         key = (move.meter, move.period_start)
-        row = out.get(key)
-        if row is None:
-            out[key] = {
+        row = out.setdefault(
+            key,
+            {
                 "meter": move.meter,
                 "period_start": move.period_start,
                 "period_end": move.period_end,
-                "used": value,
-            }
-        elif move.same_row:
-            row["used"] = value
-        else:
-            row["used"] = int(row["used"]) + value
+                "used": 0,
+            },
+        )
+        row["used"] = int(row["used"]) + (value - count if move.same_row else value)
     return [out[k] for k in sorted(out)]
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from keyshift.canonical import content_hash
 from keyshift.catalog.manifests import (
@@ -49,8 +49,12 @@ class RulesHeader(Header):
 
     @field_validator("to")
     @classmethod
-    def _to(cls, value: str) -> str:
-        return _ref(value)
+    def _to(cls, value: str, info: ValidationInfo) -> str:
+        _ref(value)
+        # Checked here (not on the whole manifest) so the problem names ``rules.to`` and its line.
+        if value in (info.data.get("from_plans") or ()):
+            raise ValueError(f"cycle: the target plan {value} is also a source plan")
+        return value
 
 
 class AttributePredicate(Strict):
@@ -192,12 +196,18 @@ class Schedule(Strict):
     effective: Literal["immediately", "period_end", "at"] = "immediately"
     at: datetime | None = None
 
+    @field_validator("at")
+    @classmethod
+    def _zoned(cls, value: datetime | None) -> datetime | None:
+        # A field check, so the problem names ``schedule.at`` and its line.
+        if value is not None and value.tzinfo is None:
+            raise ValueError("'at' needs a time zone offset (e.g. 2026-12-01T00:00:00Z)")
+        return value
+
     @model_validator(mode="after")
     def _at(self) -> Schedule:
         if (self.effective == "at") != (self.at is not None):
             raise ValueError("'at' is required with effective = 'at' and only with it")
-        if self.at is not None and self.at.tzinfo is None:
-            raise ValueError("'at' needs a time zone offset (e.g. 2026-12-01T00:00:00Z)")
         return self
 
 
@@ -226,12 +236,6 @@ class MigrationRules(Strict):
         if isinstance(value, dict):
             return {k: _short(v) for k, v in value.items()}
         return value
-
-    @model_validator(mode="after")
-    def _internal(self) -> MigrationRules:
-        if self.rules.to in self.rules.from_plans:
-            raise ValueError(f"cycle: the target plan {self.rules.to} is also a source plan")
-        return self
 
     @property
     def ref(self) -> str:

@@ -1,0 +1,306 @@
+"""`keyshift rules …` and `keyshift migrate …`: check rules, plan, apply, resume, roll back,
+finalize, and manage scheduled changes for one account."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from keyshift.cli.output import emit_json, exit_code_for
+from keyshift.cli.runtime import run
+from keyshift.config import Settings
+from keyshift.context import cli_actor
+from keyshift.db.engine import Database
+from keyshift.migration.errors import RulesInvalid
+from keyshift.migration.rules import MigrationRules
+
+rules_group = typer.Typer(help="Migration rules manifests.", no_args_is_help=True)
+group = typer.Typer(
+    help="Move one account between plans: plan, apply, roll back, finalize.",
+    no_args_is_help=True,
+)
+
+RULES_HELP = "A migration rules file (TOML; see docs/migration-rules.md)."
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root app."""
+    app.add_typer(rules_group, name="rules")
+    app.add_typer(group, name="migrate")
+
+
+def _print_problems(error: RulesInvalid) -> None:
+    for problem in error.problems:
+        typer.echo(str(problem), err=True)
+    typer.echo(f"{len(error.problems)} problem(s) in {error.source}", err=True)
+
+
+def _load(path: Path) -> tuple[MigrationRules, str]:
+    from keyshift.migration.loader import load_rules
+
+    try:
+        return load_rules(path)
+    except RulesInvalid as error:
+        _print_problems(error)
+        raise typer.Exit(exit_code_for(error)) from None
+
+
+async def _checked(db: Database, path: Path) -> MigrationRules:
+    """The rules, cross-checked with the published catalog (problems on their lines)."""
+    from keyshift.migration.executor import check_rules
+    from keyshift.migration.loader import catalog_problems
+
+    rules, text = _load(path)
+    async with db.transaction() as session:
+        problems = await check_rules(session, rules)
+    if problems:
+        error = RulesInvalid(catalog_problems(str(path), text, problems), source=str(path))
+        _print_problems(error)
+        raise typer.Exit(exit_code_for(error))
+    return rules
+
+
+def _executor(settings: Settings, db: Database) -> Any:
+    from keyshift.migration.executor import Executor
+    from keyshift.security.secrets_store import load_secrets
+
+    return Executor(db, load_secrets(settings.secrets_dir).signing)
+
+
+def _view(row: Any, *, with_plan: bool = False) -> dict[str, Any]:
+    from keyshift.migration.views import migration_view
+
+    return migration_view(row, with_plan=with_plan)
+
+
+@rules_group.command("validate")
+def validate(
+    path: Path = typer.Argument(..., help=RULES_HELP),
+    offline: bool = typer.Option(
+        False, "--offline", help="Check the schema only, without the published catalog."
+    ),
+) -> None:
+    """Check a rules file: its schema and, unless --offline, the published plans it names.
+    Every problem is printed as `file:line: field: reason`."""
+    if offline:
+        rules, _ = _load(path)
+        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}  (schema only)")
+        return
+
+    async def work(settings: Settings, db: Database) -> None:
+        rules = await _checked(db, path)
+        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}")
+
+    run(work)
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    lines = [
+        f"account {plan['account_id']}: {plan['from']} → {plan['to']}  (rules {plan['rules']})",
+        f"eligible: {'yes' if plan['eligible'] else 'NO'}   can apply: "
+        f"{'yes' if plan['can_apply'] else 'NO'}   effective: {plan['effective']}"
+        + (f" at {plan['effective_at']}" if plan["effective_at"] else ""),
+    ]
+    lines += [f"  reason: {reason}" for reason in plan["reasons"]]
+    lines.append("steps:")
+    lines += [f"  {i}. {s['step']}: {s['does']}" for i, s in enumerate(plan["steps"], 1)]
+    ent = plan["changes"]["entitlements"]
+    lines.append("changes:")
+    for kind in ("features", "quotas"):
+        for verb in ("gained", "lost", "changed"):
+            for name, value in ent[kind][verb].items():
+                lines.append(f"  {kind[:-1]} {verb}: {name} {value}")
+    for change in plan["changes"]["counters"]:
+        lines.append(
+            f"  counter {change['meter']} @ {change['period_start']}: "
+            f"{change['before']} → {change['after']}"
+        )
+    for activation in plan["deactivate"]:
+        lines.append(f"  activation deactivated: {activation}")
+    for obj in plan["archive"]:
+        lines.append(f"  object archived: {obj}")
+    for lic in plan["changes"]["licenses"]:
+        lines.append(f"  license {lic['license_id']}: {lic['before']} → {lic['after']}")
+    lines.append("conflicts:" if plan["conflicts"] else "conflicts: none")
+    lines += [
+        f"  {c['quota']}: {c['used']} used > {c['limit']} allowed → {c['policy']}: "
+        f"{c['resolution']}"
+        for c in plan["conflicts"]
+    ]
+    lines.append("risks: " + (", ".join(plan["risks"]) if plan["risks"] else "none"))
+    return "\n".join(lines)
+
+
+@group.command("plan")
+def plan(
+    rules_path: Path = typer.Option(..., "--rules", help=RULES_HELP),
+    account: str = typer.Option(..., help="The account id."),
+    as_json: bool = typer.Option(False, "--json", help="The whole plan as JSON."),
+) -> None:
+    """Show what a migration would do to one account — steps, changes, conflicts and risks.
+    Writes nothing."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        from keyshift.db.types import utcnow
+        from keyshift.migration.executor import preview
+
+        rules = await _checked(db, rules_path)
+        async with db.transaction() as session:
+            result, _ = await preview(session, rules, account, now=utcnow())
+            # A plan is read-only: make sure of it whatever a future change does.
+            await session.rollback()
+        if as_json:
+            emit_json(result.to_dict())
+        else:
+            typer.echo(_plan_text(result.to_dict()))
+
+    run(work)
+
+
+@group.command("apply")
+def apply(
+    rules_path: Path = typer.Option(..., "--rules", help=RULES_HELP),
+    account: str = typer.Option(..., help="The account id."),
+    on_pending: str = typer.Option(
+        "refuse", help="If the account has a scheduled change: refuse, replace or queue."
+    ),
+) -> None:
+    """Migrate one account (or schedule it, if the rules take effect later). Prints the
+    migration with its receipt. Exit 5 if another migration holds the account."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        rules = await _checked(db, rules_path)
+        executor = _executor(settings, db)
+        row = await executor.request(cli_actor(), rules, account, on_pending=on_pending)
+        if row.state == "locked":
+            row = await executor.run(cli_actor(), row.id)
+        emit_json(_view(row))
+        if row.state not in ("completed", "scheduled", "queued"):
+            raise typer.Exit(5)
+
+    run(work)
+
+
+@group.command("resume")
+def resume(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
+    """Run the steps of a migration that a crash interrupted (safe to repeat)."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        row = await _executor(settings, db).run(cli_actor(), migration_id)
+        emit_json(_view(row))
+
+    run(work)
+
+
+@group.command("rollback")
+def rollback_command(
+    migration_id: str | None = typer.Argument(None, help="The migration id."),
+    account: str | None = typer.Option(None, help="Or: the account's latest migration."),
+) -> None:
+    """Restore the account to its snapshot; prints the restored and snapshot hashes."""
+    if (migration_id is None) == (account is None):
+        raise typer.BadParameter("give a migration id or --account, not both")
+
+    async def work(settings: Settings, db: Database) -> None:
+        from keyshift.migration import repository
+        from keyshift.migration.rollback import latest_for_account, rollback
+
+        executor = _executor(settings, db)
+        target = migration_id
+        if target is None:
+            assert account is not None
+            async with db.transaction() as session:
+                target = (await latest_for_account(session, account)).id
+        row = await rollback(executor, cli_actor(), target, reason="requested")
+        async with db.transaction() as session:
+            step = (await repository.steps_done(session, row.id)).get("rollback")
+        emit_json({**_view(row), "rollback": step.details if step else None})
+
+    run(work)
+
+
+@group.command("finalize")
+def finalize_command(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
+    """Release the old copies and retire the snapshot (no rollback after this)."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        from keyshift.migration.rollback import finalize
+
+        emit_json(_view(await finalize(_executor(settings, db), cli_actor(), migration_id)))
+
+    run(work)
+
+
+@group.command("cancel")
+def cancel_command(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
+    """Withdraw a scheduled, held or queued change."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        from keyshift.migration.rollback import cancel
+
+        emit_json(_view(await cancel(_executor(settings, db), cli_actor(), migration_id)))
+
+    run(work)
+
+
+@group.command("approve")
+def approve_command(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
+    """Apply a change held for review, as it stands now."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        from keyshift.migration.schedule import approve
+
+        emit_json(_view(await approve(_executor(settings, db), cli_actor(), migration_id)))
+
+    run(work)
+
+
+@group.command("run-due")
+def run_due_command() -> None:
+    """Execute scheduled changes whose time has come (run it from cron or a timer)."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        from keyshift.migration.schedule import run_due
+
+        rows = await run_due(_executor(settings, db), cli_actor())
+        emit_json([_view(r) for r in rows])
+
+    run(work)
+
+
+@group.command("status")
+def status(
+    migration_id: str | None = typer.Argument(None, help="The migration id."),
+    account: str | None = typer.Option(None, help="Or: every migration of the account."),
+) -> None:
+    """A migration with its plan and ledger, or an account's migrations."""
+    if (migration_id is None) == (account is None):
+        raise typer.BadParameter("give a migration id or --account, not both")
+
+    async def work(settings: Settings, db: Database) -> None:
+        from sqlalchemy import select
+
+        from keyshift.db.tables import MigrationStep
+        from keyshift.migration import repository
+        from keyshift.migration.views import step_view
+
+        if account is not None:
+            async with db.transaction() as session:
+                rows = await repository.latest_migrations(session, account)
+            emit_json([_view(r) for r in rows])
+            return
+        assert migration_id is not None
+        row = await _executor(settings, db).get(migration_id)
+        async with db.transaction() as session:
+            steps = (
+                await session.execute(
+                    select(MigrationStep)
+                    .where(MigrationStep.migration_id == row.id)
+                    .order_by(MigrationStep.seq)
+                )
+            ).scalars()
+            emit_json({**_view(row, with_plan=True), "ledger": [step_view(s) for s in steps]})
+
+    run(work)
