@@ -7,8 +7,10 @@ own accounts (named with the run's time), so earlier runs stay as they were.
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -30,6 +32,7 @@ from keyshift.licensing.cache import LicenseStateCache
 from keyshift.security.secrets_store import Secrets, ensure_secrets
 
 DEFAULT_CATALOG = Path("examples/catalog")
+DEFAULT_RULES = Path("examples/migrations/pro-2023-to-2025.toml")
 
 
 def register(app: typer.Typer) -> None:
@@ -194,6 +197,8 @@ async def _licensing(db: Database, secrets: Secrets) -> bool:
     except client.LicenseFileError as exc:
         typer.echo(f"  ok  one changed character is refused: {type(exc).__name__}")
 
+    migrated = await _migration(db, secrets, acme.id, acme_key.key, check)
+
     _step("audit chain (keyshift audit verify)")
     async with db.transaction() as session:
         report = await audit.verify(session)
@@ -210,9 +215,13 @@ async def _licensing(db: Database, secrets: Secrets) -> bool:
         "suspended license": "SUSPENDED",
         "reinstated license": "VALID",
         "revoked license": "REVOKED",
+        "after the migration: same key, same machine": "VALID",
+        "during the grace: a feature only 2023 had": "VALID",
+        "after the rollback: back on 2023": "VALID",
     }
     ok = (
         report.ok
+        and migrated
         and all(outcomes.get(k) == v for k, v in expected.items())
         and not any(v == "broken" for v in outcomes.values())
     )
@@ -227,3 +236,94 @@ def _unissued_like(key: str) -> str:
 
     body = "".join(reversed(key.replace("-", "")[:-1]))
     return keys.format_key(body + keys.check_character(body))
+
+
+async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, check: Any) -> bool:
+    """Pro 2023 → Pro 2025 for Acme: plan, apply, validate, supersede its offline file, roll
+    back by hash, apply again and finalize."""
+    from keyshift.canonical import canonical_json
+    from keyshift.cli.migrate import _plan_text
+    from keyshift.client.signatures import verify_signature
+    from keyshift.migration import repository
+    from keyshift.migration.errors import RulesInvalid
+    from keyshift.migration.executor import Executor, check_rules, preview
+    from keyshift.migration.loader import load_rules
+    from keyshift.migration.rollback import finalize, rollback
+    from keyshift.storage import service as storage
+
+    actor, signing = cli_actor(), secrets.signing
+    _step(f"migration: plan {DEFAULT_RULES} for Acme (keyshift migrate plan)")
+    try:
+        rules, _ = load_rules(DEFAULT_RULES)
+    except RulesInvalid as error:
+        typer.echo(f"  UNEXPECTED: {error.message} (run from the repository root)")
+        return False
+    async with db.transaction() as session:
+        # Acme keeps 300 GB of data: over pro@2025's 250 GB, which the rules resolve with a grace.
+        for name, units in (("raw-footage", 180), ("renders", 120)):
+            await storage.put_object(
+                session,
+                actor,
+                account_id,
+                quota="storage_gb",
+                name=name,
+                units=units,
+                content=f"{name} index".encode(),
+            )
+        assert not await check_rules(session, rules)
+    async with db.transaction() as session:
+        plan, _ = await preview(session, rules, account_id, now=utcnow())
+    typer.echo("  " + _plan_text(plan.to_dict()).replace("\n", "\n  "))
+    async with db.transaction() as session:
+        old_file = await license_files.checkout(
+            session, secrets.keyring, signing, key=key, fingerprint="laptop-1"
+        )
+
+    _step("migration: apply (lock → snapshot → prepare → cutover → verify → receipt)")
+    executor = Executor(db, signing)
+    row = await executor.apply(actor, rules, account_id)
+    typer.echo(f"  migration {row.id}: {row.state}; snapshot sha256 {row.snapshot_hash[:16]}…")
+    receipt = row.receipt or {}
+    public = client.public_keys_from_jwks(signing.public_jwks())
+    verify_signature(
+        canonical_json(receipt["body"]),
+        receipt["keyid"],
+        "ed25519",
+        base64.b64decode(receipt["signature"]),
+        public,
+    )
+    typer.echo(
+        f"  receipt signed by {receipt['keyid']} and verified: {receipt['body']['from']}"
+        f" → {receipt['body']['to']} at {receipt['body']['effective_at']}"
+    )
+    await check("after the migration: same key, same machine", key, "VALID", fingerprint="laptop-1")
+    await check(
+        "during the grace: a feature only 2023 had", key, "VALID", feature="legacy_csv_export"
+    )
+    async with db.transaction() as session:
+        answer = await license_files.check_in(
+            session,
+            secrets.keyring,
+            signing,
+            key=key,
+            license_file=old_file.text,
+            fingerprint="laptop-1",
+        )
+    typer.echo(
+        f"  offline file from before: superseded={answer.superseded} ({answer.reason}); "
+        f"a new one was issued"
+    )
+
+    _step("migration: roll back, prove it by hash, apply again, finalize")
+    rolled = await rollback(executor, actor, row.id, reason="demo")
+    async with db.transaction() as session:
+        proof = (await repository.steps_done(session, rolled.id))["rollback"].details
+    typer.echo(
+        f"  restored sha256 {proof['restored_hash'][:16]}… == snapshot "
+        f"{proof['snapshot_hash'][:16]}…: {proof['exact']}"
+    )
+    await check("after the rollback: back on 2023", key, "VALID", fingerprint="laptop-1")
+    again = await executor.apply(actor, rules, account_id)
+    done = await finalize(executor, actor, again.id)
+    typer.echo(f"  migration {done.id}: {done.state} (old copies released, snapshot retired)")
+    return bool(proof["exact"]) and answer.superseded and done.state == "finalized"

@@ -101,7 +101,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
         f"account {plan['account_id']}: {plan['from']} → {plan['to']}  (rules {plan['rules']})",
         f"eligible: {'yes' if plan['eligible'] else 'NO'}   can apply: "
         f"{'yes' if plan['can_apply'] else 'NO'}   effective: {plan['effective']}"
-        + (f" at {plan['effective_at']}" if plan["effective_at"] else ""),
+        + (f" ({plan['effective_at']})" if plan["effective_at"] else ""),
     ]
     lines += [f"  reason: {reason}" for reason in plan["reasons"]]
     lines.append("steps:")
