@@ -7,6 +7,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import click
+import typer
+
 from keyshift.cli.output import fail, fail_unexpected
 from keyshift.config import Settings
 from keyshift.db.engine import Database
@@ -28,6 +31,8 @@ def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(_main())
+    except (click.exceptions.Exit, typer.Exit):
+        raise  # a command chose its exit code (e.g. after printing every problem)
     except KeyshiftError as error:
         fail(error)
     except Exception as error:

@@ -1,0 +1,106 @@
+"""`keyshift rules validate` and `keyshift migrate …` as real processes: what they print, their
+exit codes, and that planning writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+
+from keyshift.config import Settings
+from keyshift.db.engine import Database
+from keyshift.db.tables import Base
+from keyshift.security.secrets_store import Secrets
+from tests.conftest import cli_env, run_keyshift
+from tests.migration import helpers
+
+
+async def dump(db: Database) -> dict[str, list[tuple]]:
+    """Every row of every table: the whole database, to compare before and after."""
+    out = {}
+    async with db.transaction() as session:
+        for table in Base.metadata.sorted_tables:
+            rows = (await session.execute(select(table))).all()
+            out[table.name] = sorted(tuple(map(repr, r)) for r in rows)
+    return out
+
+
+async def test_plan_prints_steps_conflicts_and_risks_and_writes_nothing(
+    db: Database, secrets: Secrets, settings: Settings, tmp_path: Path
+) -> None:
+    await helpers.publish(db)
+    account_id, _ = await helpers.rich_account(db, secrets)
+    rules = tmp_path / "rules.toml"
+    rules.write_text(helpers.RULES)
+    before = await dump(db)
+
+    text = run_keyshift(
+        cli_env(settings), "migrate", "plan", "--rules", str(rules), "--account", account_id
+    )
+    as_json = run_keyshift(
+        cli_env(settings),
+        "migrate",
+        "plan",
+        "--rules",
+        str(rules),
+        "--account",
+        account_id,
+        "--json",
+    )
+
+    assert text.returncode == 0, text.stderr
+    assert "old-seat@1 → new-seat@1" in text.stdout
+    assert "4. cutover" in text.stdout
+    assert "projects: 5 used > 3 allowed → archive" in text.stdout
+    assert "risks: loses_feature:b" in text.stdout
+    plan = json.loads(as_json.stdout)
+    assert plan["can_apply"] is True and len(plan["archive"]) == 2
+    assert await dump(db) == before
+
+
+async def test_rules_validate_names_file_line_and_field(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    await helpers.publish(db)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        helpers.RULES.replace('c = "keep"\n', "").replace('to = "new-seat@1"', 'to = "nope@9"')
+    )
+
+    result = run_keyshift(cli_env(settings), "rules", "validate", str(bad))
+
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert any(line.startswith(f"{bad}:7: rules.to: no published plan nope@9") for line in lines)
+    assert "Traceback" not in result.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(helpers.RULES)
+    ok = run_keyshift(cli_env(settings), "rules", "validate", str(good))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok  rules old-to-new@1")
+
+
+async def test_apply_then_rollback_by_account_and_bad_requests(
+    db: Database, secrets: Secrets, settings: Settings, tmp_path: Path
+) -> None:
+    await helpers.publish(db)
+    account_id, _ = await helpers.rich_account(db, secrets)
+    env = cli_env(settings)
+    rules = tmp_path / "rules.toml"
+    rules.write_text(helpers.RULES)
+
+    never = run_keyshift(env, "migrate", "rollback", "--account", account_id)
+    assert never.returncode == 5 and "no migration to roll back" in never.stderr
+
+    applied = run_keyshift(env, "migrate", "apply", "--rules", str(rules), "--account", account_id)
+    assert applied.returncode == 0, applied.stderr
+    migration = json.loads(applied.stdout)
+    assert migration["state"] == "completed" and migration["receipt"]["body"]["to"] == helpers.NEW
+
+    rolled = run_keyshift(env, "migrate", "rollback", "--account", account_id)
+    assert rolled.returncode == 0, rolled.stderr
+    proof = json.loads(rolled.stdout)["rollback"]
+    assert proof["exact"] is True and proof["restored_hash"] == migration["snapshot_hash"]
+
+    unknown = run_keyshift(env, "migrate", "apply", "--rules", str(rules), "--account", "nobody")
+    assert unknown.returncode == 3 and "no account nobody" in unknown.stderr
