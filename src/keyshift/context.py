@@ -19,6 +19,7 @@ SCOPES: frozenset[str] = frozenset(
         "tokens:write",
         "audit:read",
         "usage:write",
+        "migrations:read",
         "migrations:run",
         "migrations:approve",
     }

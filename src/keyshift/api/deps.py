@@ -12,6 +12,7 @@ from keyshift.api.ratelimit import RateLimited
 from keyshift.api.state import AppState
 from keyshift.context import Actor
 from keyshift.errors import AuthenticationFailed, PermissionDenied
+from keyshift.migration.executor import Executor
 from keyshift.security import tokens
 
 
@@ -39,6 +40,12 @@ State = Annotated[AppState, Depends(get_state)]
 
 def require(scope: str) -> Callable[[Request], Awaitable[Actor]]:
     """A dependency that authenticates the bearer token and checks ``scope``."""
+    return require_any(scope)
+
+
+def require_any(*scopes: str) -> Callable[[Request], Awaitable[Actor]]:
+    """A dependency that authenticates the bearer token and checks it holds one of ``scopes``
+    (a read that a narrower read scope or the broader write scope may do)."""
 
     async def _dependency(request: Request) -> Actor:
         header = request.headers.get("authorization", "")
@@ -50,11 +57,20 @@ def require(scope: str) -> Callable[[Request], Awaitable[Actor]]:
             actor = await tokens.authenticate(
                 session, credential.strip(), request_id=request_id(request)
             )
-        if not actor.can(scope):
-            raise PermissionDenied(f"this token lacks the {scope!r} scope")
+        if not any(actor.can(scope) for scope in scopes):
+            wanted = " or ".join(repr(scope) for scope in scopes)
+            raise PermissionDenied(f"this token lacks the {wanted} scope")
         return actor
 
     return _dependency
+
+
+def get_executor(request: Request) -> Executor:
+    return get_state(request).executor
+
+
+#: The migration engine, bound to the app's database, signing keys and validation cache.
+Migrations = Annotated[Executor, Depends(get_executor)]
 
 
 def client_rate_limit(request: Request) -> None:

@@ -28,6 +28,9 @@ class JsonResponse(Response):
         return orjson.dumps(content)
 
 
+#: FastAPI's detail when reading the body raised something other than a JSON syntax error.
+BODY_PARSE_ERROR = "There was an error parsing the body"
+
 STATUS: list[tuple[type[e.KeyshiftError], int]] = [
     (RateLimited, 429),
     (e.AuthenticationFailed, 401),
@@ -102,6 +105,17 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JsonResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            # FastAPI's answer when decoding the body fails other than as bad JSON syntax
+            # (e.g. nested deeper than the decoder recurses): the same 422 as invalid JSON.
+            return error_response(
+                422,
+                {
+                    "code": "invalid_request",
+                    "message": "body: could not be parsed as JSON (nested too deeply?)",
+                    "field": "body",
+                },
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, {"code": code, "message": str(exc.detail)})
 

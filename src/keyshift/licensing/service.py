@@ -3,7 +3,10 @@ an actor; the caller owns the transaction, and every change is audited inside it
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -12,9 +15,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.audit import service as audit
+from keyshift.canonical import canonical_json, content_hash
 from keyshift.catalog import service as catalog
 from keyshift.catalog.durations import Duration
 from keyshift.catalog.entitlements import Entitlements
+from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
 from keyshift.context import Actor
 from keyshift.db.tables import Account, License, Migration, Subscription
 from keyshift.db.types import utcnow
@@ -25,6 +30,7 @@ from keyshift.errors import (
     LicenseNotActive,
     LicenseNotFound,
     MalformedKey,
+    NotFound,
 )
 from keyshift.licensing import cache, keys, repository
 from keyshift.migration.errors import MigrationInProgress
@@ -489,3 +495,274 @@ async def describe_license(session: AsyncSession, row: License) -> dict[str, Any
         )
         grace = plan.grace_seconds
     return license_view(row, standing(row, grace, utcnow()))
+
+
+# -- what migrations carry: hand-set license overrides, add-ons, preferences ----------------
+#
+# Each change takes the row lock the migration's snapshot step also takes (the license, or the
+# subscription) and then refuses while a migration holds the account: a change lands before
+# the snapshot or is refused after it.
+
+#: Hand-set values travel in every validation response: keep them small.
+MAX_GRANT_NAMES = 100
+MAX_ADDONS = 50
+MAX_PREFERENCES_BYTES = 16 * 1024
+MAX_PREFERENCES_DEPTH = 8
+FEATURE_MODES = ("enabled", "disabled")
+_NAME = re.compile(KEY_PATTERN)
+
+
+def checked_grants(value: Any, *, field: str) -> dict[str, dict[str, Any]]:
+    """``{"features": {name: "enabled"|"disabled"}, "quotas": {name: extra units}}`` checked
+    and normalised (the shape ``catalog.entitlements.with_overrides`` reads)."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput("must be an object with features and quotas", field=field)
+    unknown = sorted(set(value) - {"features", "quotas"})
+    if unknown:
+        raise InvalidInput("unknown field", field=f"{field}.{unknown[0]}")
+    out: dict[str, dict[str, Any]] = {"features": {}, "quotas": {}}
+    for kind in ("features", "quotas"):
+        entries = value.get(kind) or {}
+        where = f"{field}.{kind}"
+        if not isinstance(entries, Mapping):
+            raise InvalidInput("must be an object", field=where)
+        if len(entries) > MAX_GRANT_NAMES:
+            raise InvalidInput(f"at most {MAX_GRANT_NAMES} names", field=where)
+        for name, grant in entries.items():
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise InvalidInput(
+                    "a name is 1-64 characters of a-z, 0-9, '-' or '_', starting with a letter",
+                    field=f"{where}.{name}",
+                )
+            if kind == "features" and grant not in FEATURE_MODES:
+                raise InvalidInput("must be 'enabled' or 'disabled'", field=f"{where}.{name}")
+            if kind == "quotas" and (
+                isinstance(grant, bool) or not isinstance(grant, int) or not 0 <= grant <= MAX_LIMIT
+            ):
+                raise InvalidInput(f"an integer from 0 to {MAX_LIMIT}", field=f"{where}.{name}")
+            out[kind][name] = grant
+    return out
+
+
+async def lock_for_change(session: AsyncSession, account_id: str) -> Subscription | None:
+    """Before an admin change to an account's state: take the subscription's row lock (the
+    snapshot step takes it too) and refuse if a migration holds the account."""
+    await get_account(session, account_id)
+    subscription = await session.get(
+        Subscription, account_id, with_for_update=True, populate_existing=True
+    )
+    await ensure_not_migrating(session, account_id)
+    return subscription
+
+
+async def set_license_overrides(
+    session: AsyncSession, actor: Actor, license_id: str, changes: Mapping[str, Any]
+) -> License:
+    """Change a license's hand-set values; only the keys given change.
+    ``max_activations_override``: a cap over the plan's (None: the plan's cap).
+    ``overrides``: replaces the hand-set features and extra quotas (None or ``{}``: none)."""
+    unknown = sorted(set(changes) - {"max_activations_override", "overrides"})
+    if unknown:
+        raise InvalidInput("unknown field", field=unknown[0])
+    if not changes:
+        raise InvalidInput("give max_activations_override and/or overrides to change", field="body")
+    cap = changes.get("max_activations_override")
+    if cap is not None and (
+        isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 100_000
+    ):
+        raise InvalidInput(
+            "max_activations_override is an integer from 1 to 100000 (or null)",
+            field="max_activations_override",
+        )
+    grants = None
+    if "overrides" in changes:
+        given = changes["overrides"]
+        grants = {} if given is None else checked_grants(given, field="overrides")
+        grants = {kind: names for kind, names in grants.items() if names}
+    row = await _locked(session, license_id)
+    if row.status == "revoked":
+        raise LicenseNotActive("the license is revoked; its overrides no longer matter")
+    before = {"max_activations_override": row.max_activations_override, "overrides": row.overrides}
+    if "max_activations_override" in changes:
+        row.max_activations_override = cap
+    if grants is not None:
+        row.overrides = grants
+    after = {"max_activations_override": row.max_activations_override, "overrides": row.overrides}
+    return await _changed(
+        session, actor, row, "license.overrides", {"before": before, "after": after}
+    )
+
+
+async def _account_changed(
+    session: AsyncSession,
+    actor: Actor,
+    subscription: Subscription,
+    action: str,
+    details: dict[str, Any],
+) -> Subscription:
+    """Bump the entitlements version validation caches compare, drop the account's cached
+    licenses at commit, and audit."""
+    subscription.entitlements_version += 1
+    subscription.updated_at = utcnow()
+    await session.flush()
+    await cache.invalidate_on_commit(session, account_id=subscription.account_id)
+    await audit.record(
+        session,
+        actor,
+        action,
+        "account",
+        subscription.account_id,
+        account_id=subscription.account_id,
+        details={**details, "entitlements_version": subscription.entitlements_version},
+    )
+    return subscription
+
+
+def _subscribed(subscription: Subscription | None) -> Subscription:
+    if subscription is None:
+        raise Conflict("the account has no plan; subscribe it first", field="account_id")
+    return subscription
+
+
+def _addon_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidInput(
+            "an add-on name is 1-64 characters of a-z, 0-9, '-' or '_', starting with a letter",
+            field="name",
+        )
+    return name
+
+
+async def put_addon(
+    session: AsyncSession,
+    actor: Actor,
+    account_id: str,
+    name: str,
+    grants: Mapping[str, Any],
+) -> Subscription:
+    """Add (or replace) an add-on on the account's subscription: features it turns on or off
+    and extra quota units, over the plan's (``Subscription.overrides["addons"]``)."""
+    _addon_name(name)
+    addon = checked_grants(grants, field="body")
+    subscription = _subscribed(await lock_for_change(session, account_id))
+    overrides = dict(subscription.overrides or {})
+    addons = dict(overrides.get("addons") or {})
+    if name not in addons and len(addons) >= MAX_ADDONS:
+        raise InvalidInput(f"an account has at most {MAX_ADDONS} add-ons", field="name")
+    previous = addons.get(name)
+    addons[name] = addon
+    subscription.overrides = {**overrides, "addons": addons}
+    return await _account_changed(
+        session,
+        actor,
+        subscription,
+        "account.addon.put",
+        {"addon": name, "grants": addon, "previous": previous},
+    )
+
+
+async def remove_addon(
+    session: AsyncSession, actor: Actor, account_id: str, name: str
+) -> Subscription:
+    """Take an add-on off the account's subscription."""
+    subscription = _subscribed(await lock_for_change(session, account_id))
+    overrides = dict(subscription.overrides or {})
+    addons = dict(overrides.get("addons") or {})
+    if name not in addons:
+        raise NotFound(f"account {account_id} has no add-on {name!r}", field="name")
+    removed = addons.pop(name)
+    if addons:
+        overrides["addons"] = addons
+    else:
+        overrides.pop("addons", None)
+    subscription.overrides = overrides
+    return await _account_changed(
+        session, actor, subscription, "account.addon.remove", {"addon": name, "removed": removed}
+    )
+
+
+def checked_json_object(
+    value: Any, *, field: str, prefix: str = "", max_bytes: int, max_depth: int
+) -> dict[str, Any]:
+    """A JSON object of bounded size and depth that both databases store as it is (no NUL
+    characters, which PostgreSQL's jsonb refuses; no NaN or infinities, which JSON lacks and
+    SQLite would store as null). Problems name ``prefix`` + the path inside (``field`` for the
+    whole object)."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput("must be a JSON object", field=field)
+
+    def walk(item: Any, path: str, depth: int) -> None:
+        where = path.rstrip(".") or field
+        if depth > max_depth:
+            raise InvalidInput(f"nested deeper than {max_depth} levels", field=where)
+        if isinstance(item, Mapping):
+            for key, child in item.items():
+                if not isinstance(key, str) or not 1 <= len(key) <= 64 or "\x00" in key:
+                    raise InvalidInput("a name has 1 to 64 characters", field=f"{path}{key}")
+                walk(child, f"{path}{key}.", depth + 1)
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                walk(child, f"{path}{index}.", depth + 1)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidInput("text may not contain NUL", field=where)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidInput("numbers must be finite", field=where)
+        elif not (item is None or isinstance(item, bool | int)):
+            raise InvalidInput("not a JSON value", field=where)
+
+    walk(value, prefix, 1)
+    size = len(canonical_json(dict(value)))
+    if size > max_bytes:
+        raise InvalidInput(f"{size} bytes as JSON; at most {max_bytes}", field=field)
+    return dict(value)
+
+
+def checked_preferences(value: Any) -> dict[str, Any]:
+    return checked_json_object(
+        value,
+        field="preferences",
+        max_bytes=MAX_PREFERENCES_BYTES,
+        max_depth=MAX_PREFERENCES_DEPTH,
+    )
+
+
+async def set_preferences(
+    session: AsyncSession, actor: Actor, account_id: str, preferences: Mapping[str, Any]
+) -> Account:
+    """Replace the account's preferences (the vendor's app reads them; migrations carry them
+    unchanged). They are not part of what a license validates to, so no cache is touched."""
+    wanted = checked_preferences(preferences)
+    await lock_for_change(session, account_id)
+    account = await session.get(Account, account_id, with_for_update=True, populate_existing=True)
+    assert account is not None  # lock_for_change found it
+    previous_hash = content_hash(account.preferences or {})
+    account.preferences = wanted
+    await session.flush()
+    await audit.record(
+        session,
+        actor,
+        "account.preferences",
+        "account",
+        account.id,
+        account_id=account.id,
+        details={
+            "keys": sorted(wanted)[:50],
+            "hash": content_hash(wanted),
+            "previous_hash": previous_hash,
+        },
+    )
+    return account
+
+
+def account_detail_view(
+    account: Account, subscription: Subscription | None = None
+) -> dict[str, Any]:
+    """``account_view`` with what an admin sets by hand: preferences and the subscription's
+    overrides (add-ons, read-only quotas, a downgrade's grace)."""
+    out = account_view(account, subscription)
+    out["preferences"] = account.preferences or {}
+    if out["subscription"] is not None and subscription is not None:
+        out["subscription"]["overrides"] = subscription.overrides or {}
+    return out

@@ -45,7 +45,8 @@ async def put_object(
         raise InvalidInput(f"units is an integer from 0 to {MAX_UNITS}", field="units")
     if len(content) > MAX_CONTENT_BYTES:
         raise InvalidInput(f"content is at most {MAX_CONTENT_BYTES} bytes", field="content")
-    await licensing.get_account(session, account_id)
+    # Refused while a migration holds the account: its plan counted the objects there were.
+    await licensing.lock_for_change(session, account_id)
     row = DataObject(
         id=str(uuid.uuid4()),
         account_id=account_id,
@@ -75,6 +76,9 @@ async def put_object(
 async def list_objects(
     session: AsyncSession, account_id: str, *, include_superseded: bool = False
 ) -> list[DataObject]:
+    """The account's live objects (and, if asked, the originals a migration superseded and
+    keeps until it is finalized), oldest first."""
+    await licensing.get_account(session, account_id)
     query = select(DataObject).where(DataObject.account_id == account_id)
     if not include_superseded:
         query = query.where(DataObject.state == "active")

@@ -8,6 +8,7 @@ from keyshift.api.routes import (
     catalog,
     health,
     licenses,
+    migrations,
     tokens,
     usage,
     validation,
@@ -22,4 +23,5 @@ ROUTERS: list[APIRouter] = [
     tokens.router,
     audit.router,
     usage.router,
+    migrations.router,
 ]

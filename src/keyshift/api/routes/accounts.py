@@ -1,16 +1,22 @@
-"""Accounts and their subscription: create, list, show, subscribe to a plan version."""
+"""Accounts and what they hold: create, list, show, subscribe to a plan version, add-ons,
+preferences and data objects (what a migration carries from one plan to the next)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import base64
+import binascii
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Body, Depends, Path, Query
 from pydantic import Field, field_validator
 
 from keyshift.api.deps import Session, require
 from keyshift.api.schemas import Request
+from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
 from keyshift.context import Actor
+from keyshift.errors import InvalidInput
 from keyshift.licensing import service
+from keyshift.storage import service as storage
 
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 Reader = Annotated[Actor, Depends(require("accounts:read"))]
@@ -32,11 +38,43 @@ class AccountCreate(Request):
     def _short_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         if any(len(k) > 64 for k in value):
             raise ValueError("attribute names have at most 64 characters")
-        return value
+        # No NUL and no NaN: PostgreSQL's jsonb refuses them (a 500), SQLite turns NaN to null.
+        try:
+            return service.checked_json_object(
+                value,
+                field="attributes",
+                max_bytes=service.MAX_PREFERENCES_BYTES,
+                max_depth=service.MAX_PREFERENCES_DEPTH,
+            )
+        except InvalidInput as error:
+            raise ValueError(f"{error.field}: {error.message}") from None
 
 
 class SubscriptionPut(Request):
     plan: PlanRef
+
+
+Name = Annotated[str, Field(pattern=KEY_PATTERN)]
+Extra = Annotated[int, Field(strict=True, ge=0, le=MAX_LIMIT)]
+
+
+class Grants(Request):
+    """Features turned on or off, and extra units of quotas, over the plan's."""
+
+    features: dict[Name, Literal["enabled", "disabled"]] = Field(
+        default_factory=dict, max_length=service.MAX_GRANT_NAMES
+    )
+    quotas: dict[Name, Extra] = Field(default_factory=dict, max_length=service.MAX_GRANT_NAMES)
+
+
+class ObjectPut(Request):
+    quota: Name
+    name: str = Field(min_length=1, max_length=200)
+    units: int = Field(strict=True, ge=0, le=storage.MAX_UNITS)
+    content_base64: str = Field(
+        max_length=(storage.MAX_CONTENT_BYTES + 2) // 3 * 4,
+        description="The object's bytes, base64 (standard alphabet, padded).",
+    )
 
 
 @router.post("", status_code=201)
@@ -68,7 +106,8 @@ async def list_accounts(
 @router.get("/{account_id}")
 async def show_account(account_id: str, _actor: Reader, session: Session) -> dict[str, Any]:
     account = await service.get_account(session, account_id)
-    return service.account_view(account, await service.get_subscription(session, account.id))
+    subscription = await service.get_subscription(session, account.id)
+    return service.account_detail_view(account, subscription)
 
 
 @router.put("/{account_id}/subscription")
@@ -77,3 +116,75 @@ async def put_subscription(
 ) -> dict[str, Any]:
     subscription = await service.subscribe(session, actor, account_id, body.plan)
     return service.subscription_view(subscription) or {}
+
+
+AddonName = Annotated[str, Path(pattern=KEY_PATTERN)]
+
+
+@router.put("/{account_id}/addons/{name}")
+async def put_addon(
+    account_id: str, name: AddonName, body: Grants, actor: Writer, session: Session
+) -> dict[str, Any]:
+    """Add or replace an add-on (carried or mapped by migrations as their rules say)."""
+    subscription = await service.put_addon(
+        session, actor, account_id, name, body.model_dump(include={"features", "quotas"})
+    )
+    account = await service.get_account(session, account_id)
+    return service.account_detail_view(account, subscription)
+
+
+@router.delete("/{account_id}/addons/{name}")
+async def delete_addon(
+    account_id: str, name: AddonName, actor: Writer, session: Session
+) -> dict[str, Any]:
+    subscription = await service.remove_addon(session, actor, account_id, name)
+    account = await service.get_account(session, account_id)
+    return service.account_detail_view(account, subscription)
+
+
+@router.put("/{account_id}/preferences")
+async def put_preferences(
+    account_id: str,
+    actor: Writer,
+    session: Session,
+    body: Annotated[
+        dict[str, Any], Body(description="Any JSON object (bounded in size and depth).")
+    ],
+) -> dict[str, Any]:
+    """Replace the account's preferences. Migrations carry them unchanged."""
+    account = await service.set_preferences(session, actor, account_id, body)
+    return service.account_detail_view(account, await service.get_subscription(session, account.id))
+
+
+@router.post("/{account_id}/objects", status_code=201)
+async def put_object(
+    account_id: str, body: ObjectPut, actor: Writer, session: Session
+) -> dict[str, Any]:
+    """Store a data object counting ``units`` against ``quota`` (a project, a file …)."""
+    try:
+        content = base64.b64decode(body.content_base64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput("not valid base64", field="content_base64") from exc
+    row = await storage.put_object(
+        session,
+        actor,
+        account_id,
+        quota=body.quota,
+        name=body.name,
+        units=body.units,
+        content=content,
+    )
+    return storage.object_view(row)
+
+
+@router.get("/{account_id}/objects")
+async def list_objects(
+    account_id: str,
+    _actor: Reader,
+    session: Session,
+    include_superseded: bool = False,
+) -> dict[str, Any]:
+    """The account's live objects (``include_superseded``: also the originals a migration keeps
+    until it is finalized), oldest first."""
+    rows = await storage.list_objects(session, account_id, include_superseded=include_superseded)
+    return {"items": [storage.object_view(r) for r in rows]}

@@ -15,6 +15,7 @@ from pydantic import AwareDatetime, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.api.deps import ClientLimited, Session, State, request_id, require
+from keyshift.api.routes.accounts import Grants
 from keyshift.api.schemas import Request
 from keyshift.context import Actor
 from keyshift.db.tables import License
@@ -39,6 +40,14 @@ class LicenseIssue(Request):
         default=None, description="Defaults to the plan's term from now."
     )
     max_activations: int | None = Field(default=None, ge=1, le=100_000)
+
+
+class LicensePatch(Request):
+    """Only the fields given change. ``max_activations_override``: null = the plan's cap.
+    ``overrides``: replaces the hand-set features and extra quotas (null or {}: none)."""
+
+    max_activations_override: int | None = Field(default=None, strict=True, ge=1, le=100_000)
+    overrides: Grants | None = None
 
 
 class StatusChange(Request):
@@ -81,9 +90,29 @@ async def issue_license(
     return {**await service.describe_license(session, issued.license), "key": issued.key}
 
 
+async def _described(session: AsyncSession, row: License) -> dict[str, Any]:
+    """The license with its hand-set overrides (admin views; the client never sees these)."""
+    return {**await service.describe_license(session, row), "overrides": row.overrides or {}}
+
+
 @router.get("/v1/licenses/{license_id}")
 async def show_license(license_id: str, _actor: Reader, session: Session) -> dict[str, Any]:
-    return await service.describe_license(session, await service.get_license(session, license_id))
+    return await _described(session, await service.get_license(session, license_id))
+
+
+@router.patch("/v1/licenses/{license_id}")
+async def patch_license(
+    license_id: str, body: LicensePatch, actor: Writer, session: Session
+) -> dict[str, Any]:
+    """Set what a migration carries per license: a cap over the plan's, hand-set features and
+    extra quotas. Refused (409) while a migration holds the account."""
+    changes: dict[str, Any] = {}
+    if "max_activations_override" in body.model_fields_set:
+        changes["max_activations_override"] = body.max_activations_override
+    if "overrides" in body.model_fields_set:
+        changes["overrides"] = body.overrides.model_dump() if body.overrides else None
+    row = await service.set_license_overrides(session, actor, license_id, changes)
+    return await _described(session, row)
 
 
 @router.get("/v1/accounts/{account_id}/licenses")

@@ -4,7 +4,7 @@ token: the key is the credential), the published signing keys, and the admin fil
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response as RawResponse
@@ -55,6 +55,23 @@ class CheckoutRequest(Request):
     fingerprint: Fingerprint | None = None
     encrypt: bool = True
     ttl: Ttl = license_files.DEFAULT_TTL
+
+
+class CheckInRequest(Request):
+    key: Key
+    license_file: Annotated[str, Field(min_length=1, max_length=64 * 1024)]
+    fingerprint: Fingerprint | None = None
+    encrypt: bool = True
+    ttl: Ttl = license_files.DEFAULT_TTL
+
+
+class CheckInOut(Response):
+    superseded: bool
+    reason: str | None
+    presented_revision: dict[str, Any] | None
+    current_revision: dict[str, Any]
+    license_file: str | None
+    file_expires_at: datetime | None
 
 
 class ExportRequest(Request):
@@ -123,6 +140,24 @@ async def checkout(body: CheckoutRequest, state: State, session: Session) -> dic
         ttl=body.ttl,
     )
     return _file_out(exported)
+
+
+@router.post("/v1/licenses/check-in", dependencies=ClientLimited, response_model=CheckInOut)
+async def check_in(body: CheckInRequest, state: State, session: Session) -> dict[str, object]:
+    """The application presents the license file it holds: ``superseded`` says whether a newer
+    one exists (the plan or the license changed since — a migration, a rollback), and then
+    ``license_file`` is the replacement."""
+    result = await license_files.check_in(
+        session,
+        state.secrets.keyring,
+        state.secrets.signing,
+        key=body.key,
+        license_file=body.license_file,
+        fingerprint=body.fingerprint,
+        encrypt=body.encrypt,
+        ttl=body.ttl,
+    )
+    return result.to_dict()
 
 
 @router.post("/v1/licenses/{license_id}/file", response_model=LicenseFileOut)
