@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import AwareDatetime, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyshift.api.deps import ClientLimited, Session, State, request_id, require
+from keyshift.api.deps import ClientLimited, Session, State, request_id_dependency, require
 from keyshift.api.routes.accounts import Grants
 from keyshift.api.schemas import Request
 from keyshift.context import Actor
@@ -192,7 +192,7 @@ async def _license_actor(
     return row, Actor(id=f"license:{row.id}", request_id=http_request_id)
 
 
-RequestId = Annotated[str | None, Depends(request_id)]
+RequestId = Annotated[str | None, Depends(request_id_dependency)]
 
 
 @router.post("/v1/licenses/activate", dependencies=ClientLimited)
