@@ -34,6 +34,9 @@ log = logging.getLogger("keyshift.cache")
 CHANNEL = "keyshift_validation"
 DEFAULT_TTL = float(os.environ.get("KEYSHIFT_VALIDATION_CACHE_TTL", "1.0"))
 DEFAULT_SIZE = int(os.environ.get("KEYSHIFT_VALIDATION_CACHE_SIZE", "100000"))
+#: While the LISTEN connection is up every change is pushed to this process, so an entry can
+#: live much longer: the TTL is only a backstop then.
+LISTENING_TTL = float(os.environ.get("KEYSHIFT_VALIDATION_CACHE_TTL_LISTENING", "300"))
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,12 @@ class LicenseStateCache:
         ttl_seconds: float = DEFAULT_TTL,
         max_entries: int = DEFAULT_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        listening_ttl_seconds: float = LISTENING_TTL,
     ) -> None:
         self.ttl_seconds = ttl_seconds
+        self.listening_ttl_seconds = listening_ttl_seconds
+        #: Set by ``InvalidationListener`` while it hears other processes' invalidations.
+        self.listening = False
         self.max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, CachedLicense]] = OrderedDict()
@@ -85,8 +92,13 @@ class LicenseStateCache:
     def put(self, lookup: str, value: CachedLicense, *, generation: int) -> None:
         if self.ttl_seconds <= 0 or generation != self.generation:
             return
+        ttl = (
+            max(self.ttl_seconds, self.listening_ttl_seconds)
+            if self.listening
+            else self.ttl_seconds
+        )
         self._drop(lookup)
-        self._entries[lookup] = (self._clock() + self.ttl_seconds, value)
+        self._entries[lookup] = (self._clock() + ttl, value)
         self._by_account.setdefault(value.state.account_id, set()).add(lookup)
         while len(self._entries) > self.max_entries:
             self._drop(next(iter(self._entries)))
@@ -221,6 +233,7 @@ class InvalidationListener:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.cache.clear()  # whatever was sent while we were away is lost
+                self.cache.listening = True
                 self.connected.set()
                 while not lost.is_set() and not conn.is_closed():
                     with contextlib.suppress(TimeoutError):
@@ -230,6 +243,10 @@ class InvalidationListener:
             except Exception as exc:  # reconnect on anything; never take the server down
                 log.warning("cache listener disconnected: %s", exc)
             finally:
+                if self.cache.listening:
+                    # Deaf from now on: long-lived entries could go stale unheard.
+                    self.cache.listening = False
+                    self.cache.clear()
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):

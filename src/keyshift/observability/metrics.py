@@ -48,6 +48,12 @@ VALIDATIONS = Counter(
     "License validations, by result code (VALID, NOT_FOUND, EXPIRED ...).",
     ("code",),
 )
+VALIDATION_CACHE = Counter(
+    "keyshift_validation_cache",
+    "License state lookups on the validation path, by result (hit: served from the process's"
+    " cache; miss: read from the database).",
+    ("result",),
+)
 
 # Labelled children cached by their labels: ``.labels()`` takes a lock and hashes on every call,
 # and the label sets are few (routes x methods x statuses), so each is built once.
@@ -112,6 +118,16 @@ def record_validation(code: str) -> None:
     child = _validation_children.get(code)
     if child is None:
         child = _validation_children[code] = VALIDATIONS.labels(code)
+    child.inc()
+
+
+_cache_children: dict[bool, Counter] = {}
+
+
+def record_cache(hit: bool) -> None:
+    child = _cache_children.get(hit)
+    if child is None:
+        child = _cache_children[hit] = VALIDATION_CACHE.labels("hit" if hit else "miss")
     child.inc()
 
 

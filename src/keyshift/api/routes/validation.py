@@ -106,6 +106,7 @@ async def validate(body: ValidateRequest, state: State) -> RawResponse:
         cache=default_cache,
     )
     metrics.record_validation(result.code.value)
+    metrics.record_cache(result.cached)
     return RawResponse(
         content=result.body,
         media_type="application/json",
