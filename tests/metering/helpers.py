@@ -5,6 +5,9 @@
   ``jobs`` sum/month, 25 included, block; ``devices`` unique/month, 3 included, block;
   ``peak`` max/day, 50 included, notify (default thresholds 80 %, 100 %).
 - ``hybrid@1`` (seat model, 2 node-locked machines): ``exports`` sum/month, 10 included, block.
+- ``bulk@1`` (usage model, term 1mo), room for large batches and no notices: ``requests``
+  sum/allow, ``users`` unique/block, ``workers`` max/notify at 90 %, ``tasks`` sum/block,
+  each 1,000,000 included.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tests import factories
 
 METERED = "metered@1"
 HYBRID = "hybrid@1"
+BULK = "bulk@1"
 
 
 def _plan(key: str, licensing: dict[str, Any], meters: list[dict[str, Any]]) -> Plan:
@@ -62,6 +66,23 @@ PLANS = [
         {"model": "seat", "max_activations": 2},
         [{"key": "exports", "unit": "export", "included": 10, "overage": "block"}],
     ),
+    _plan(
+        "bulk",
+        {"model": "usage"},
+        [
+            {"key": "requests", "unit": "request", "included": 10**6, "overage": "allow"},
+            {"key": "users", "unit": "user", "aggregation": "unique", "included": 10**6},
+            {
+                "key": "workers",
+                "unit": "worker",
+                "aggregation": "max",
+                "included": 10**6,
+                "overage": "notify",
+                "notify_at": [90],
+            },
+            {"key": "tasks", "unit": "task", "included": 10**6, "overage": "block"},
+        ],
+    ),
 ]
 
 
@@ -99,6 +120,18 @@ async def record(
     async def work(session: Any) -> metering.Recorded:
         subject = await subjects.subject_for_account(session, account_id)
         return await metering.record(session, SYSTEM, subject, event, **kw)
+
+    return await metering.in_transaction(db, work)
+
+
+async def record_batch(
+    db: Database, account_id: str, events: list[metering.UsageIn], **kw: Any
+) -> list[metering.Recorded]:
+    """Record a batch for the account as the system, in its own transaction (with retries)."""
+
+    async def work(session: Any) -> list[metering.Recorded]:
+        subject = await subjects.subject_for_account(session, account_id)
+        return await metering.record_batch(session, SYSTEM, subject, events, **kw)
 
     return await metering.in_transaction(db, work)
 

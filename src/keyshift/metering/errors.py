@@ -27,3 +27,11 @@ class QuotaExceeded(Conflict):
     """A ``block`` meter (or a throttled feature) has no room for this event."""
 
     code = "quota_exceeded"
+
+
+class ConcurrentClaim(Conflict):
+    """A concurrent request recorded one of this request's idempotency keys after it looked
+    them up. ``in_transaction`` retries (the retry replays the key), so a caller sees this
+    only when that keeps happening."""
+
+    code = "concurrent_request"

@@ -1,12 +1,16 @@
-"""Usage queries. Counters only ever move by deltas, inside the caller's transaction, under
-the row's lock (``ON CONFLICT DO UPDATE`` locks it; ``lock_counter`` takes it explicitly)."""
+"""Usage queries, set-based: each writes or reads the rows of a whole request in one
+statement, inside the caller's transaction. Counters are written only under the row locks
+``lock_counters`` takes. Core statements on the tables (no ORM unit of work on the hot path)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, or_, select, update
+import orjson
+from sqlalchemy import Table, and_, bindparam, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,163 +18,237 @@ from keyshift.db.tables import UsageCounter, UsageEvent, UsageNotice, UsageUniqu
 from keyshift.db.types import utcnow
 from keyshift.metering.periods import Period
 
+EVENTS = cast(Table, UsageEvent.__table__)
+COUNTERS = cast(Table, UsageCounter.__table__)
+MEMBERS = cast(Table, UsageUniqueMember.__table__)
+NOTICES = cast(Table, UsageNotice.__table__)
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
 
 def _insert(session: AsyncSession, table: Any) -> Any:
     # Both dialects speak INSERT … ON CONFLICT; SQLAlchemy exposes it per dialect.
-    if session.get_bind().dialect.name == "postgresql":
+    if _is_postgres(session):
         return postgresql.insert(table)
     return sqlite.insert(table)
 
 
-async def claim_event(session: AsyncSession, row: dict[str, Any]) -> bool:
-    """Insert an event unless its (account, idempotency key) exists; True if inserted."""
-    statement = (
-        _insert(session, UsageEvent)
-        .values(**row)
-        .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
-        .returning(UsageEvent.id)
-    )
-    return (await session.execute(statement)).first() is not None
+@dataclass(frozen=True)
+class StoredEvent:
+    """What an earlier event left behind for its idempotency key."""
+
+    id: str
+    request_hash: str
+    idempotency_expires_at: datetime
+    response: dict[str, Any]
 
 
-async def event_by_key(session: AsyncSession, account_id: str, key: str) -> UsageEvent | None:
-    return (
-        await session.execute(
-            select(UsageEvent)
-            .where(UsageEvent.account_id == account_id, UsageEvent.idempotency_key == key)
-            .execution_options(populate_existing=True)
-        )
-    ).scalar_one_or_none()
+# One index probe per key, whatever the planner believes about the account's history: the
+# LIMIT keeps the lateral subquery from being flattened into a join, and an equality on both
+# columns of the unique index is always planned on it (a plain ``= ANY(keys)`` may be
+# planned as a scan of the account's whole history when statistics are stale).
+_PG_EVENTS_BY_KEY = text(
+    """
+    SELECT e.idempotency_key, e.id, e.request_hash, e.idempotency_expires_at, e.response
+    FROM unnest(CAST(:keys AS varchar[])) AS k(key)
+    CROSS JOIN LATERAL (
+        SELECT * FROM usage_events
+        WHERE account_id = :account_id AND idempotency_key = k.key
+        LIMIT 1
+    ) AS e
+    """
+).columns(
+    EVENTS.c.idempotency_key,
+    EVENTS.c.id,
+    EVENTS.c.request_hash,
+    EVENTS.c.idempotency_expires_at,
+    EVENTS.c.response,
+)
 
 
-async def release_key(session: AsyncSession, event_id: str) -> None:
-    """Forget an expired event's idempotency key (the event stays in the history)."""
-    await session.execute(
-        update(UsageEvent).where(UsageEvent.id == event_id).values(idempotency_key=None)
-    )
-
-
-async def store_response(session: AsyncSession, event_id: str, response: dict[str, Any]) -> None:
-    await session.execute(
-        update(UsageEvent).where(UsageEvent.id == event_id).values(response=response)
-    )
-
-
-async def lock_counter(session: AsyncSession, account_id: str, meter: str, period: Period) -> int:
-    """Create the counter row if missing, lock it (FOR UPDATE; SQLite's BEGIN IMMEDIATE already
-    serialises writers) and return ``used``."""
-    await session.execute(
-        _insert(session, UsageCounter)
-        .values(
-            account_id=account_id,
-            meter=meter,
-            period_start=period.start,
-            period_end=period.end,
-            used=0,
-            updated_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["account_id", "meter", "period_start"])
-    )
-    used = (
-        await session.execute(
-            select(UsageCounter.used)
-            .where(
-                UsageCounter.account_id == account_id,
-                UsageCounter.meter == meter,
-                UsageCounter.period_start == period.start,
-            )
-            .with_for_update()
-        )
-    ).scalar_one()
-    return int(used)
-
-
-async def set_counter(
-    session: AsyncSession, account_id: str, meter: str, period: Period, used: int
-) -> None:
-    """Write a locked counter's new value (the caller holds the lock from ``lock_counter``)."""
-    await session.execute(
-        update(UsageCounter)
-        .where(
-            UsageCounter.account_id == account_id,
-            UsageCounter.meter == meter,
-            UsageCounter.period_start == period.start,
-        )
-        .values(used=used, updated_at=utcnow())
-    )
-
-
-async def add_to_counter(
-    session: AsyncSession,
-    account_id: str,
-    meter: str,
-    period: Period,
-    value: int,
-    *,
-    aggregation: str,
-) -> int:
-    """Upsert: ``used + value`` (sum, unique) or ``max(used, value)`` (max). Returns ``used``."""
-    insert = _insert(session, UsageCounter)
-    stmt = insert.values(
-        account_id=account_id,
-        meter=meter,
-        period_start=period.start,
-        period_end=period.end,
-        used=value,
-        updated_at=utcnow(),
-    )
-    current = UsageCounter.__table__.c.used
-    if aggregation == "max":
-        new_used: Any = case((stmt.excluded.used > current, stmt.excluded.used), else_=current)
+async def events_by_key(
+    session: AsyncSession, account_id: str, keys: Sequence[str]
+) -> dict[str, StoredEvent]:
+    """The account's events holding any of ``keys`` (one query; no locks)."""
+    if _is_postgres(session):
+        statement: Any = _PG_EVENTS_BY_KEY.bindparams(account_id=account_id, keys=list(keys))
     else:
-        new_used = current + stmt.excluded.used
-    stmt = stmt.on_conflict_do_update(
+        statement = select(
+            EVENTS.c.idempotency_key,
+            EVENTS.c.id,
+            EVENTS.c.request_hash,
+            EVENTS.c.idempotency_expires_at,
+            EVENTS.c.response,
+        ).where(EVENTS.c.account_id == account_id, EVENTS.c.idempotency_key.in_(keys))
+    rows = await session.execute(statement)
+    return {r[0]: StoredEvent(r[1], r[2], r[3], r[4]) for r in rows}
+
+
+async def release_keys(session: AsyncSession, event_ids: Sequence[str], now: datetime) -> None:
+    """Forget expired events' idempotency keys (the events stay in the history)."""
+    await session.execute(
+        update(EVENTS)
+        .where(EVENTS.c.id.in_(event_ids), EVENTS.c.idempotency_expires_at <= now)
+        .values(idempotency_key=None)
+    )
+
+
+# The columns of an event that vary per row; the others are the same for a whole request.
+_EVENT_ARRAYS = {
+    "id": "varchar[]",
+    "meter": "varchar[]",
+    "quantity": "bigint[]",
+    "member_hash": "varchar[]",
+    "occurred_at": "timestamptz[]",
+    "period_start": "timestamptz[]",
+    "idempotency_key": "varchar[]",
+    "request_hash": "varchar[]",
+    "response": "text[]",
+}
+_EVENT_SHARED = ("account_id", "license_id", "received_at", "idempotency_expires_at", "actor")
+_PG_INSERT_EVENTS = text(
+    f"""
+    INSERT INTO usage_events ({", ".join([*_EVENT_ARRAYS, *_EVENT_SHARED])})
+    SELECT {", ".join(f"r.{c}" for c in _EVENT_ARRAYS if c != "response")}, r.response::jsonb,
+           {", ".join(f":{c}" for c in _EVENT_SHARED)}
+    FROM unnest({", ".join(f"CAST(:{c} AS {t})" for c, t in _EVENT_ARRAYS.items())})
+         AS r({", ".join(_EVENT_ARRAYS)})
+    ON CONFLICT (account_id, idempotency_key) DO NOTHING
+    RETURNING idempotency_key
+    """
+).bindparams(
+    bindparam("received_at", type_=EVENTS.c.received_at.type),
+    bindparam("idempotency_expires_at", type_=EVENTS.c.idempotency_expires_at.type),
+)
+
+
+async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert events unless their (account, idempotency key) exists, in one statement and in
+    the order given; returns the keys inserted. A key held by an uncommitted transaction
+    waits for it. Every row must share the request's columns (account, license, actor,
+    received and expiry times)."""
+    if not rows:
+        return set()
+    if _is_postgres(session):
+        # One row of arrays through unnest(): a thousand events cost one bind per column,
+        # not one per cell, and the statement is prepared once whatever the batch size.
+        params: dict[str, Any] = {c: [r[c] for r in rows] for c in _EVENT_ARRAYS}
+        params["response"] = [orjson.dumps(r).decode() for r in params["response"]]
+        params.update({c: rows[0][c] for c in _EVENT_SHARED})
+        return set((await session.execute(_PG_INSERT_EVENTS, params)).scalars())
+    statement = (
+        _insert(session, EVENTS)
+        .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
+        .returning(EVENTS.c.idempotency_key)
+    )
+    return set((await session.execute(statement, list(rows))).scalars())
+
+
+CounterKey = tuple[str, datetime]  # (meter, period start)
+
+
+async def lock_counters(
+    session: AsyncSession, account_id: str, counters: Sequence[tuple[str, Period]]
+) -> dict[CounterKey, int]:
+    """Create the counters that are missing, lock every one (the no-op ``DO UPDATE`` takes the
+    row lock of an existing row; SQLite's BEGIN IMMEDIATE already serialises writers) and
+    return ``used``, in one statement. Rows are locked in (meter, period) order, the order
+    every writer uses, so two writers cannot deadlock on counters."""
+    stamp = utcnow()
+    rows = [
+        {
+            "account_id": account_id,
+            "meter": meter,
+            "period_start": period.start,
+            "period_end": period.end,
+            "used": 0,
+            "updated_at": stamp,
+        }
+        for meter, period in sorted(counters, key=lambda c: (c[0], c[1].start))
+    ]
+    statement = (
+        _insert(session, COUNTERS)
+        .on_conflict_do_update(
+            index_elements=["account_id", "meter", "period_start"],
+            set_={"used": COUNTERS.c.used},
+        )
+        .returning(COUNTERS.c.meter, COUNTERS.c.period_start, COUNTERS.c.used)
+    )
+    result = await session.execute(statement, rows)
+    return {(r.meter, r.period_start): int(r.used) for r in result}
+
+
+async def write_counters(
+    session: AsyncSession, account_id: str, values: Sequence[tuple[str, Period, int]]
+) -> None:
+    """Write the new values of counters this transaction holds locked (``lock_counters``)."""
+    stamp = utcnow()
+    rows = [
+        {
+            "account_id": account_id,
+            "meter": meter,
+            "period_start": period.start,
+            "period_end": period.end,
+            "used": used,
+            "updated_at": stamp,
+        }
+        for meter, period, used in sorted(values, key=lambda v: (v[0], v[1].start))
+    ]
+    statement = _insert(session, COUNTERS)
+    statement = statement.on_conflict_do_update(
         index_elements=["account_id", "meter", "period_start"],
-        set_={"used": new_used, "updated_at": stmt.excluded.updated_at},
-    ).returning(UsageCounter.used)
-    return int((await session.execute(stmt)).scalar_one())
+        set_={"used": statement.excluded.used, "updated_at": statement.excluded.updated_at},
+    ).returning(COUNTERS.c.meter)  # RETURNING makes it one multi-row statement
+    await session.execute(statement, rows)
 
 
-async def add_member(
-    session: AsyncSession, account_id: str, meter: str, period: Period, member_hash: str
-) -> bool:
-    """Remember a unique meter's member for the period; True if it is new."""
+async def add_members(
+    session: AsyncSession, account_id: str, members: set[tuple[str, datetime, str]]
+) -> set[tuple[str, datetime, str]]:
+    """Remember unique meters' members (meter, period start, member hash); returns the new."""
+    rows = [
+        {"account_id": account_id, "meter": m, "period_start": start, "member_hash": h}
+        for m, start, h in sorted(members)
+    ]
     statement = (
-        _insert(session, UsageUniqueMember)
-        .values(
-            account_id=account_id, meter=meter, period_start=period.start, member_hash=member_hash
-        )
+        _insert(session, MEMBERS)
         .on_conflict_do_nothing()
-        .returning(UsageUniqueMember.member_hash)
+        .returning(MEMBERS.c.meter, MEMBERS.c.period_start, MEMBERS.c.member_hash)
     )
-    return (await session.execute(statement)).first() is not None
+    result = await session.execute(statement, rows)
+    return {(r.meter, r.period_start, r.member_hash) for r in result}
 
 
-async def add_notice(
-    session: AsyncSession,
-    account_id: str,
-    meter: str,
-    period: Period,
-    kind: str,
-    threshold: int,
-    used: int,
-) -> bool:
-    """Record that a threshold/overage fired this period; True only the first time."""
+NoticeKey = tuple[str, datetime, str, int]  # (meter, period start, kind, threshold)
+
+
+async def add_notices(
+    session: AsyncSession, account_id: str, notices: Sequence[tuple[NoticeKey, int]]
+) -> set[NoticeKey]:
+    """Record thresholds/overage flags (with ``used`` when they fired); returns those that
+    fired now, i.e. were not already recorded for their period."""
+    stamp = utcnow()
+    rows = [
+        {
+            "account_id": account_id,
+            "meter": meter,
+            "period_start": start,
+            "kind": kind,
+            "threshold": threshold,
+            "used": used,
+            "fired_at": stamp,
+        }
+        for (meter, start, kind, threshold), used in sorted(notices, key=lambda n: n[0])
+    ]
     statement = (
-        _insert(session, UsageNotice)
-        .values(
-            account_id=account_id,
-            meter=meter,
-            period_start=period.start,
-            kind=kind,
-            threshold=threshold,
-            used=used,
-            fired_at=utcnow(),
-        )
+        _insert(session, NOTICES)
         .on_conflict_do_nothing()
-        .returning(UsageNotice.threshold)
+        .returning(NOTICES.c.meter, NOTICES.c.period_start, NOTICES.c.kind, NOTICES.c.threshold)
     )
-    return (await session.execute(statement)).first() is not None
+    result = await session.execute(statement, rows)
+    return {(r.meter, r.period_start, r.kind, int(r.threshold)) for r in result}
 
 
 async def counters_at(

@@ -1,13 +1,13 @@
-"""Recording usage and reading it back. Each function takes a session; the caller owns the
-transaction, so an event row, its counter delta, its unique member and its notices commit
-together, and a refusal anywhere (block quota, idempotency conflict) leaves nothing behind."""
+"""Recording usage. Each function takes a session; the caller owns the transaction, so the
+event rows, their counters, unique members and notices commit together, and a refusal
+anywhere (block quota, idempotency conflict) leaves nothing behind. One event and a batch of
+a thousand take the same fixed number of statements (see ``_record``)."""
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -18,11 +18,12 @@ from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json, sha256_hex
 from keyshift.context import Actor
 from keyshift.db.engine import Database
-from keyshift.db.tables import UsageEvent
 from keyshift.db.types import utcnow
-from keyshift.errors import ConfigurationError, Conflict, InvalidInput
+from keyshift.errors import ConfigurationError, InvalidInput, KeyshiftError
 from keyshift.metering import repository as repo
+from keyshift.metering import tally
 from keyshift.metering.errors import (
+    ConcurrentClaim,
     IdempotencyConflict,
     QuotaExceeded,
     UsageOutOfWindow,
@@ -71,7 +72,7 @@ def _env_number(name: str, default: float, minimum: float) -> float:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UsageIn:
     """One event as a caller sends it."""
 
@@ -101,9 +102,15 @@ class UsageIn:
 
 
 def _check(
-    subject: Subject, event: UsageIn, policy: UsagePolicy, now: datetime, where: str = ""
+    subject: Subject,
+    event: UsageIn,
+    policy: UsagePolicy,
+    now: datetime,
+    where: str = "",
+    periods: dict[str, Period] | None = None,
 ) -> tuple[MeterSpec, Period, datetime]:
-    """Shape, meter and time window of one event; nothing is written before all pass."""
+    """Shape, meter and time window of one event; nothing is written before all pass.
+    ``periods`` remembers each meter's last period, so a batch computes one per meter."""
     spec = subject.spec(event.meter, f"{where}meter")
     if isinstance(event.quantity, bool) or not isinstance(event.quantity, int):
         raise InvalidInput("quantity must be an integer", field=f"{where}quantity")
@@ -141,7 +148,11 @@ def _check(
             f"(server time {now.isoformat()})",
             field=f"{where}timestamp",
         )
-    period = subject.period(spec, occurred)
+    period = periods.get(spec.key) if periods is not None else None
+    if period is None or occurred not in period:
+        period = subject.period(spec, occurred)
+        if periods is not None:
+            periods[spec.key] = period
     if period.end + policy.late_window <= now:
         raise UsageOutOfWindow(
             f"timestamp falls in the period {period.start.isoformat()} to "
@@ -160,7 +171,7 @@ def _span(delta: timedelta) -> str:
 # -- recording ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Recorded:
     """The answer to one event. ``replayed``: an earlier request with this idempotency key and
     the same body was accepted, and this is its stored answer."""
@@ -172,172 +183,282 @@ class Recorded:
         return {**self.body, "replayed": self.replayed}
 
 
-async def _apply(
-    session: AsyncSession, subject: Subject, spec: MeterSpec, period: Period, event: UsageIn
-) -> tuple[int, int]:
-    """Move the counter; returns (units counted, used after). Refuses a block overshoot."""
-    account, meter = subject.account_id, spec.key
-    member_hash = sha256_hex(event.member.encode()) if event.member is not None else None
-    if spec.is_blocking:
-        used = await repo.lock_counter(session, account, meter, period)
-        if spec.aggregation == "unique":
-            assert member_hash is not None
-            is_new = await repo.add_member(session, account, meter, period, member_hash)
-            proposed = used + (1 if is_new else 0)
-        elif spec.aggregation == "max":
-            proposed = max(used, event.quantity)
-        else:
-            proposed = used + event.quantity
-        if proposed > used and proposed > spec.included:
-            raise QuotaExceeded(
-                f"meter {meter!r} allows {spec.included} {spec.unit} per period; "
-                f"{used} used, this event needs {proposed - used}",
-                field="quantity",
-                meter=meter,
-                used=used,
-                included=spec.included,
-                remaining=max(spec.included - used, 0),
-                resets_at=iso(period.public_end()),
-            )
-        if proposed != used:
-            await repo.set_counter(session, account, meter, period, proposed)
-        return proposed - used, proposed
-    if spec.aggregation == "unique":
-        assert member_hash is not None
-        is_new = await repo.add_member(session, account, meter, period, member_hash)
-        delta = 1 if is_new else 0
-        used = await repo.add_to_counter(session, account, meter, period, delta, aggregation="sum")
-        return delta, used
-    used = await repo.add_to_counter(
-        session, account, meter, period, event.quantity, aggregation=spec.aggregation
+@dataclass
+class _Keys:
+    """What each event of a request is, once its idempotency key has been looked up."""
+
+    new: list[int] = field(default_factory=list)  # to count, in lock order
+    replays: dict[int, dict[str, Any]] = field(default_factory=dict)  # stored first answers
+    copies: dict[int, int] = field(default_factory=dict)  # same key earlier in this request
+    releases: list[str] = field(default_factory=list)  # expired events whose keys go
+    conflict: IdempotencyConflict | None = None
+
+
+def _sort_keys(
+    events: Sequence[UsageIn],
+    checked: Sequence[tuple[MeterSpec, Period, datetime]],
+    hashes: Sequence[str],
+    ids: Sequence[str],
+    stored: dict[str, repo.StoredEvent],
+    now: datetime,
+    batch: bool,
+) -> _Keys:
+    """Walk the events in lock order: the first holder of a key is new (or a replay of the
+    stored event), a later one with the same body copies its answer, any with another body
+    is a conflict, and the walk stops there (what comes after it cannot matter)."""
+    keys = _Keys()
+    holder: dict[str, tuple[int, str]] = {}  # key → (first index, its event id)
+    order = sorted(
+        range(len(events)),
+        key=lambda i: (checked[i][0].key, checked[i][1].start, events[i].idempotency_key, i),
     )
-    return (event.quantity if spec.aggregation == "sum" else 0), used
+    for i in order:
+        key = events[i].idempotency_key
+        row = stored.get(key)
+        if key in holder:
+            first, first_id = holder[key]
+            if hashes[first] != hashes[i]:
+                keys.conflict = _conflict(first_id, i, batch)
+                break
+            keys.copies[i] = first
+        elif row is not None and row.idempotency_expires_at > now:
+            if row.request_hash != hashes[i]:
+                keys.conflict = _conflict(row.id, i, batch)
+                break
+            keys.replays[i] = row.response
+            holder[key] = (i, row.id)
+        else:
+            if row is not None:  # remembered past its window: released, and this is new
+                keys.releases.append(row.id)
+            keys.new.append(i)
+            holder[key] = (i, ids[i])
+    return keys
 
 
-async def _notices(
-    session: AsyncSession,
-    subject: Subject,
-    spec: MeterSpec,
-    period: Period,
-    counted: int,
-    used: int,
-) -> tuple[list[audit.EventIn], list[int], bool]:
-    """Thresholds crossed by this event (each fires once per period) and the overage flag."""
-    before = used - counted
-    fired: list[int] = []
-    events: list[audit.EventIn] = []
-    base = {
-        "meter": spec.key,
-        "period_start": iso(period.start),
-        "included": spec.included,
-        "used": used,
-    }
-    for percent in spec.notify_at:
-        units = spec.threshold_units(percent)
-        # Exact crossing detection for sums (the counter is locked); max meters may jump.
-        crossed = before < units <= used or (spec.aggregation == "max" and used >= units)
-        if crossed and await repo.add_notice(
-            session, subject.account_id, spec.key, period, "threshold", percent, used
-        ):
-            fired.append(percent)
-            events.append(
-                audit.EventIn(
-                    "usage.threshold",
-                    "account",
-                    subject.account_id,
-                    subject.account_id,
-                    {**base, "threshold": percent},
-                )
-            )
-    flagged = False
-    if not spec.is_blocking and used > spec.included:
-        flagged = await repo.add_notice(
-            session, subject.account_id, spec.key, period, "overage", 0, used
-        )
-        if flagged:
-            events.append(
-                audit.EventIn(
-                    "usage.overage", "account", subject.account_id, subject.account_id, base
-                )
-            )
-    return events, fired, flagged
+def _conflict(first_event_id: str, index: int, batch: bool) -> IdempotencyConflict:
+    return _at(
+        IdempotencyConflict(
+            "this idempotency key was used with a different request body",
+            field="idempotency_key",
+            first_event_id=first_event_id,
+        ),
+        index,
+        batch,
+    )
 
 
-async def _record_checked(
+_E = TypeVar("_E", bound=KeyshiftError)
+
+
+def _at(error: _E, index: int, batch: bool) -> _E:
+    """Name the failing event of a batch in the error (field, ``details.index``, message)."""
+    if batch:
+        error.field = f"events.{index}.{error.field or 'quantity'}"
+        error.details["index"] = index
+        error.message = f"event {index}: {error.message}; nothing in the batch was recorded"
+        error.args = (error.message,)
+    return error
+
+
+def _refused(spec: MeterSpec, period: Period, refusal: tally.Refusal) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"meter {spec.key!r} allows {spec.included} {spec.unit} per period; "
+        f"{refusal.used} used, this event needs {refusal.needs}",
+        field="quantity",
+        meter=spec.key,
+        used=refusal.used,
+        included=spec.included,
+        remaining=max(spec.included - refusal.used, 0),
+        resets_at=iso(period.public_end()),
+    )
+
+
+async def _record(
     session: AsyncSession,
     actor: Actor,
     subject: Subject,
-    event: UsageIn,
-    checked: tuple[MeterSpec, Period, datetime],
+    events: Sequence[UsageIn],
+    checked: Sequence[tuple[MeterSpec, Period, datetime]],
     policy: UsagePolicy,
     now: datetime,
-) -> tuple[Recorded, list[audit.EventIn]]:
-    spec, period, occurred = checked
-    request_hash = event.request_hash(subject)
-    event_id = str(uuid.uuid4())
-    row: dict[str, Any] = {
-        "id": event_id,
-        "account_id": subject.account_id,
-        "license_id": subject.license_id,
-        "meter": spec.key,
-        "quantity": event.quantity,
-        "member_hash": sha256_hex(event.member.encode()) if event.member else None,
-        "occurred_at": occurred,
-        "received_at": now,
-        "period_start": period.start,
-        "idempotency_key": event.idempotency_key,
-        "idempotency_expires_at": now + policy.idempotency_window,
-        "request_hash": request_hash,
-        "actor": actor.id,
-        "response": {},
-    }
-    # Claim the key first: a concurrent request with the same key waits here for ours to
-    # commit or roll back, then sees it, so a retried event is never counted twice.
-    for _attempt in range(3):
-        if await repo.claim_event(session, row):
-            break
-        existing = await repo.event_by_key(session, subject.account_id, event.idempotency_key)
-        if existing is None:  # released concurrently; claim again
-            continue
-        if existing.idempotency_expires_at <= now:
-            await repo.release_key(session, existing.id)
-            continue
-        return _replay(existing, request_hash), []
-    else:
-        raise Conflict("could not claim the idempotency key; retry", field="idempotency_key")
-    counted, used = await _apply(session, subject, spec, period, event)
-    audit_events, fired, flagged = await _notices(session, subject, spec, period, counted, used)
-    state = MeterState(spec, period, used)
-    body = {
-        "id": event_id,
-        "account_id": subject.account_id,
-        "license_id": subject.license_id,
-        "meter": spec.key,
-        "quantity": event.quantity,
-        "counted": counted,
-        "occurred_at": iso(occurred),
-        "received_at": iso(now),
-        "period": {"start": iso(period.start), "end": iso(period.public_end())},
-        "used": used,
-        "included": spec.included,
-        "remaining": state.remaining,
-        "policy": spec.overage,
-        "over": state.is_over,
-        "overage_flagged": flagged,
-        "notices": fired,
-    }
-    await repo.store_response(session, event_id, body)
-    return Recorded(body, False), audit_events
+    *,
+    batch: bool,
+) -> tuple[list[Recorded], list[audit.EventIn]]:
+    """Record checked events set-based: a fixed number of statements whatever their number.
 
+    1. look up every idempotency key (one query): replays, copies and conflicts are decided
+       before anything is locked;
+    2. create and lock the counters of the new events (one upsert, rows in (meter, period)
+       order), add unique members (one insert), and count in memory: a ``block`` overshoot
+       refuses the request here;
+    3. record the thresholds and overage flags crossed (one insert; the first wins);
+    4. release expired keys (rare), insert the events with their answers (one insert, rows
+       in key order), write the counters (one upsert).
 
-def _replay(existing: UsageEvent, request_hash: str) -> Recorded:
-    if existing.request_hash != request_hash:
-        raise IdempotencyConflict(
-            "this idempotency key was used with a different request body",
-            field="idempotency_key",
-            first_event_id=existing.id,
+    Every writer takes its locks in this order — counters by (meter, period), then event
+    keys sorted — so concurrent requests cannot deadlock. A key another transaction recorded
+    after step 1 shows in step 4 as a row not inserted: ``ConcurrentClaim``, and
+    ``in_transaction`` retries the whole request, which then replays it.
+    """
+    account = subject.account_id
+    hashes = [e.request_hash(subject) for e in events]
+    ids = _new_ids(len(events))
+    members = [sha256_hex(e.member.encode()) if e.member is not None else None for e in events]
+    stored = await repo.events_by_key(session, account, sorted({e.idempotency_key for e in events}))
+    keys = _sort_keys(events, checked, hashes, ids, stored, now, batch)
+
+    # 2. Counters of the new events, grouped in lock order (``keys.new`` is in that order).
+    groups: dict[repo.CounterKey, list[int]] = {}
+    for i in keys.new:
+        groups.setdefault((checked[i][0].key, checked[i][1].start), []).append(i)
+    tallies: dict[repo.CounterKey, tally.Tally] = {}
+    locked: dict[repo.CounterKey, int] = {}
+    if groups:
+        locked = await repo.lock_counters(
+            session, account, [(k[0], checked[g[0]][1]) for k, g in groups.items()]
         )
-    return Recorded(dict(existing.response), True)
+        wanted = {
+            (checked[i][0].key, checked[i][1].start, h)
+            for i in keys.new
+            if (h := members[i]) is not None
+        }
+        fresh: dict[repo.CounterKey, set[str]] = {}
+        if wanted:
+            for meter, start, h in await repo.add_members(session, account, wanted):
+                fresh.setdefault((meter, start), set()).add(h)
+        for counter, indexes in groups.items():
+            spec, period, _ = checked[indexes[0]]
+            steps = [tally.Step(i, events[i].quantity, members[i]) for i in indexes]
+            result = tally.count(spec, locked[counter], steps, fresh.get(counter, set()))
+            if result.refusal is not None:
+                raise _at(_refused(spec, period, result.refusal), result.refusal.index, batch)
+            tallies[counter] = result
+    if keys.conflict is not None:
+        raise keys.conflict
+
+    # 3. Notices: each threshold and overage flag fires once per period (the table's key).
+    tries = [(counter, t) for counter, result in tallies.items() for t in result.notices]
+    fired: set[repo.NoticeKey] = set()
+    if tries:
+        fired = await repo.add_notices(
+            session, account, [((*c, t.kind, t.threshold), t.used) for c, t in tries]
+        )
+    fired_by_event: dict[int, list[tally.NoticeTry]] = {}
+    for counter, t in tries:
+        if (*counter, t.kind, t.threshold) in fired:
+            fired_by_event.setdefault(t.index, []).append(t)
+
+    # 4. The answers, the event rows, the counters.
+    received = iso(now)
+    expires = now + policy.idempotency_window
+    isos: dict[datetime | None, str | None] = {now: received, None: None}
+
+    def iso_of(when: datetime | None) -> str | None:
+        if when not in isos:
+            isos[when] = iso(when)
+        return isos[when]
+
+    steps_by_index = {s.index: s for result in tallies.values() for s in result.steps}
+    bodies: dict[int, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    audit_events: list[audit.EventIn] = []
+    for i in keys.new:
+        spec, period, occurred = checked[i]
+        step = steps_by_index[i]
+        notices = fired_by_event.get(i, [])
+        state = MeterState(spec, period, step.used)
+        bodies[i] = body = {
+            "id": ids[i],
+            "account_id": account,
+            "license_id": subject.license_id,
+            "meter": spec.key,
+            "quantity": events[i].quantity,
+            "counted": step.counted,
+            "occurred_at": iso_of(occurred),
+            "received_at": received,
+            "period": {"start": iso_of(period.start), "end": iso_of(period.public_end())},
+            "used": step.used,
+            "included": spec.included,
+            "remaining": state.remaining,
+            "policy": spec.overage,
+            "over": state.is_over,
+            "overage_flagged": any(n.kind == "overage" for n in notices),
+            "notices": [n.threshold for n in notices if n.kind == "threshold"],
+        }
+        rows.append(
+            {
+                "id": ids[i],
+                "account_id": account,
+                "license_id": subject.license_id,
+                "meter": spec.key,
+                "quantity": events[i].quantity,
+                "member_hash": members[i],
+                "occurred_at": occurred,
+                "received_at": now,
+                "period_start": period.start,
+                "idempotency_key": events[i].idempotency_key,
+                "idempotency_expires_at": expires,
+                "request_hash": hashes[i],
+                "actor": actor.id,
+                "response": body,
+            }
+        )
+        audit_events += [_notice_event(subject, spec, period, n) for n in notices]
+    if keys.releases:
+        await repo.release_keys(session, keys.releases, now)
+    if rows:
+        rows.sort(key=lambda r: str(r["idempotency_key"]))
+        if len(await repo.insert_events(session, rows)) != len(rows):
+            raise ConcurrentClaim(
+                "a concurrent request recorded one of these idempotency keys first; retry "
+                "(it will be replayed)",
+                field="idempotency_key",
+            )
+        changed = [
+            (counter[0], checked[groups[counter][0]][1], result.used)
+            for counter, result in tallies.items()
+            if result.used != locked[counter]
+        ]
+        if changed:
+            await repo.write_counters(session, account, changed)
+
+    results = []
+    for i in range(len(events)):
+        if i in bodies:
+            results.append(Recorded(bodies[i], False))
+        elif i in keys.replays:
+            results.append(Recorded(dict(keys.replays[i]), True))
+        else:
+            first = keys.copies[i]
+            results.append(Recorded(dict(bodies.get(first) or keys.replays[first]), True))
+    return results, audit_events
+
+
+def _new_ids(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs in their usual text form, from one read of the OS's
+    random source (``uuid.uuid4()`` per event costs more than recording the event)."""
+    digits = os.urandom(16 * count).hex()
+    ids = []
+    for n in range(0, 32 * count, 32):
+        h = digits[n : n + 32]
+        variant = "89ab"[int(h[16], 16) & 3]  # RFC 4122 variant bits 10xx
+        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    return ids
+
+
+def _notice_event(
+    subject: Subject, spec: MeterSpec, period: Period, notice: tally.NoticeTry
+) -> audit.EventIn:
+    details: dict[str, Any] = {
+        "meter": spec.key,
+        "period_start": iso(period.start),
+        "included": spec.included,
+        "used": notice.used,
+    }
+    if notice.kind == "threshold":
+        details["threshold"] = notice.threshold
+    action = "usage.threshold" if notice.kind == "threshold" else "usage.overage"
+    return audit.EventIn(action, "account", subject.account_id, subject.account_id, details)
 
 
 async def record(
@@ -352,11 +473,11 @@ async def record(
     """Record one event (or replay its first answer) in the caller's transaction."""
     policy, now = policy or UsagePolicy(), now or utcnow()
     checked = _check(subject, event, policy, now)
-    recorded, audit_events = await _record_checked(
-        session, actor, subject, event, checked, policy, now
+    results, audit_events = await _record(
+        session, actor, subject, [event], [checked], policy, now, batch=False
     )
     await audit.record_many(session, actor, audit_events)
-    return recorded
+    return results[0]
 
 
 async def record_batch(
@@ -369,36 +490,21 @@ async def record_batch(
     now: datetime | None = None,
 ) -> list[Recorded]:
     """Record many events, all or nothing: every event is checked before anything is
-    written, and any refusal (block quota, changed body) fails the batch, naming the index."""
+    written, and any refusal (block quota, changed body) fails the batch, naming the index.
+    The outcome does not depend on the events' order (sums, maxima and distinct counts
+    commute); only the running ``used`` in each answer follows the lock order."""
     policy, now = policy or UsagePolicy(), now or utcnow()
     if not 1 <= len(events) <= MAX_BATCH:
         raise InvalidInput(f"a batch has 1 to {MAX_BATCH} events", field="events")
-    checked = [_check(subject, e, policy, now, f"events.{i}.") for i, e in enumerate(events)]
-    # One lock order for every writer — counter (meter, period), then idempotency key — so
-    # two batches touching the same counters or keys cannot deadlock. The outcome does not
-    # depend on the order (all or nothing; sums, maxima and distinct counts commute), only
-    # the running ``used`` in each answer does.
-    order = sorted(
-        range(len(events)),
-        key=lambda i: (checked[i][0].key, checked[i][1].start, events[i].idempotency_key),
+    periods: dict[str, Period] = {}
+    checked = [
+        _check(subject, e, policy, now, f"events.{i}.", periods) for i, e in enumerate(events)
+    ]
+    results, audit_events = await _record(
+        session, actor, subject, events, checked, policy, now, batch=True
     )
-    results: list[Recorded | None] = [None] * len(events)
-    audit_events: list[audit.EventIn] = []
-    for index in order:
-        try:
-            recorded, notices = await _record_checked(
-                session, actor, subject, events[index], checked[index], policy, now
-            )
-        except (QuotaExceeded, IdempotencyConflict) as error:
-            error.field = f"events.{index}.{error.field or 'quantity'}"
-            error.details["index"] = index
-            error.message = f"event {index}: {error.message}; nothing in the batch was recorded"
-            error.args = (error.message,)
-            raise
-        results[index] = recorded
-        audit_events += notices
     await audit.record_many(session, actor, audit_events)
-    return [r for r in results if r is not None]
+    return results
 
 
 T = TypeVar("T")
@@ -406,19 +512,30 @@ _RETRYABLE = ("40P01", "40001")  # deadlock detected, serialization failure
 
 
 async def in_transaction(
-    db: Database, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3
+    db: Database,
+    work: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = 3,
+    claim_attempts: int = 5,
 ) -> T:
     """Run ``work`` in a transaction, retrying the whole of it when PostgreSQL reports a
-    deadlock or serialization failure (both roll back everything, so a retry is safe)."""
-    for attempt in range(attempts):
+    deadlock or serialization failure (``attempts`` in all), or when a concurrent request
+    recorded one of its idempotency keys first (``claim_attempts``; the retry replays it).
+    Each of these rolls back everything, so a retry is safe."""
+    deadlocks = claims = 0
+    while True:
         try:
             async with db.transaction() as session:
                 return await work(session)
         except DBAPIError as error:
             code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
-            if code not in _RETRYABLE or attempt == attempts - 1:
+            deadlocks += 1
+            if code not in _RETRYABLE or deadlocks >= attempts:
                 raise
-    raise AssertionError("unreachable")
+        except ConcurrentClaim:
+            claims += 1
+            if claims >= claim_attempts:
+                raise
 
 
 async def prune(session: AsyncSession, actor: Actor, now: datetime | None = None) -> int:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.api.deps import ClientLimited, State, get_state, request_id, require
+from keyshift.api.errors import JsonResponse
 from keyshift.api.schemas import Request as RequestModel
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
@@ -80,7 +80,7 @@ async def _subject(session: AsyncSession, state: Any, credential: Credential) ->
 
 
 @router.post("/v1/usage", dependencies=ClientLimited)
-async def record_usage(body: UsageRecord, request: Request, state: State) -> JSONResponse:
+async def record_usage(body: UsageRecord, request: Request, state: State) -> JsonResponse:
     """Record one event, or replay the first answer to the same idempotency key and body."""
     bearer = await _writer(request, body)
     policy = metering.UsagePolicy.from_env()
@@ -91,14 +91,15 @@ async def record_usage(body: UsageRecord, request: Request, state: State) -> JSO
         return await metering.record(session, actor, subject, body.to_domain(), policy=policy)
 
     recorded = await metering.in_transaction(state.db, work)
-    return JSONResponse(
+    return JsonResponse(
         recorded.to_dict(), headers={REPLAYED_HEADER: str(recorded.replayed).lower()}
     )
 
 
 @router.post("/v1/usage/batch", dependencies=ClientLimited)
-async def record_usage_batch(body: UsageBatch, request: Request, state: State) -> dict[str, Any]:
-    """Up to 1,000 events, all or nothing; each has its own idempotency key."""
+async def record_usage_batch(body: UsageBatch, request: Request, state: State) -> JsonResponse:
+    """Up to 1,000 events, all or nothing; each has its own idempotency key. Recorded with a
+    fixed number of statements whatever the batch size (``metering.service._record``)."""
     bearer = await _writer(request, body)
     policy = metering.UsagePolicy.from_env()
     events = [e.to_domain() for e in body.events]
@@ -109,7 +110,9 @@ async def record_usage_batch(body: UsageBatch, request: Request, state: State) -
         return await metering.record_batch(session, actor, subject, events, policy=policy)
 
     results = await metering.in_transaction(state.db, work)
-    return {"count": len(results), "results": [r.to_dict() for r in results]}
+    # Serialised by orjson in one pass: a thousand answers through FastAPI's encoder would
+    # cost more than recording them.
+    return JsonResponse({"count": len(results), "results": [r.to_dict() for r in results]})
 
 
 async def _reader(request: Request) -> Actor:
