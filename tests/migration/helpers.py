@@ -3,7 +3,8 @@ of its state (licenses with overrides, activations, counters, data objects, add-
 
 - ``old@1``: features a, b enabled, c throttled; quotas projects 10, storage 100
 - ``new@1``: features a enabled, b disabled, d enabled, c throttled; quotas projects 3, storage 100
-- ``old-seat@1``: seat, 3 node-locked activations, term 1y, meter ``exports`` (hybrid) month 50
+- ``old-seat@1``: seat, 3 node-locked activations, term 1y, meters ``exports`` (hybrid) month 50
+  and ``legacy_jobs`` day 5 (only this plan meters it)
 - ``new-seat@1``: seat, 2 node-locked activations, term 1y, meter ``exports`` month 80
 - ``new-usage@1``: usage, meters ``exports`` month 80 and ``units`` month 0 (seats convert into it)
 """
@@ -67,8 +68,16 @@ def _plan(key: str, edition: str, licensing: dict[str, Any], meters: list[dict[s
 
 
 EXPORTS = {"key": "exports", "unit": "export", "included": 50, "overage": "allow"}
+#: Metered only by the old plan, daily: late events for it must land under the old plan.
+LEGACY_JOBS = {
+    "key": "legacy_jobs",
+    "unit": "job",
+    "included": 5,
+    "reset": "day",
+    "overage": "allow",
+}
 PLANS = [
-    _plan("old-seat", "old@1", {"model": "seat", "max_activations": 3}, [EXPORTS]),
+    _plan("old-seat", "old@1", {"model": "seat", "max_activations": 3}, [EXPORTS, LEGACY_JOBS]),
     _plan(
         "new-seat", "new@1", {"model": "seat", "max_activations": 2}, [{**EXPORTS, "included": 80}]
     ),

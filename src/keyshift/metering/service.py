@@ -21,7 +21,7 @@ from keyshift.db.engine import Database
 from keyshift.db.types import utcnow
 from keyshift.errors import ConfigurationError, InvalidInput, KeyshiftError
 from keyshift.metering import repository as repo
-from keyshift.metering import tally
+from keyshift.metering import subjects, tally
 from keyshift.metering.errors import (
     ConcurrentClaim,
     IdempotencyConflict,
@@ -461,6 +461,21 @@ def _notice_event(
     return audit.EventIn(action, "account", subject.account_id, subject.account_id, details)
 
 
+async def _subject_at(
+    session: AsyncSession, subject: Subject, event: UsageIn, memo: dict[datetime, Subject]
+) -> Subject:
+    """The subject under the plan in force when the event happened: an event from before a
+    migration's cutover that arrives after it counts under the old plan, in the old plan's
+    period — if the old plan meters it (else under the current plan, like any event)."""
+    when = event.timestamp
+    if when is None or subject.plan_changed_at is None or when >= subject.plan_changed_at:
+        return subject
+    then = memo.get(when)
+    if then is None:
+        then = memo[when] = await subjects.as_of(session, subject, when)
+    return then if event.meter in then.specs else subject
+
+
 async def record(
     session: AsyncSession,
     actor: Actor,
@@ -472,7 +487,8 @@ async def record(
 ) -> Recorded:
     """Record one event (or replay its first answer) in the caller's transaction."""
     policy, now = policy or UsagePolicy(), now or utcnow()
-    checked = _check(subject, event, policy, now)
+    then = await _subject_at(session, subject, event, {})
+    checked = _check(then, event, policy, now)
     results, audit_events = await _record(
         session, actor, subject, [event], [checked], policy, now, batch=False
     )
@@ -497,9 +513,14 @@ async def record_batch(
     if not 1 <= len(events) <= MAX_BATCH:
         raise InvalidInput(f"a batch has 1 to {MAX_BATCH} events", field="events")
     periods: dict[str, Period] = {}
-    checked = [
-        _check(subject, e, policy, now, f"events.{i}.", periods) for i, e in enumerate(events)
-    ]
+    earlier: dict[datetime, Subject] = {}
+    checked = []
+    for i, e in enumerate(events):
+        then = await _subject_at(session, subject, e, earlier)
+        # A subject of an earlier plan has its own periods: do not share the memo with it.
+        checked.append(
+            _check(then, e, policy, now, f"events.{i}.", periods if then is subject else None)
+        )
     results, audit_events = await _record(
         session, actor, subject, events, checked, policy, now, batch=True
     )

@@ -3,16 +3,17 @@ key (a client application), with the period anchor and what the account's plan m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.catalog import service as catalog
-from keyshift.catalog.entitlements import Entitlements
+from keyshift.catalog.entitlements import Entitlements, with_overrides
 from keyshift.context import Actor
-from keyshift.db.tables import Subscription
+from keyshift.db.tables import Migration, Subscription
 from keyshift.db.types import utcnow
 from keyshift.errors import Conflict, LicenseNotActive, LicenseNotFound
 from keyshift.licensing import service as licensing
@@ -31,6 +32,9 @@ class Subject:
     license_id: str | None
     anchor: datetime
     entitlements: Entitlements
+    #: When the account's plan last changed (None: unknown); events older than this may
+    #: belong to the plan before (``as_of``).
+    plan_changed_at: datetime | None = None
 
     @cached_property
     def specs(self) -> dict[str, MeterSpec]:
@@ -57,7 +61,39 @@ async def _subject_of_account(
         raise Conflict("the account has no plan; subscribe it first", field="account_id")
     ref = f"{subscription.plan_key}@{subscription.plan_version}"
     entitlements = await catalog.entitlements_for(session, ref, subscription.plan_hash)
-    return Subject(account_id, license_id, subscription.started_at, entitlements)
+    # The account's own allowances (e.g. included units a seat → usage migration set).
+    entitlements = with_overrides(entitlements, subscription.overrides or {}, None, utcnow())
+    return Subject(
+        account_id, license_id, subscription.started_at, entitlements, subscription.updated_at
+    )
+
+
+async def as_of(session: AsyncSession, subject: Subject, when: datetime) -> Subject:
+    """The subject as it was at ``when``: an event that happened before a migration's cutover
+    but arrives after it counts under the plan it happened in (if that plan meters it).
+
+    Cheap for the common case: only an event older than the subscription's last change looks
+    for a cutover after it."""
+    if subject.plan_changed_at is None or when >= subject.plan_changed_at:
+        return subject
+    row = (
+        await session.execute(
+            select(Migration.source_ref, Migration.source_hash, Migration.snapshot)
+            .where(
+                Migration.account_id == subject.account_id,
+                Migration.cutover_at > when,
+                Migration.state.in_(("cutover", "verified", "completed", "finalized")),
+            )
+            .order_by(Migration.cutover_at)
+            .limit(1)
+        )
+    ).first()
+    if row is None or row.source_ref is None or row.source_hash is None:
+        return subject
+    before = await catalog.entitlements_for(session, row.source_ref, row.source_hash)
+    overrides = ((row.snapshot or {}).get("subscription") or {}).get("overrides") or {}
+    before = with_overrides(before, overrides, None, when)
+    return replace(subject, entitlements=before, plan_changed_at=None)
 
 
 async def subject_for_account(session: AsyncSession, account_id: str) -> Subject:
