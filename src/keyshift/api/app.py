@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -41,6 +42,11 @@ def create_app(
         # On PostgreSQL, hear other processes' cache invalidations (LISTEN/NOTIFY); the
         # cache's TTL bounds staleness whenever the listener is down, and on SQLite.
         listener = await cache.start_listener(state.settings.database_url)
+        # Everything imported and built at start-up lives as long as the process: move it out
+        # of the collector's sight, so each collection walks only request garbage (measured:
+        # about a quarter of the server's CPU on batched usage ingest).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
