@@ -196,3 +196,30 @@ async def test_block_policy_refuses_and_writes_nothing(
 
     assert "projects" in caught.value.message
     assert state_hash(await state_of(db, account_id)) == state_hash(before)
+
+
+async def test_cached_entitlements_are_invalidated_at_cutover(
+    db: Database, secrets: Secrets
+) -> None:
+    from keyshift.licensing.cache import LicenseStateCache
+
+    await helpers.publish(db)
+    account_id, keys = await helpers.rich_account(db, secrets)
+    cache = LicenseStateCache(ttl_seconds=3600)  # long: only an invalidation can refresh it
+
+    async def plan_seen() -> str:
+        result = await validation.validate(
+            db.transaction, secrets.keyring, secrets.signing, key=keys[0][1], cache=cache
+        )
+        return result.payload["entitlements"]["plan"]
+
+    assert await plan_seen() == helpers.OLD
+    assert await plan_seen() == helpers.OLD and cache.hits == 1
+
+    row = await Executor(db, secrets.signing, cache=cache).apply(
+        SYSTEM, helpers.rules(), account_id
+    )
+
+    assert await plan_seen() == helpers.NEW
+    await rollback(Executor(db, secrets.signing, cache=cache), SYSTEM, row.id)
+    assert await plan_seen() == helpers.OLD
