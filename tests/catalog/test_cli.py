@@ -1,4 +1,6 @@
-"""`keyshift catalog …` as a real process on the test's database: exit codes and output."""
+"""`keyshift catalog …` on the test's database: exit codes and output. Most calls run
+in-process (the same Typer app, see ``invoke_keyshift``); refusing bad manifests runs as a
+real process."""
 
 from __future__ import annotations
 
@@ -9,10 +11,16 @@ from pathlib import Path
 
 from keyshift.config import Settings
 from tests.catalog.helpers import EXAMPLES, REPO
-from tests.conftest import cli_env, run_keyshift
+from tests.conftest import cli_env, invoke_keyshift, run_keyshift
 
 
 def keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """In-process."""
+    return invoke_keyshift(cli_env(settings), "catalog", *args, cwd=REPO)
+
+
+def real_keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """A real process."""
     return run_keyshift(cli_env(settings), "catalog", *args, cwd=REPO)
 
 
@@ -38,7 +46,7 @@ def test_validate_prints_every_problem_with_file_line_and_field_and_exits_2(
     (tmp_path / "catalog" / "junk.toml").write_bytes(b"[edition\n\xff")
     settings = Settings(database_url="sqlite+aiosqlite:///unused.db", secrets_dir=tmp_path)
 
-    result = keyshift(settings, "validate", str(tmp_path / "catalog"))
+    result = real_keyshift(settings, "validate", str(tmp_path / "catalog"))
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert (
@@ -87,14 +95,14 @@ def test_publish_refuses_invalid_manifests_and_unknown_editions(
     settings: Settings, tmp_path: Path
 ) -> None:
     (tmp_path / "bad.toml").write_text('[plan]\nkey = "x"\n')
-    invalid = keyshift(settings, "publish", str(tmp_path))
+    invalid = real_keyshift(settings, "publish", str(tmp_path))
     assert invalid.returncode == 2
     assert f"{tmp_path / 'bad.toml'}:1: plan.version: required field is missing" in invalid.stderr
 
-    orphan = keyshift(settings, "publish", "examples/catalog/plans")
+    orphan = real_keyshift(settings, "publish", "examples/catalog/plans")
     assert orphan.returncode == 3
     assert "not published" in orphan.stderr
-    empty = keyshift(settings, "list")
+    empty = real_keyshift(settings, "list")
     assert empty.returncode == 0 and empty.stdout == ""
 
 

@@ -1,4 +1,6 @@
-"""The CLI as a user runs it: a real `python -m keyshift.cli` process per command."""
+"""The CLI as a user runs it: init, tokens and audit. Most commands run in-process (the same
+Typer app, see ``invoke_keyshift``); `init`, the one-line errors and `serve`'s refusal run as
+real `python -m keyshift.cli` processes."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.db.tables import ApiToken, AuditEvent
 from keyshift.security.tokens import TOKEN_PREFIX, hash_token
-from tests.conftest import cli_env, run_keyshift
+from tests.conftest import cli_env, invoke_keyshift, run_keyshift
 
-keyshift = run_keyshift
+keyshift = invoke_keyshift  # in-process
+real_keyshift = run_keyshift  # a real process
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> None:
@@ -33,7 +36,7 @@ def test_init_creates_private_secrets_schema_and_prints_one_admin_token(tmp_path
         "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}",
         "KEYSHIFT_SECRETS_DIR": str(secrets_dir),
     }
-    first = keyshift(env, "init")
+    first = real_keyshift(env, "init")
     assert first.returncode == 0, first.stderr
     for name in ("keyring.json", "signing.json"):
         mode = stat.S_IMODE((secrets_dir / name).stat().st_mode)
@@ -43,10 +46,10 @@ def test_init_creates_private_secrets_schema_and_prints_one_admin_token(tmp_path
     assert (tmp_path / "fresh.db").exists()
 
     # The token works against the CLI's database, and the schema is current.
-    listed = keyshift(env, "tokens", "list")
+    listed = real_keyshift(env, "tokens", "list")
     assert listed.returncode == 0 and '"first admin"' in listed.stdout
 
-    second = keyshift(env, "init")
+    second = real_keyshift(env, "init")
     assert second.returncode == 0, second.stderr
     assert TOKEN_PREFIX not in second.stdout
     assert "created" not in second.stdout  # nothing was missing
@@ -127,7 +130,7 @@ async def test_audit_verify_names_a_deleted_event(settings: Settings, db: Databa
 
 
 def test_revoking_an_unknown_token_is_one_line_and_exit_3(settings: Settings) -> None:
-    result = keyshift(cli_env(settings), "tokens", "revoke", "nonexistent")
+    result = real_keyshift(cli_env(settings), "tokens", "revoke", "nonexistent")
     assert_one_line_error(result)
     assert result.returncode == 3
     assert "nonexistent" in result.stderr
@@ -165,11 +168,11 @@ def test_an_unreachable_or_uninitialised_database_is_one_line(tmp_path: Path) ->
         "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'never-initialised.db'}",
         "KEYSHIFT_SECRETS_DIR": str(tmp_path / "s"),
     }
-    result = keyshift(env, "tokens", "list")
+    result = real_keyshift(env, "tokens", "list")
     assert_one_line_error(result)
     assert "keyshift init" in result.stderr
     unreachable = {**env, "KEYSHIFT_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
-    assert_one_line_error(keyshift(unreachable, "audit", "verify"))
+    assert_one_line_error(real_keyshift(unreachable, "audit", "verify"))
 
 
 def test_serve_without_secrets_is_one_line(tmp_path: Path) -> None:
@@ -178,6 +181,6 @@ def test_serve_without_secrets_is_one_line(tmp_path: Path) -> None:
         "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
         "KEYSHIFT_SECRETS_DIR": str(tmp_path / "missing"),
     }
-    result = keyshift(env, "serve", "--port", "1")
+    result = real_keyshift(env, "serve", "--port", "1")
     assert_one_line_error(result)
     assert "keyshift init" in result.stderr

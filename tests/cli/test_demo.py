@@ -1,4 +1,5 @@
-"""`keyshift demo`, the README's main job, as a real process on both databases."""
+"""`keyshift demo`, the README's main job, as a real process on both databases (and its
+refusal outside the repository in-process, see ``invoke_keyshift``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import cli_env, run_keyshift
+from tests.conftest import cli_env, invoke_keyshift, run_keyshift
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,7 @@ async def test_demo_runs_end_to_end_and_again(
 
 
 def test_demo_outside_the_repository_says_what_to_do(tmp_path: Path, settings: Settings) -> None:
-    result = run_keyshift(cli_env(settings), "demo", cwd=tmp_path)
+    result = invoke_keyshift(cli_env(settings), "demo", cwd=tmp_path)
     assert result.returncode == 2
     assert "examples/catalog is not a directory" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,4 +1,6 @@
-"""`keyshift accounts` and `keyshift licenses` as real subprocesses on the test database."""
+"""`keyshift accounts` and `keyshift licenses` on the test database: the whole lifecycle
+in-process (the same Typer app, see ``invoke_keyshift``), the errors and exit codes as real
+subprocesses."""
 
 from __future__ import annotations
 
@@ -13,10 +15,16 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import Account, Activation, AuditEvent
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import cli_env, run_keyshift
+from tests.conftest import cli_env, invoke_keyshift, run_keyshift
 
 
 def keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """In-process."""
+    return invoke_keyshift(cli_env(settings), *args)
+
+
+def real_keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """A real process."""
     return run_keyshift(cli_env(settings), *args)
 
 
@@ -85,7 +93,7 @@ async def test_cli_errors_are_messages_with_exit_codes_and_write_nothing(
 ) -> None:
     await factories.publish_sample_catalog(db)
     events = await _count(db, AuditEvent)
-    unknown_plan = keyshift(settings, "accounts", "create", "--name", "X", "--plan", "gold@9")
+    unknown_plan = real_keyshift(settings, "accounts", "create", "--name", "X", "--plan", "gold@9")
     assert unknown_plan.returncode == 3
     assert "gold@9" in unknown_plan.stderr and "Traceback" not in unknown_plan.stderr
     assert await _count(db, Account) == 0
@@ -94,13 +102,13 @@ async def test_cli_errors_are_messages_with_exit_codes_and_write_nothing(
     account = await factories.create_account(db)
     _, key = await factories.issue_license(db, secrets, account.id)
     events = await _count(db, AuditEvent)
-    absurd = keyshift(settings, "licenses", "activate", key, "f" * 10_000)
+    absurd = real_keyshift(settings, "licenses", "activate", key, "f" * 10_000)
     assert absurd.returncode == 2 and "[fingerprint]" in absurd.stderr
-    malformed = keyshift(settings, "licenses", "activate", "ABCDE-FGHJK", "m")
+    malformed = real_keyshift(settings, "licenses", "activate", "ABCDE-FGHJK", "m")
     assert malformed.returncode == 2 and "[key]" in malformed.stderr
-    bad_date = keyshift(settings, "licenses", "issue", account.id, "--expires-at", "tomorrow")
+    bad_date = real_keyshift(settings, "licenses", "issue", account.id, "--expires-at", "tomorrow")
     assert bad_date.returncode == 2 and "[expires_at]" in bad_date.stderr
-    missing = keyshift(settings, "licenses", "show", "no-such-license")
+    missing = real_keyshift(settings, "licenses", "show", "no-such-license")
     assert missing.returncode == 3
     assert await _count(db, Activation) == 0
     assert await _count(db, AuditEvent) == events

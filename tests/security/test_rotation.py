@@ -18,7 +18,7 @@ from keyshift.licensing import service as licensing
 from keyshift.security.keyring import Keyring
 from keyshift.security.rotation import reencrypt_licenses
 from keyshift.security.secrets_store import Secrets, load_secrets
-from tests.conftest import cli_env, run_keyshift
+from tests.conftest import cli_env, invoke_keyshift
 from tests.factories import create_account, publish_sample_catalog
 
 
@@ -65,7 +65,7 @@ async def test_catalog_is_untouched_by_rotation(db: Database) -> None:
     assert before == after
 
 
-_cli = run_keyshift
+_cli = invoke_keyshift  # in-process; tests/licensing/test_license_files.py runs `keys` for real
 
 
 async def test_rotate_then_reencrypt_from_the_command_line(
