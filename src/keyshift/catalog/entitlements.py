@@ -71,6 +71,19 @@ class Entitlements:
             out["addons"] = list(self.addons)
         return out
 
+    def public_dict(self) -> dict[str, Any]:
+        """``to_dict()``, built once per instance and shared: the caller must not change it.
+
+        The validation hot path signs this on every request; a plan's entitlements object is
+        cached for the process's life, so its public form is too. (An instance is frozen, and
+        its public form depends on nothing else: one built with overrides for a given moment,
+        by ``with_overrides``, is a new instance with its own.)"""
+        cached: dict[str, Any] | None = self.__dict__.get("_public_dict")
+        if cached is None:
+            cached = self.to_dict()
+            object.__setattr__(self, "_public_dict", cached)
+        return cached
+
 
 def feature_grants(edition: Edition) -> dict[str, FeatureGrant]:
     """Each feature the edition declares, as a grant."""

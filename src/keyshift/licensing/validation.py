@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements, FeatureGrant, with_overrides
 from keyshift.catalog.manifests import KEY_PATTERN
-from keyshift.db.tables import Activation, License, Subscription
+from keyshift.db.tables import Activation, License, Subscription, UsageCounter
 from keyshift.db.types import utcnow
 from keyshift.errors import InvalidInput
 from keyshift.licensing.cache import CachedLicense, LicenseStateCache
@@ -273,7 +273,7 @@ def response_body(
         "detail": DETAIL[decision.code],
         "license": {"id": state.license_id, "status": state.status, "expires_at": state.expires_at},
         "account_id": state.account_id,
-        "entitlements": entitlements.to_dict() if entitlements is not None else None,
+        "entitlements": entitlements.public_dict() if entitlements is not None else None,
         "expiry": decision.expiry.to_dict(),
         "activation": activation,
         "feature": feature_view,
@@ -327,35 +327,46 @@ class ValidationResult:
         return self.code is Code.VALID
 
 
-async def load_state(session: AsyncSession, lookup: str) -> LicenseState | None:
-    """License, subscription and activations in one round trip (a row per activation)."""
-    query = (
-        select(
-            License.id,
-            License.account_id,
-            License.status,
-            License.expires_at,
-            License.max_activations_override,
-            License.version,
-            Subscription.plan_key,
-            Subscription.plan_version,
-            Subscription.plan_hash,
-            Subscription.entitlements_version,
-            Subscription.started_at,
-            Subscription.overrides.label("subscription_overrides"),
-            License.overrides.label("license_overrides"),
-            Activation.id.label("activation_id"),
-            Activation.fingerprint,
-            Activation.mode,
-            Activation.lease_expires_at,
-        )
-        .select_from(License)
-        .outerjoin(Subscription, Subscription.account_id == License.account_id)
-        .outerjoin(Activation, Activation.license_id == License.id)
-        .where(License.key_lookup == lookup)
-        .order_by(Activation.created_at, Activation.id)
+#: License, subscription and activations in one statement (a row per activation); built once,
+#: the key lookup hash bound per call.
+_STATE_QUERY = (
+    select(
+        License.id,
+        License.account_id,
+        License.status,
+        License.expires_at,
+        License.max_activations_override,
+        License.version,
+        Subscription.plan_key,
+        Subscription.plan_version,
+        Subscription.plan_hash,
+        Subscription.entitlements_version,
+        Subscription.started_at,
+        Subscription.overrides.label("subscription_overrides"),
+        License.overrides.label("license_overrides"),
+        Activation.id.label("activation_id"),
+        Activation.fingerprint,
+        Activation.mode,
+        Activation.lease_expires_at,
     )
-    rows = (await session.execute(query)).all()
+    .select_from(License)
+    .outerjoin(Subscription, Subscription.account_id == License.account_id)
+    .outerjoin(Activation, Activation.license_id == License.id)
+    .where(License.key_lookup == bindparam("lookup"))
+    .order_by(Activation.created_at, Activation.id)
+)
+#: The account's counters whose period contains ``when`` (as ``repository.counters_at``).
+_COUNTERS_QUERY = select(UsageCounter.meter, UsageCounter.period_start, UsageCounter.used).where(
+    UsageCounter.account_id == bindparam("account_id"),
+    UsageCounter.period_start <= bindparam("when"),
+    UsageCounter.period_end > bindparam("when"),
+)
+
+
+async def load_state(db: AsyncSession | AsyncConnection, lookup: str) -> LicenseState | None:
+    """License, subscription and activations in one round trip (a row per activation), on a
+    session or on a bare connection."""
+    rows = (await db.execute(_STATE_QUERY, {"lookup": lookup})).all()
     if not rows:
         return None
     first = rows[0]
@@ -396,15 +407,36 @@ def effective_entitlements(entry: CachedLicense, now: datetime) -> Entitlements 
     )
 
 
-async def load(session: AsyncSession, lookup: str) -> CachedLicense | None:
+async def load(db: AsyncSession | AsyncConnection, lookup: str) -> CachedLicense | None:
     """The state and its plan's entitlements (resolved once per plan hash, then cached)."""
-    state = await load_state(session, lookup)
+    state = await load_state(db, lookup)
     if state is None:
         return None
     entitlements = None
     if state.plan_ref is not None and state.plan_hash is not None:
-        entitlements = await catalog.entitlements_for(session, state.plan_ref, state.plan_hash)
+        if isinstance(db, AsyncConnection):
+            # Resolved from the catalog cache without touching the session, except the first
+            # time a plan hash is seen; then its queries run on this connection.
+            async with AsyncSession(bind=db) as session:
+                entitlements = await catalog.entitlements_for(
+                    session, state.plan_ref, state.plan_hash
+                )
+        else:
+            entitlements = await catalog.entitlements_for(db, state.plan_ref, state.plan_hash)
     return CachedLicense(state, entitlements)
+
+
+T = TypeVar("T")
+#: Runs a read-only query on a pooled connection without an explicit transaction
+#: (``Database.read``).
+Reader = Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[T]]
+
+
+async def _counters(
+    conn: AsyncSession | AsyncConnection, account_id: str, when: datetime
+) -> dict[tuple[str, datetime], int]:
+    rows = await conn.execute(_COUNTERS_QUERY, {"account_id": account_id, "when": when})
+    return {(r.meter, r.period_start): int(r.used) for r in rows}
 
 
 async def current_meters(
@@ -413,10 +445,13 @@ async def current_meters(
     feature: str | None,
     now: datetime,
     entitlements: Entitlements | None = None,
+    reads: Reader[Any] | None = None,
 ) -> dict[str, MeterState] | None:
     """Meter state is read fresh (one query), never cached, and only when there is any: the
     plan has meters, or the asked feature is throttled. ``entitlements``: the effective ones
-    (default: the plan's)."""
+    (default: the plan's). With ``reads``: one prebuilt statement on a pooled connection, no
+    transaction around it (a single statement sees one snapshot); else in a ``sessions``
+    transaction."""
     entitlements = entitlements if entitlements is not None else entry.entitlements
     anchor = entry.state.anchor
     if entitlements is None or anchor is None:
@@ -427,8 +462,23 @@ async def current_meters(
     if not wanted:
         return None
     subject = subjects.Subject(entry.state.account_id, entry.state.license_id, anchor, entitlements)
-    async with sessions() as session:
-        return await reports.meter_states(session, subject, now, only=sorted(wanted))
+    if reads is None:
+        async with sessions() as session:
+            return await reports.meter_states(session, subject, now, only=sorted(wanted))
+    # As ``reports.meter_states``: each wanted meter's counter in its current period.
+    specs = {k: v for k, v in subject.specs.items() if k in wanted}
+    if not specs:
+        return {}
+
+    async def query(conn: AsyncConnection) -> dict[tuple[str, datetime], int]:
+        return await _counters(conn, entry.state.account_id, now)
+
+    counters = await reads(query)
+    states = {}
+    for key, spec in specs.items():
+        period = subject.period(spec, now)
+        states[key] = MeterState(spec, period, counters.get((key, period.start), 0))
+    return states
 
 
 async def validate(
@@ -443,6 +493,7 @@ async def validate(
     meter: str | None = None,
     cache: LicenseStateCache | None = None,
     now: datetime | None = None,
+    reads: Reader[Any] | None = None,
 ) -> ValidationResult:
     """Validate a presented key and sign the answer.
 
@@ -450,6 +501,8 @@ async def validate(
     the cache misses, so a cached validation touches no database — unless the plan has
     meters (or the asked feature is throttled): meter state is read fresh, in one query.
     Unknown keys are never cached: a key issued a moment ago validates at once.
+    ``reads`` (``Database.read``), if given, takes both reads instead: one statement each on a
+    pooled connection, without BEGIN/COMMIT around it.
     MalformedKey / InvalidInput for input that cannot be a key, fingerprint, feature, meter
     or nonce.
     """
@@ -460,8 +513,11 @@ async def validate(
     cached = entry is not None
     if entry is None:
         generation = cache.generation if cache is not None else 0
-        async with sessions() as session:
-            entry = await load(session, lookup)
+        if reads is not None:
+            entry = await reads(lambda conn: load(conn, lookup))
+        else:
+            async with sessions() as session:
+                entry = await load(session, lookup)
         if entry is not None and cache is not None:
             cache.put(lookup, entry, generation=generation)
     if entry is None:
@@ -471,7 +527,7 @@ async def validate(
         code = Code.NOT_FOUND
     else:
         effective = effective_entitlements(entry, now)
-        meters = await current_meters(sessions, entry, feature, now, effective)
+        meters = await current_meters(sessions, entry, feature, now, effective, reads)
         decision = decide(
             entry.state,
             effective,
