@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
-from keyshift.catalog.manifests import parse_ref
 from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.db.tables import (
@@ -446,35 +445,10 @@ class Executor:
                 session, row, "cutover", outcome="failed", details={"error": row.error}, now=now
             )
             return "stop"
-        target = expected["subscription"]
-        key, version = parse_ref(target["plan"])
-        sub.plan_key, sub.plan_version, sub.plan_hash = key, version, target["plan_hash"]
-        sub.overrides = target["overrides"]
-        sub.entitlements_version += 1
-        sub.updated_at = now
-        license_changes = []
-        wanted = {lic["id"]: lic for lic in expected["licenses"]}
-        current = (
-            await session.execute(
-                select(License)
-                .where(License.account_id == row.account_id)
-                .execution_options(populate_existing=True)
-            )
-        ).scalars()
-        for lic_row in current:
-            want = wanted.get(lic_row.id)
-            if want is None:
-                continue
-            if (lic_row.max_activations_override, lic_row.overrides or {}) != (
-                want["max_activations_override"],
-                want["overrides"],
-            ):
-                lic_row.max_activations_override = want["max_activations_override"]
-                lic_row.overrides = want["overrides"]
-                lic_row.version += 1
-                lic_row.updated_at = now
-                license_changes.append(lic_row.id)
-        await session.flush()
+        repository.put_subscription(sub, expected["subscription"], now)
+        license_changes = await repository.put_license_overrides(
+            session, row.account_id, expected["licenses"], now
+        )
         removed = []
         if plan.get("deactivate"):
             by_id = {a["id"]: a for a in snapshot.get("activations", [])}

@@ -469,27 +469,24 @@ def _recency(activation: dict[str, Any], now: datetime) -> tuple[int, str, str, 
 
 
 def _map_license_overrides(overrides: dict[str, Any], rules: MigrationRules) -> dict[str, Any]:
+    """A license's hand-set features and quotas, carried through the rules' mappings (a kept
+    or unlisted name stays, a renamed one moves, a dropped one goes) or dropped wholesale."""
     out: dict[str, Any] = {}
-    if rules.overrides.features == "carry" and overrides.get("features"):
-        features = {}
-        for name, mode in overrides["features"].items():
-            rule = rules.features.get(name)
+    for kind, policy, mapping in (
+        ("features", rules.overrides.features, rules.features),
+        ("quotas", rules.overrides.quotas, rules.quotas),
+    ):
+        if policy != "carry" or not overrides.get(kind):
+            continue
+        mapped = {}
+        for name, value in overrides[kind].items():
+            rule = mapping.get(name)
             if rule is None or rule.action == "keep":
-                features[name] = mode
+                mapped[name] = value
             elif rule.action == "rename" and rule.to:
-                features[rule.to] = mode
-        if features:
-            out["features"] = features
-    if rules.overrides.quotas == "carry" and overrides.get("quotas"):
-        quotas = {}
-        for name, extra in overrides["quotas"].items():
-            quota_rule = rules.quotas.get(name)
-            if quota_rule is None or quota_rule.action == "keep":
-                quotas[name] = extra
-            elif quota_rule.action == "rename" and quota_rule.to:
-                quotas[quota_rule.to] = extra
-        if quotas:
-            out["quotas"] = quotas
+                mapped[rule.to] = value
+        if mapped:
+            out[kind] = mapped
     return out
 
 

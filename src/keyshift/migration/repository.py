@@ -310,3 +310,48 @@ async def delete_counter_row_if_zero(
         )
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# -- writes the cutover and the rollback share ----------------------------------------------------
+
+
+def put_subscription(sub: Subscription, wanted: dict[str, Any], now: datetime) -> None:
+    """Set the subscription to a state's plan and overrides. ``entitlements_version`` only
+    ever goes up (caches and offline files compare it), whichever way the plan moves."""
+    key, version = wanted["plan"].split("@", 1)
+    sub.plan_key, sub.plan_version, sub.plan_hash = key, version, wanted["plan_hash"]
+    sub.overrides = wanted["overrides"]
+    sub.entitlements_version += 1
+    sub.updated_at = now
+
+
+async def put_license_overrides(
+    session: AsyncSession, account_id: str, wanted: list[dict[str, Any]], now: datetime
+) -> list[str]:
+    """Give the account's licenses the hand-set cap and overrides of ``wanted`` (rows of a
+    state), locked; returns the ids that changed (their ``version`` bumped)."""
+    by_id = {lic["id"]: lic for lic in wanted}
+    rows = (
+        await session.execute(
+            select(License)
+            .where(License.account_id == account_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    changed = []
+    for row in rows:
+        want = by_id.get(row.id)
+        if want is None:
+            continue
+        if (row.max_activations_override, row.overrides or {}) != (
+            want["max_activations_override"],
+            want["overrides"],
+        ):
+            row.max_activations_override = want["max_activations_override"]
+            row.overrides = want["overrides"]
+            row.version += 1
+            row.updated_at = now
+            changed.append(row.id)
+    await session.flush()
+    return changed

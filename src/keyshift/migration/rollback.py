@@ -13,13 +13,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.audit import service as audit
-from keyshift.catalog.manifests import parse_ref
 from keyshift.context import Actor
-from keyshift.db.tables import Activation, DataObject, License, Migration
+from keyshift.db.tables import Activation, DataObject, Migration
 from keyshift.licensing import cache as license_cache
 from keyshift.migration import repository
 from keyshift.migration.errors import (
@@ -133,34 +132,8 @@ async def _restore(
     before = snapshot["subscription"]
     sub = await repository.lock_subscription(session, row.account_id)
     assert sub is not None
-    key, version = parse_ref(before["plan"])
-    sub.plan_key, sub.plan_version, sub.plan_hash = key, version, before["plan_hash"]
-    sub.overrides = before["overrides"]
-    sub.entitlements_version += 1  # never back: caches compare it
-    sub.updated_at = now
-
-    wanted = {lic["id"]: lic for lic in snapshot["licenses"]}
-    current = (
-        await session.execute(
-            select(License)
-            .where(License.account_id == row.account_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-    ).scalars()
-    for lic in current:
-        want = wanted.get(lic.id)
-        if want is None:
-            continue
-        if (lic.max_activations_override, lic.overrides or {}) != (
-            want["max_activations_override"],
-            want["overrides"],
-        ):
-            lic.max_activations_override = want["max_activations_override"]
-            lic.overrides = want["overrides"]
-            lic.version += 1
-            lic.updated_at = now
-    await session.flush()
+    repository.put_subscription(sub, before, now)
+    await repository.put_license_overrides(session, row.account_id, snapshot["licenses"], now)
 
     restored_activations = []
     for activation in cutover.get("activations_deactivated", []):
