@@ -198,3 +198,14 @@ async def subscription(db: Database, account_id: str) -> Subscription:
         row = await session.get(Subscription, account_id)
         assert row is not None
         return row
+
+
+async def state_of(db: Database, account_id: str) -> dict[str, Any]:
+    """The account's state as a migration sees it (``keyshift.migration.state``)."""
+    from keyshift.db.types import utcnow
+    from keyshift.migration import repository
+
+    async with db.transaction() as session:
+        state = await repository.read_state(session, account_id, utcnow())
+    assert state is not None
+    return state

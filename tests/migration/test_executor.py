@@ -13,7 +13,6 @@ from keyshift.canonical import canonical_json
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import DataObject, MigrationStep
-from keyshift.db.types import utcnow
 from keyshift.licensing import validation
 from keyshift.migration import repository
 from keyshift.migration.errors import (
@@ -33,24 +32,17 @@ def executor(db: Database, secrets: Secrets) -> Executor:
     return Executor(db, secrets.signing)
 
 
-async def state_of(db: Database, account_id: str) -> dict:
-    async with db.transaction() as session:
-        state = await repository.read_state(session, account_id, utcnow())
-    assert state is not None
-    return state
-
-
 async def test_apply_moves_the_account_and_keeps_keys_activations_and_data(
     db: Database, secrets: Secrets, executor: Executor
 ) -> None:
     await helpers.publish(db)
     account_id, _keys = await helpers.rich_account(db, secrets)
-    before = await state_of(db, account_id)
+    before = await helpers.state_of(db, account_id)
 
     row = await executor.apply(SYSTEM, helpers.rules(), account_id)
 
     assert row.state == "completed", row.error
-    after = await state_of(db, account_id)
+    after = await helpers.state_of(db, account_id)
     assert after["subscription"]["plan"] == helpers.NEW
     # The license keys did not change; the license with a cap override of 5 kept it.
     assert [lic["key_lookup"] for lic in after["licenses"]] == [
@@ -127,14 +119,14 @@ async def test_rollback_restores_the_snapshot_hash_exactly(
 ) -> None:
     await helpers.publish(db)
     account_id, _ = await helpers.rich_account(db, secrets)
-    before = await state_of(db, account_id)
+    before = await helpers.state_of(db, account_id)
     row = await executor.apply(SYSTEM, helpers.rules(), account_id)
     assert state_hash(before) == row.snapshot_hash
 
     rolled = await rollback(executor, SYSTEM, row.id)
 
     assert rolled.state == "rolled_back"
-    restored = await state_of(db, account_id)
+    restored = await helpers.state_of(db, account_id)
     assert state_hash(restored) == row.snapshot_hash
     async with db.transaction() as session:
         ledger = (await repository.steps_done(session, row.id))["rollback"]
@@ -143,7 +135,7 @@ async def test_rollback_restores_the_snapshot_hash_exactly(
     # Idempotent: a second rollback changes nothing and records nothing more.
     again = await rollback(executor, SYSTEM, row.id)
     assert again.state == "rolled_back"
-    assert state_hash(await state_of(db, account_id)) == row.snapshot_hash
+    assert state_hash(await helpers.state_of(db, account_id)) == row.snapshot_hash
 
 
 async def test_rollback_of_an_account_that_never_migrated_is_refused(
@@ -186,7 +178,7 @@ async def test_block_policy_refuses_and_writes_nothing(
 ) -> None:
     await helpers.publish(db)
     account_id, _ = await helpers.rich_account(db, secrets)
-    before = await state_of(db, account_id)
+    before = await helpers.state_of(db, account_id)
     blocking = helpers.rules(
         **{'projects = { on_conflict = "archive" }': 'projects = { on_conflict = "block" }'}
     )
@@ -195,7 +187,7 @@ async def test_block_policy_refuses_and_writes_nothing(
         await executor.apply(SYSTEM, blocking, account_id)
 
     assert "projects" in caught.value.message
-    assert state_hash(await state_of(db, account_id)) == state_hash(before)
+    assert state_hash(await helpers.state_of(db, account_id)) == state_hash(before)
 
 
 async def test_cached_entitlements_are_invalidated_at_cutover(

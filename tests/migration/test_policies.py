@@ -9,7 +9,6 @@ from sqlalchemy import text
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
-from keyshift.db.types import utcnow
 from keyshift.licensing import service as licensing
 from keyshift.licensing import validation
 from keyshift.migration import repository
@@ -53,15 +52,8 @@ async def test_seat_to_usage_converts_seats_into_included_units(
     assert body["entitlements"]["model"] == "usage"
     assert body["meters"]["units"]["included"] == 8000
     # keep_all: no machine was deactivated.
-    state = await _state(db, account_id)
+    state = await helpers.state_of(db, account_id)
     assert len(state["activations"]) == 3
-
-
-async def _state(db: Database, account_id: str) -> dict:
-    async with db.transaction() as session:
-        state = await repository.read_state(session, account_id, utcnow())
-    assert state is not None
-    return state
 
 
 async def test_grace_keeps_the_old_features_until_grace_until(
@@ -90,7 +82,7 @@ async def test_grace_keeps_the_old_features_until_grace_until(
     assert after["entitlements"]["quotas"]["projects"] == 3
     assert "grace_until" not in after["entitlements"]
     # Nothing was archived under grace.
-    state = await _state(db, account_id)
+    state = await helpers.state_of(db, account_id)
     assert all(o["tier"] == "standard" for o in state["objects"])
 
 
@@ -107,7 +99,7 @@ async def test_read_only_marks_the_quota_and_keeps_the_data(
 
     body = await _validate(db, secrets, keys[0][1])
     assert body["entitlements"]["read_only"] == ["projects"]
-    state = await _state(db, account_id)
+    state = await helpers.state_of(db, account_id)
     assert sum(1 for o in state["objects"] if o["state"] == "active") == 5
 
 
@@ -149,7 +141,7 @@ async def test_license_overrides_reset_and_dropped_as_the_rules_say(
 
     row = await executor.apply(SYSTEM, rules, account_id)
 
-    state = await _state(db, account_id)
+    state = await helpers.state_of(db, account_id)
     second = next(lic for lic in state["licenses"] if lic["id"] == keys[1][0])
     assert second["max_activations_override"] is None and second["overrides"] == {}
     body = await _validate(db, secrets, keys[1][1], feature="b")
@@ -164,12 +156,12 @@ async def test_an_add_on_without_a_rule_blocks_when_the_default_is_refuse(
 ) -> None:
     await helpers.publish(db)
     account_id, keys = await helpers.rich_account(db, secrets)
-    before = state_hash(await _state(db, account_id))
+    before = state_hash(await helpers.state_of(db, account_id))
 
     with pytest.raises(MigrationBlocked, match="add-on 'extra'"):
         await executor.apply(SYSTEM, helpers.rules(**{'extra = "carry"': ""}), account_id)
 
-    assert state_hash(await _state(db, account_id)) == before
+    assert state_hash(await helpers.state_of(db, account_id)) == before
     dropped = helpers.rules(**{'extra = "carry"': 'extra = "drop"'})
     row = await executor.apply(SYSTEM, dropped, account_id)
     assert row.state == "completed"
@@ -203,7 +195,7 @@ async def test_a_failed_verification_rolls_back_by_itself(
 ) -> None:
     await helpers.publish(db)
     account_id, _ = await helpers.rich_account(db, secrets)
-    before = state_hash(await _state(db, account_id))
+    before = state_hash(await helpers.state_of(db, account_id))
     row = await executor.request(SYSTEM, helpers.rules(), account_id)
     for step in ("snapshot", "prepare", "cutover"):
         await executor._step(SYSTEM, row.id, step)
@@ -218,7 +210,7 @@ async def test_a_failed_verification_rolls_back_by_itself(
 
     assert done.state == "rolled_back"
     assert "verification failed" in (done.error or "")
-    assert state_hash(await _state(db, account_id)) == before
+    assert state_hash(await helpers.state_of(db, account_id)) == before
     async with db.transaction() as session:
         steps = await repository.steps_done(session, row.id)
     assert steps["verify"].outcome == "failed"

@@ -8,8 +8,6 @@ from hypothesis import strategies as st
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
-from keyshift.db.types import utcnow
-from keyshift.migration import repository
 from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import rollback
 from keyshift.migration.state import differences, state_hash
@@ -33,13 +31,6 @@ def _rules(policy: int, counter: int, seats: int, version: int) -> str:
         .replace('exports = "carry"', f"exports = {COUNTERS[counter]}")
         .replace('activations = "trim_to_cap"', f"activations = {SEATS[seats]}")
     )
-
-
-async def _state(db: Database, account_id: str) -> dict:
-    async with db.transaction() as session:
-        state = await repository.read_state(session, account_id, utcnow())
-    assert state is not None
-    return state
 
 
 @settings(
@@ -66,7 +57,7 @@ async def test_apply_reaches_the_plan_and_rollback_restores_the_snapshot(
     await reset(db)
     await helpers.publish(db)
     account_id, _ = await helpers.rich_account(db, secrets, objects=objects, exports=exports)
-    before = state_hash(await _state(db, account_id))
+    before = state_hash(await helpers.state_of(db, account_id))
     executor = Executor(db, secrets.signing)
     rules = helpers.rules(_rules(policy, counter, seats, objects))
 
@@ -74,8 +65,8 @@ async def test_apply_reaches_the_plan_and_rollback_restores_the_snapshot(
 
     assert row.state == "completed", row.error
     assert row.snapshot_hash == before
-    after = await _state(db, account_id)
+    after = await helpers.state_of(db, account_id)
     assert differences(row.plan["expected"], after) == []
     rolled = await rollback(executor, SYSTEM, row.id)
     assert rolled.state == "rolled_back"
-    assert state_hash(await _state(db, account_id)) == before
+    assert state_hash(await helpers.state_of(db, account_id)) == before
