@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,7 +20,11 @@ from keyshift.security import tokens
 
 
 def get_state(request: Request) -> AppState:
-    state: AppState = request.app.state.keyshift
+    return get_state_of(request.app)
+
+
+def get_state_of(app: Any) -> AppState:
+    state: AppState = app.state.keyshift
     return state
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -72,50 +73,61 @@ def _message(err: dict[str, Any]) -> str:
     return str(err["msg"])
 
 
+def domain_error(exc: e.KeyshiftError) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """Status, error body and headers for a domain error (every route, and the ASGI fast
+    path of validation, answer through this)."""
+    headers = None
+    if isinstance(exc, e.AuthenticationFailed):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
+    return status_for(exc), exc.to_dict(), headers
+
+
+def invalid_request(errors: Sequence[Any]) -> dict[str, Any]:
+    """The 422 body for schema errors (pydantic's error dicts): the first problem's field
+    and message on top, all of them under ``problems``."""
+    problems = [
+        {
+            "field": _field_path(tuple(err["loc"]), err["type"]),
+            "message": _message(err),
+            "type": err["type"],
+        }
+        for err in errors
+    ]
+    first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+    return {
+        "code": "invalid_request",
+        "message": f"{first['field']}: {first['message']}",
+        "field": first["field"],
+        "problems": problems,
+    }
+
+
+def unparseable_body() -> dict[str, Any]:
+    return {
+        "code": "invalid_request",
+        "message": "body: could not be parsed as JSON (nested too deeply?)",
+        "field": "body",
+    }
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.KeyshiftError)
     async def _domain(_request: Request, exc: e.KeyshiftError) -> JsonResponse:
-        headers = None
-        if isinstance(exc, e.AuthenticationFailed):
-            headers = {"WWW-Authenticate": "Bearer"}
-        elif isinstance(exc, RateLimited):
-            headers = {"Retry-After": str(exc.retry_after)}
-        return error_response(status_for(exc), exc.to_dict(), headers)
+        status, body, headers = domain_error(exc)
+        return error_response(status, body, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JsonResponse:
-        problems = [
-            {
-                "field": _field_path(tuple(err["loc"]), err["type"]),
-                "message": _message(err),
-                "type": err["type"],
-            }
-            for err in exc.errors()
-        ]
-        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
-        return error_response(
-            422,
-            {
-                "code": "invalid_request",
-                "message": f"{first['field']}: {first['message']}",
-                "field": first["field"],
-                "problems": problems,
-            },
-        )
+        return error_response(422, invalid_request(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JsonResponse:
         if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
             # FastAPI's answer when decoding the body fails other than as bad JSON syntax
             # (e.g. nested deeper than the decoder recurses): the same 422 as invalid JSON.
-            return error_response(
-                422,
-                {
-                    "code": "invalid_request",
-                    "message": "body: could not be parsed as JSON (nested too deeply?)",
-                    "field": "body",
-                },
-            )
+            return error_response(422, unparseable_body())
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, {"code": code, "message": str(exc.detail)})
 

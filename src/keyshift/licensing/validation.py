@@ -481,6 +481,25 @@ async def current_meters(
     return states
 
 
+#: Presented key text → its lookup hash, for keys that were well-formed: normalising and the
+#: HMAC are a tenth of a cached validation's cost, and applications present the same key
+#: text again and again. It holds nothing the process cannot already derive (the keyring
+#: that computes the hashes is in memory too); bounded, emptied when full.
+_LOOKUPS: dict[tuple[bytes, str], str] = {}
+_LOOKUPS_MAX = 100_000
+
+
+def _lookup(keyring: Keyring, key: str) -> str:
+    memo = (keyring.lookup_key, key)
+    lookup = _LOOKUPS.get(memo)
+    if lookup is None:
+        lookup = lookup_for(keyring, key)  # MalformedKey: never remembered
+        if len(_LOOKUPS) >= _LOOKUPS_MAX:
+            _LOOKUPS.clear()
+        _LOOKUPS[memo] = lookup
+    return lookup
+
+
 async def validate(
     sessions: SessionSource,
     keyring: Keyring,
@@ -506,7 +525,7 @@ async def validate(
     MalformedKey / InvalidInput for input that cannot be a key, fingerprint, feature, meter
     or nonce.
     """
-    lookup = lookup_for(keyring, key)
+    lookup = _lookup(keyring, key)
     check_inputs(fingerprint, feature, nonce, meter)
     now = now or utcnow()
     entry = cache.get(lookup) if cache is not None else None
