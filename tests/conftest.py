@@ -226,10 +226,16 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def live_server(settings: Settings, secrets: Secrets, tmp_path: Path) -> Iterator[LiveServer]:
-    """`keyshift serve` as a real process on a loopback port, on this test's database."""
+def live_server(
+    settings: Settings, secrets: Secrets, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[LiveServer]:
+    """`keyshift serve` as a real process on a loopback port, on this test's database
+    (``@pytest.mark.server_env(NAME="value")`` adds to its environment)."""
     port = free_port()
     env = cli_env(settings)
+    marker = request.node.get_closest_marker("server_env")
+    if marker is not None:
+        env.update({k: str(v) for k, v in marker.kwargs.items()})
     log_path = tmp_path / "serve.log"
     log = log_path.open("wb")
     process = subprocess.Popen(

@@ -23,6 +23,12 @@ class Settings:
     #: activate, heartbeat, deactivate, checkout); 0 turns the limit off.
     client_rate_per_second: float = 0.0
     client_rate_burst: int = 50
+    #: Requests per second per license key on the same endpoints; 0 turns it off.
+    key_rate_per_second: float = 0.0
+    key_rate_burst: int = 20
+    #: Requests per second per bearer token on every token-authenticated endpoint; 0: off.
+    token_rate_per_second: float = 0.0
+    token_rate_burst: int = 100
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -38,6 +44,10 @@ class Settings:
             log_level=os.environ.get("KEYSHIFT_LOG_LEVEL", "INFO"),
             client_rate_per_second=float(os.environ.get("KEYSHIFT_CLIENT_RATE_PER_SECOND", 0)),
             client_rate_burst=int(os.environ.get("KEYSHIFT_CLIENT_RATE_BURST", 50)),
+            key_rate_per_second=float(os.environ.get("KEYSHIFT_KEY_RATE_PER_SECOND", 0)),
+            key_rate_burst=int(os.environ.get("KEYSHIFT_KEY_RATE_BURST", 20)),
+            token_rate_per_second=float(os.environ.get("KEYSHIFT_TOKEN_RATE_PER_SECOND", 0)),
+            token_rate_burst=int(os.environ.get("KEYSHIFT_TOKEN_RATE_BURST", 100)),
         )
 
 

@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyshift.api.ratelimit import RateLimited
 from keyshift.api.state import AppState
 from keyshift.context import Actor
-from keyshift.errors import AuthenticationFailed, PermissionDenied
+from keyshift.errors import AuthenticationFailed, KeyshiftError, PermissionDenied
+from keyshift.licensing import validation
 from keyshift.migration.executor import Executor
 from keyshift.security import tokens
 
@@ -68,10 +69,15 @@ def require_any(*scopes: str) -> Callable[[Request], Awaitable[Actor]]:
         if scheme.lower() != "bearer" or not credential.strip():
             raise AuthenticationFailed("missing bearer token")
         # Authentication uses its own short transaction so a failed auth writes nothing.
-        async with get_state(request).db.transaction() as session:
+        state = get_state(request)
+        async with state.db.transaction() as session:
             actor = await tokens.authenticate(
                 session, credential.strip(), request_id=request_id(request)
             )
+        if state.token_bucket is not None:
+            wait = state.token_bucket.take(actor.id)
+            if wait:
+                raise RateLimited(wait, "token")
         if not any(actor.can(scope) for scope in scopes):
             wanted = " or ".join(repr(scope) for scope in scopes)
             raise PermissionDenied(f"this token lacks the {wanted} scope")
@@ -100,3 +106,18 @@ async def client_rate_limit(request: Request) -> None:
 
 
 ClientLimited = [Depends(client_rate_limit)]
+
+
+def limit_key(state: AppState, key: str | None) -> None:
+    """Per-license-key limit on the key-authenticated endpoints (off unless configured). A
+    key that cannot be one is left to the route, which refuses it with a 422."""
+    bucket = state.key_bucket
+    if bucket is None or key is None:
+        return
+    try:
+        lookup = validation.lookup_of(state.secrets.keyring, key)
+    except KeyshiftError:
+        return
+    wait = bucket.take(lookup)
+    if wait:
+        raise RateLimited(wait, "key")

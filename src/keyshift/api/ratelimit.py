@@ -1,8 +1,11 @@
-"""A per-client-address token bucket for the client-key endpoints (validation, activation).
+"""Token buckets for the rate limits: per client address and per license key on the
+key-authenticated endpoints (validate, activate, heartbeat, deactivate, checkout, check-in,
+usage), per bearer token on everything a token calls. Each is off unless configured
+(``KEYSHIFT_{CLIENT,KEY,TOKEN}_RATE_PER_SECOND``; docs/operations.md).
 
-In-process: each worker keeps its own buckets, so with N workers an address gets up to N
-times the rate. Good enough to blunt key guessing from one address; a shared limiter belongs
-in front of the server (or in PostgreSQL) if that matters.
+In-process: each worker keeps its own buckets, so with N workers a client gets up to N
+times the rate. Good enough to blunt key guessing from one address and a runaway client; a
+shared limiter belongs in front of the server (or in PostgreSQL) if that matters.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 import time
 
 from keyshift.errors import KeyshiftError
+from keyshift.observability import metrics
 
 
 class RateLimited(KeyshiftError):
@@ -18,9 +22,13 @@ class RateLimited(KeyshiftError):
 
     code = "rate_limited"
 
-    def __init__(self, retry_after: float) -> None:
+    def __init__(self, retry_after: float, limit: str = "address") -> None:
         self.retry_after = max(1, math.ceil(retry_after))
-        super().__init__(f"too many requests; retry after {self.retry_after} s")
+        self.limit = limit  # "address" | "key" | "token"
+        super().__init__(
+            f"too many requests for this {limit}; retry after {self.retry_after} s", limit=limit
+        )
+        metrics.record_rate_limited(limit)
 
 
 class TokenBucket:

@@ -321,6 +321,7 @@ class ValidationResult:
     signature_header: str
     payload: dict[str, Any]
     cached: bool  # whether the license state came from the cache
+    lookup: str  # the presented key's lookup hash
 
     @property
     def valid(self) -> bool:
@@ -489,15 +490,16 @@ _LOOKUPS: dict[tuple[bytes, str], str] = {}
 _LOOKUPS_MAX = 100_000
 
 
-def _lookup(keyring: Keyring, key: str) -> str:
+def lookup_of(keyring: Keyring, key: str) -> str:
+    """The lookup hash of a presented key (MalformedKey if it cannot be one), memoised."""
     memo = (keyring.lookup_key, key)
-    lookup = _LOOKUPS.get(memo)
-    if lookup is None:
-        lookup = lookup_for(keyring, key)  # MalformedKey: never remembered
+    found = _LOOKUPS.get(memo)
+    if found is None:
+        found = lookup_for(keyring, key)  # MalformedKey: never remembered
         if len(_LOOKUPS) >= _LOOKUPS_MAX:
             _LOOKUPS.clear()
-        _LOOKUPS[memo] = lookup
-    return lookup
+        _LOOKUPS[memo] = found
+    return found
 
 
 async def validate(
@@ -525,7 +527,7 @@ async def validate(
     MalformedKey / InvalidInput for input that cannot be a key, fingerprint, feature, meter
     or nonce.
     """
-    lookup = _lookup(keyring, key)
+    lookup = lookup_of(keyring, key)
     check_inputs(fingerprint, feature, nonce, meter)
     now = now or utcnow()
     entry = cache.get(lookup) if cache is not None else None
@@ -567,4 +569,4 @@ async def validate(
         )
         code = decision.code
     body = canonical_json(payload)
-    return ValidationResult(code, body, signature_header(signing, body), payload, cached)
+    return ValidationResult(code, body, signature_header(signing, body), payload, cached, lookup)

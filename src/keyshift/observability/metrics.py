@@ -54,6 +54,17 @@ VALIDATION_CACHE = Counter(
     " cache; miss: read from the database).",
     ("result",),
 )
+ANOMALIES = Counter(
+    "keyshift_anomalies",
+    "Anomalies flagged (key_many_fingerprints, migration_burst); each also writes an"
+    " anomaly.* audit event.",
+    ("kind",),
+)
+RATE_LIMITED = Counter(
+    "keyshift_rate_limited",
+    "Requests refused with 429, by the limit that refused them (address, key, token).",
+    ("limit",),
+)
 
 # Labelled children cached by their labels: ``.labels()`` takes a lock and hashes on every call,
 # and the label sets are few (routes x methods x statuses), so each is built once.
@@ -129,6 +140,14 @@ def record_cache(hit: bool) -> None:
     if child is None:
         child = _cache_children[hit] = VALIDATION_CACHE.labels("hit" if hit else "miss")
     child.inc()
+
+
+def record_anomaly(kind: str) -> None:
+    ANOMALIES.labels(kind).inc()
+
+
+def record_rate_limited(limit: str) -> None:
+    RATE_LIMITED.labels(limit).inc()
 
 
 def render() -> tuple[bytes, str]:

@@ -14,7 +14,14 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import AwareDatetime, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyshift.api.deps import ClientLimited, Session, State, request_id_dependency, require
+from keyshift.api.deps import (
+    ClientLimited,
+    Session,
+    State,
+    limit_key,
+    request_id_dependency,
+    require,
+)
 from keyshift.api.routes.accounts import Grants
 from keyshift.api.schemas import Request
 from keyshift.context import Actor
@@ -200,6 +207,7 @@ async def client_activate(
     body: ClientActivate, session: Session, state: State, rid: RequestId, response: Response
 ) -> dict[str, object]:
     """Bind this machine to the license: 201 for a new seat, 200 if it already held one."""
+    limit_key(state, body.key)
     keyring = state.secrets.keyring
     row, actor = await _license_actor(session, keyring, body.key, rid)
     outcome = await activations.activate(
@@ -213,6 +221,7 @@ async def client_activate(
 async def client_heartbeat(
     body: ClientMachine, session: Session, state: State, rid: RequestId
 ) -> dict[str, object]:
+    limit_key(state, body.key)
     keyring = state.secrets.keyring
     row, actor = await _license_actor(session, keyring, body.key, rid)
     return activations.activation_view(
@@ -224,6 +233,7 @@ async def client_heartbeat(
 async def client_deactivate(
     body: ClientMachine, session: Session, state: State, rid: RequestId
 ) -> dict[str, object]:
+    limit_key(state, body.key)
     keyring = state.secrets.keyring
     row, actor = await _license_actor(session, keyring, body.key, rid)
     return activations.activation_view(

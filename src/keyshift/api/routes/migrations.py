@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi import Request as HttpRequest
 from pydantic import ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyshift.api.deps import Migrations, State, require, require_any
+from keyshift.api.deps import Migrations, State, get_state, require, require_any
 from keyshift.api.schemas import Request
 from keyshift.catalog.loader import MAX_FILE_BYTES
 from keyshift.context import Actor
@@ -28,8 +29,27 @@ from keyshift.migration.rules import MigrationRules
 from keyshift.migration.views import migration_view, step_view
 
 router = APIRouter(tags=["migrations"])
-Runner = Annotated[Actor, Depends(require("migrations:run"))]
-Approver = Annotated[Actor, Depends(require("migrations:approve"))]
+_can_run = require("migrations:run")
+_can_approve = require("migrations:approve")
+
+
+async def _counted(request: HttpRequest, actor: Actor) -> Actor:
+    """Every migration request is shown to the anomaly detector (a burst from one token is
+    flagged as an ``anomaly.migration_burst`` event)."""
+    get_state(request).anomalies.migration_requested(actor, request_id=actor.request_id)
+    return actor
+
+
+async def _runner(request: HttpRequest) -> Actor:
+    return await _counted(request, await _can_run(request))
+
+
+async def _approver(request: HttpRequest) -> Actor:
+    return await _counted(request, await _can_approve(request))
+
+
+Runner = Annotated[Actor, Depends(_runner)]
+Approver = Annotated[Actor, Depends(_approver)]
 Reader = Annotated[Actor, Depends(require_any("migrations:read", "migrations:run"))]
 
 RULES_FILE = "rules.toml"

@@ -14,15 +14,13 @@ from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyshift.api.deps import ClientLimited, State, get_state, request_id, require
+from keyshift.api.deps import ClientLimited, State, limit_key, request_id, require, require_any
 from keyshift.api.errors import JsonResponse
 from keyshift.api.schemas import Request as RequestModel
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
-from keyshift.errors import AuthenticationFailed, PermissionDenied
 from keyshift.metering import reports, subjects
 from keyshift.metering import service as metering
-from keyshift.security import tokens
 
 router = APIRouter(tags=["usage"])
 
@@ -82,6 +80,7 @@ async def _subject(session: AsyncSession, state: Any, credential: Credential) ->
 @router.post("/v1/usage", dependencies=ClientLimited)
 async def record_usage(body: UsageRecord, request: Request, state: State) -> JsonResponse:
     """Record one event, or replay the first answer to the same idempotency key and body."""
+    limit_key(state, body.key)
     bearer = await _writer(request, body)
     policy = metering.UsagePolicy.from_env()
 
@@ -100,6 +99,7 @@ async def record_usage(body: UsageRecord, request: Request, state: State) -> Jso
 async def record_usage_batch(body: UsageBatch, request: Request, state: State) -> JsonResponse:
     """Up to 1,000 events, all or nothing; each has its own idempotency key. Recorded with a
     fixed number of statements whatever the batch size (``metering.service._record``)."""
+    limit_key(state, body.key)
     bearer = await _writer(request, body)
     policy = metering.UsagePolicy.from_env()
     events = [e.to_domain() for e in body.events]
@@ -115,19 +115,8 @@ async def record_usage_batch(body: UsageBatch, request: Request, state: State) -
     return JsonResponse({"count": len(results), "results": [r.to_dict() for r in results]})
 
 
-async def _reader(request: Request) -> Actor:
-    """A bearer token with ``accounts:read`` or ``licenses:read``."""
-    header = request.headers.get("authorization", "")
-    scheme, _, credential = header.partition(" ")
-    if scheme.lower() != "bearer" or not credential.strip():
-        raise AuthenticationFailed("missing bearer token")
-    async with get_state(request).db.transaction() as session:
-        actor = await tokens.authenticate(
-            session, credential.strip(), request_id=request_id(request)
-        )
-    if not (actor.can("accounts:read") or actor.can("licenses:read")):
-        raise PermissionDenied("this token lacks the 'accounts:read' or 'licenses:read' scope")
-    return actor
+#: A bearer token with ``accounts:read`` or ``licenses:read``.
+_reader = require_any("accounts:read", "licenses:read")
 
 
 @router.get("/v1/accounts/{account_id}/usage")

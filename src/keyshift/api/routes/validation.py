@@ -15,7 +15,16 @@ from pydantic import Field, ValidationError
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
-from keyshift.api.deps import ClientLimited, Session, State, get_state, get_state_of, require
+from keyshift.api.deps import (
+    ClientLimited,
+    Session,
+    State,
+    get_state,
+    get_state_of,
+    limit_key,
+    request_id,
+    require,
+)
 from keyshift.api.errors import domain_error, invalid_request, unparseable_body
 from keyshift.api.ratelimit import RateLimited
 from keyshift.api.schemas import Request, Response
@@ -107,12 +116,16 @@ async def validate(body: ValidateRequest, request: HttpRequest) -> RawResponse:
     The app serves this path with ``ValidateEndpoint`` (below), mounted ahead of the router;
     this declaration documents it in the OpenAPI schema and answers the same way wherever
     the router is used without the app factory."""
-    result = await answer(get_state(request), body)
+    result = await answer(get_state(request), body, request_id(request))
     return RawResponse(content=result.body, headers=signed_headers(result))
 
 
-async def answer(state: AppState, body: ValidateRequest) -> validation.ValidationResult:
-    """Validate, and count the result and the cache outcome."""
+async def answer(
+    state: AppState, body: ValidateRequest, rid: str | None
+) -> validation.ValidationResult:
+    """Apply the key's rate limit, validate, count the result and the cache outcome, and show
+    the anomaly detector which machine presented the key."""
+    limit_key(state, body.key)
     result = await validation.validate(
         state.db.transaction,
         state.secrets.keyring,
@@ -127,6 +140,16 @@ async def answer(state: AppState, body: ValidateRequest) -> validation.Validatio
     )
     metrics.record_validation(result.code.value)
     metrics.record_cache(result.cached)
+    activation = result.payload["activation"]
+    if activation is not None and result.code is not validation.Code.NOT_FOUND:
+        state.anomalies.key_presented(
+            result.lookup,
+            body.fingerprint,
+            activation["max_activations"],
+            license_id=result.payload["license"]["id"],
+            account_id=result.payload["account_id"],
+            request_id=rid,
+        )
     return result
 
 
@@ -151,18 +174,20 @@ class ValidateEndpoint:
         state = get_state_of(scope["app"])
         status, body, headers = 200, b"", {}
         try:
-            raw = await _read_body(receive)
-            try:
-                request = ValidateRequest.model_validate_json(raw)
-            except ValidationError:
-                raise _Invalid(_problems(raw)) from None
+            # The address's limit before the body is even parsed (as the declared route's
+            # dependency): a flood of malformed requests is refused as a flood.
             bucket = state.client_bucket
             if bucket is not None:
                 client = scope.get("client")
                 wait = bucket.take(client[0] if client else "unknown")
                 if wait:
                     raise RateLimited(wait)
-            result = await answer(state, request)
+            raw = await _read_body(receive)
+            try:
+                request = ValidateRequest.model_validate_json(raw)
+            except ValidationError:
+                raise _Invalid(_problems(raw)) from None
+            result = await answer(state, request, scope["state"].get("request_id"))
             body, headers = result.body, signed_headers(result)
         except _Invalid as exc:
             status, body, headers = 422, orjson.dumps({"error": exc.body}), {}
@@ -254,6 +279,7 @@ def _file_out(exported: license_files.ExportedFile) -> dict[str, object]:
 @router.post("/v1/licenses/checkout", dependencies=ClientLimited, response_model=LicenseFileOut)
 async def checkout(body: CheckoutRequest, state: State, session: Session) -> dict[str, object]:
     """A license file for the presenting application (key + optional fingerprint)."""
+    limit_key(state, body.key)
     exported = await license_files.checkout(
         session,
         state.secrets.keyring,
@@ -271,6 +297,7 @@ async def check_in(body: CheckInRequest, state: State, session: Session) -> dict
     """The application presents the license file it holds: ``superseded`` says whether a newer
     one exists (the plan or the license changed since — a migration, a rollback), and then
     ``license_file`` is the replacement."""
+    limit_key(state, body.key)
     result = await license_files.check_in(
         session,
         state.secrets.keyring,
