@@ -183,6 +183,11 @@ class UsageEvent(Base):
 
     ``idempotency_key`` is released (set to NULL) once ``idempotency_expires_at`` has passed
     and the key is used again (or ``keyshift usage prune`` runs); the event itself is kept.
+
+    The answer the first request got is rebuilt from the row (``metering.service.answer``):
+    ``counted`` … ``notices`` hold what the rest of the row cannot say. ``response`` is the
+    whole answer as stored before revision 0004, NULL since. ``id`` is a UUIDv7, so the
+    history's primary key grows at its right edge.
     """
 
     __tablename__ = "usage_events"
@@ -206,7 +211,14 @@ class UsageEvent(Base):
     idempotency_expires_at: Mapped[datetime] = mapped_column()
     request_hash: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(200))
-    response: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    counted: Mapped[int | None] = mapped_column(BigInteger)  # what the event added
+    used: Mapped[int | None] = mapped_column(BigInteger)  # the counter after it
+    included: Mapped[int | None] = mapped_column(BigInteger)
+    policy: Mapped[str | None] = mapped_column(String(16))
+    period_end: Mapped[datetime | None] = mapped_column()  # None: the period never ends
+    overage_flagged: Mapped[bool | None] = mapped_column()
+    notices: Mapped[str | None] = mapped_column(String(200))  # thresholds crossed: "80,100"
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # rows before 0004
 
 
 class UsageCounter(Base):

@@ -108,7 +108,7 @@ def _event_view(row: UsageEvent) -> dict[str, Any]:
         "id": row.id,
         "license_id": row.license_id,
         "quantity": row.quantity,
-        "counted": row.response.get("counted"),
+        "counted": row.counted if row.response is None else row.response.get("counted"),
         "occurred_at": iso(row.occurred_at),
         "received_at": iso(row.received_at),
         "idempotency_key": row.idempotency_key,

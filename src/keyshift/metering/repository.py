@@ -4,12 +4,11 @@ statement, inside the caller's transaction. Counters are written only under the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-import orjson
 from sqlalchemy import Table, and_, bindparam, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -37,21 +36,48 @@ def _insert(session: AsyncSession, table: Any) -> Any:
 
 @dataclass(frozen=True)
 class StoredEvent:
-    """What an earlier event left behind for its idempotency key."""
+    """What an earlier event left behind for its idempotency key: enough to decide a replay
+    or a conflict, and to rebuild its answer (``row``: the columns of ``STORED_COLUMNS``)."""
 
     id: str
     request_hash: str
     idempotency_expires_at: datetime
-    response: dict[str, Any]
+    row: Mapping[Any, Any]
 
+
+#: The columns a replay needs (``metering.service.answer`` rebuilds the answer from them).
+STORED_COLUMNS = [
+    EVENTS.c[name]
+    for name in (
+        "idempotency_key",
+        "id",
+        "request_hash",
+        "idempotency_expires_at",
+        "account_id",
+        "license_id",
+        "meter",
+        "quantity",
+        "occurred_at",
+        "received_at",
+        "period_start",
+        "counted",
+        "used",
+        "included",
+        "policy",
+        "period_end",
+        "overage_flagged",
+        "notices",
+        "response",
+    )
+]
 
 # One index probe per key, whatever the planner believes about the account's history: the
 # LIMIT keeps the lateral subquery from being flattened into a join, and an equality on both
 # columns of the unique index is always planned on it (a plain ``= ANY(keys)`` may be
 # planned as a scan of the account's whole history when statistics are stale).
 _PG_EVENTS_BY_KEY = text(
-    """
-    SELECT e.idempotency_key, e.id, e.request_hash, e.idempotency_expires_at, e.response
+    f"""
+    SELECT {", ".join(f"e.{c.name}" for c in STORED_COLUMNS)}
     FROM unnest(CAST(:keys AS varchar[])) AS k(key)
     CROSS JOIN LATERAL (
         SELECT * FROM usage_events
@@ -59,13 +85,7 @@ _PG_EVENTS_BY_KEY = text(
         LIMIT 1
     ) AS e
     """
-).columns(
-    EVENTS.c.idempotency_key,
-    EVENTS.c.id,
-    EVENTS.c.request_hash,
-    EVENTS.c.idempotency_expires_at,
-    EVENTS.c.response,
-)
+).columns(*STORED_COLUMNS)
 
 
 async def events_by_key(
@@ -75,15 +95,16 @@ async def events_by_key(
     if _is_postgres(session):
         statement: Any = _PG_EVENTS_BY_KEY.bindparams(account_id=account_id, keys=list(keys))
     else:
-        statement = select(
-            EVENTS.c.idempotency_key,
-            EVENTS.c.id,
-            EVENTS.c.request_hash,
-            EVENTS.c.idempotency_expires_at,
-            EVENTS.c.response,
-        ).where(EVENTS.c.account_id == account_id, EVENTS.c.idempotency_key.in_(keys))
-    rows = await session.execute(statement)
-    return {r[0]: StoredEvent(r[1], r[2], r[3], r[4]) for r in rows}
+        statement = select(*STORED_COLUMNS).where(
+            EVENTS.c.account_id == account_id, EVENTS.c.idempotency_key.in_(keys)
+        )
+    rows = (await session.execute(statement)).mappings()
+    return {
+        r["idempotency_key"]: StoredEvent(
+            r["id"], r["request_hash"], r["idempotency_expires_at"], r
+        )
+        for r in rows
+    }
 
 
 async def release_keys(session: AsyncSession, event_ids: Sequence[str], now: datetime) -> None:
@@ -105,14 +126,19 @@ _EVENT_ARRAYS = {
     "period_start": "timestamptz[]",
     "idempotency_key": "varchar[]",
     "request_hash": "varchar[]",
-    "response": "text[]",
+    "counted": "bigint[]",
+    "used": "bigint[]",
+    "included": "bigint[]",
+    "policy": "varchar[]",
+    "period_end": "timestamptz[]",
+    "overage_flagged": "boolean[]",
+    "notices": "varchar[]",
 }
 _EVENT_SHARED = ("account_id", "license_id", "received_at", "idempotency_expires_at", "actor")
 _PG_INSERT_EVENTS = text(
     f"""
     INSERT INTO usage_events ({", ".join([*_EVENT_ARRAYS, *_EVENT_SHARED])})
-    SELECT {", ".join(f"r.{c}" for c in _EVENT_ARRAYS if c != "response")}, r.response::jsonb,
-           {", ".join(f":{c}" for c in _EVENT_SHARED)}
+    SELECT {", ".join(f"r.{c}" for c in _EVENT_ARRAYS)}, {", ".join(f":{c}" for c in _EVENT_SHARED)}
     FROM unnest({", ".join(f"CAST(:{c} AS {t})" for c, t in _EVENT_ARRAYS.items())})
          AS r({", ".join(_EVENT_ARRAYS)})
     ON CONFLICT (account_id, idempotency_key) DO NOTHING
@@ -135,7 +161,6 @@ async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -
         # One row of arrays through unnest(): a thousand events cost one bind per column,
         # not one per cell, and the statement is prepared once whatever the batch size.
         params: dict[str, Any] = {c: [r[c] for r in rows] for c in _EVENT_ARRAYS}
-        params["response"] = [orjson.dumps(r).decode() for r in params["response"]]
         params.update({c: rows[0][c] for c in _EVENT_SHARED})
         return set((await session.execute(_PG_INSERT_EVENTS, params)).scalars())
     statement = (
