@@ -71,10 +71,12 @@ STORED_COLUMNS = [
     )
 ]
 
-# One index probe per key, whatever the planner believes about the account's history: the
-# LIMIT keeps the lateral subquery from being flattened into a join, and an equality on both
-# columns of the unique index is always planned on it (a plain ``= ANY(keys)`` may be
-# planned as a scan of the account's whole history when statistics are stale).
+# One index probe per key: the LIMIT keeps the lateral subquery from being flattened into a
+# join (a plain ``= ANY(keys)`` may be planned as a scan of the account's whole history when
+# statistics are stale). The probe is on the unique index only when planned for its
+# parameters: a cached generic plan may pick the history index, which leads with account_id
+# too, and filter the whole history per key. The engine forbids generic plans on the main
+# pool for that reason (``db.engine.create_engine``).
 _PG_EVENTS_BY_KEY = text(
     f"""
     SELECT {", ".join(f"e.{c.name}" for c in STORED_COLUMNS)}
