@@ -94,7 +94,7 @@ async def _licensing(db: Database, secrets: Secrets) -> bool:
     public_keys = client.public_keys_from_jwks(signing.public_jwks())
     outcomes: dict[str, str] = {}
 
-    async def check(label: str, key: str, expect: str, **kw: str) -> None:
+    async def check(label: str, key: str, expect: str, **kw: Any) -> None:
         result = await validation.validate(
             db.transaction,
             keyring,

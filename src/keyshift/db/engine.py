@@ -6,13 +6,16 @@ aiosqlite on SQLite. The CLI enters it through ``asyncio.run``.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
@@ -22,11 +25,36 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 T = TypeVar("T")
 
+
+async def _leave_session_as_is(_connection: Any) -> None:
+    return None
+
+
+class HotRead:
+    """A read-only statement for the hot path, compiled once for asyncpg (``$1`` …) and kept as
+    it is for SQLite; run it with ``Database.fetch``."""
+
+    def __init__(self, statement: ClauseElement) -> None:
+        self.statement = statement
+        compiled = statement.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
+        self.sql: str = compiled.string
+        self.names: list[str] = list(getattr(compiled, "positiontup", None) or ())
+
+
 #: Connections per worker for validation's reads on PostgreSQL (``KEYSHIFT_DB_READ_POOL_SIZE``).
 READ_POOL_SIZE = int(os.environ.get("KEYSHIFT_DB_READ_POOL_SIZE", "10"))
+#: What a connection the server dropped raises on its next use in asyncpg.
+_DEAD_CONNECTION = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a connection terminated mid-operation
+    ConnectionError,
+)
 
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
@@ -85,6 +113,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._engine_kwargs = engine_kwargs
         self._reader: AsyncEngine | None = None
+        self._native: Any = None  # asyncpg.Pool, made on first use (``fetch``)
+        self._native_lock = asyncio.Lock()
 
     @property
     def dialect(self) -> str:
@@ -107,6 +137,47 @@ class Database:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
         raise AssertionError("unreachable")
+
+    async def fetch(self, query: HotRead, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """Run a ``HotRead`` and return its rows as mappings. On PostgreSQL through a native
+        asyncpg pool (``KEYSHIFT_DB_READ_POOL_SIZE`` connections, autocommit, statements
+        prepared once per connection): SQLAlchemy's pool checkout and result machinery cost
+        about 200 µs of CPU around a 60 µs query, and validation of a metered plan runs one
+        on every request. A connection the server dropped fails once and the read is retried
+        on another (reads are idempotent). On SQLite, ``read``."""
+        if self.engine.dialect.name != "postgresql":
+
+            async def run(conn: AsyncConnection) -> list[Mapping[str, Any]]:
+                result = await conn.execute(cast(Executable, query.statement), dict(params))
+                return [dict(row) for row in result.mappings()]
+
+            return await self.read(run)
+        pool = self._native or await self._make_native()
+        args = [params[name] for name in query.names]
+        for attempt in (1, 2):
+            try:
+                return list(await pool.fetch(query.sql, *args))
+            except _DEAD_CONNECTION:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _make_native(self) -> Any:
+        async with self._native_lock:
+            if self._native is None:
+                url = make_url(self.url)
+                self._native = await asyncpg.create_pool(
+                    url.set(drivername="postgresql").render_as_string(hide_password=False),
+                    min_size=1,
+                    max_size=READ_POOL_SIZE,
+                    max_inactive_connection_lifetime=3600,
+                    # The pool's default reset on release (advisory unlocks, CLOSE ALL, UNLISTEN,
+                    # RESET ALL) is a round trip per read; ``fetch`` runs single statements
+                    # that leave no session state behind (an open transaction is still rolled
+                    # back by asyncpg itself).
+                    reset=_leave_session_as_is,
+                )
+        return self._native
 
     def _make_reader(self) -> AsyncEngine:
         """``read``'s engine. On PostgreSQL its own small pool, in autocommit and without the
@@ -137,6 +208,9 @@ class Database:
             yield session
 
     async def dispose(self) -> None:
+        if self._native is not None:
+            await self._native.close()
+            self._native = None
         if self._reader is not None and self._reader is not self.engine:
             await self._reader.dispose()
         self._reader = None

@@ -24,6 +24,7 @@ from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements, FeatureGrant, with_overrides
 from keyshift.catalog.manifests import KEY_PATTERN
+from keyshift.db.engine import HotRead
 from keyshift.db.tables import Activation, License, Subscription, UsageCounter
 from keyshift.db.types import utcnow
 from keyshift.errors import InvalidInput
@@ -362,6 +363,8 @@ _COUNTERS_QUERY = select(UsageCounter.meter, UsageCounter.period_start, UsageCou
     UsageCounter.period_start <= bindparam("when"),
     UsageCounter.period_end > bindparam("when"),
 )
+#: The same, for ``Database.fetch`` (run on every validation of a metered plan).
+_COUNTERS = HotRead(_COUNTERS_QUERY)
 
 
 async def load_state(db: AsyncSession | AsyncConnection, lookup: str) -> LicenseState | None:
@@ -431,13 +434,8 @@ T = TypeVar("T")
 #: Runs a read-only query on a pooled connection without an explicit transaction
 #: (``Database.read``).
 Reader = Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[T]]
-
-
-async def _counters(
-    conn: AsyncSession | AsyncConnection, account_id: str, when: datetime
-) -> dict[tuple[str, datetime], int]:
-    rows = await conn.execute(_COUNTERS_QUERY, {"account_id": account_id, "when": when})
-    return {(r.meter, r.period_start): int(r.used) for r in rows}
+#: Runs a ``HotRead`` and returns its rows (``Database.fetch``).
+Fetcher = Callable[[HotRead, Mapping[str, Any]], Awaitable[list[Mapping[str, Any]]]]
 
 
 async def current_meters(
@@ -446,11 +444,11 @@ async def current_meters(
     feature: str | None,
     now: datetime,
     entitlements: Entitlements | None = None,
-    reads: Reader[Any] | None = None,
+    fetch: Fetcher | None = None,
 ) -> dict[str, MeterState] | None:
     """Meter state is read fresh (one query), never cached, and only when there is any: the
     plan has meters, or the asked feature is throttled. ``entitlements``: the effective ones
-    (default: the plan's). With ``reads``: one prebuilt statement on a pooled connection, no
+    (default: the plan's). With ``fetch``: one prebuilt statement on a pooled connection, no
     transaction around it (a single statement sees one snapshot); else in a ``sessions``
     transaction."""
     entitlements = entitlements if entitlements is not None else entry.entitlements
@@ -463,18 +461,15 @@ async def current_meters(
     if not wanted:
         return None
     subject = subjects.Subject(entry.state.account_id, entry.state.license_id, anchor, entitlements)
-    if reads is None:
+    if fetch is None:
         async with sessions() as session:
             return await reports.meter_states(session, subject, now, only=sorted(wanted))
     # As ``reports.meter_states``: each wanted meter's counter in its current period.
     specs = {k: v for k, v in subject.specs.items() if k in wanted}
     if not specs:
         return {}
-
-    async def query(conn: AsyncConnection) -> dict[tuple[str, datetime], int]:
-        return await _counters(conn, entry.state.account_id, now)
-
-    counters = await reads(query)
+    rows = await fetch(_COUNTERS, {"account_id": entry.state.account_id, "when": now})
+    counters = {(r["meter"], r["period_start"]): int(r["used"]) for r in rows}
     states = {}
     for key, spec in specs.items():
         period = subject.period(spec, now)
@@ -515,6 +510,7 @@ async def validate(
     cache: LicenseStateCache | None = None,
     now: datetime | None = None,
     reads: Reader[Any] | None = None,
+    fetch: Fetcher | None = None,
 ) -> ValidationResult:
     """Validate a presented key and sign the answer.
 
@@ -522,8 +518,9 @@ async def validate(
     the cache misses, so a cached validation touches no database — unless the plan has
     meters (or the asked feature is throttled): meter state is read fresh, in one query.
     Unknown keys are never cached: a key issued a moment ago validates at once.
-    ``reads`` (``Database.read``), if given, takes both reads instead: one statement each on a
-    pooled connection, without BEGIN/COMMIT around it.
+    ``reads`` (``Database.read``) and ``fetch`` (``Database.fetch``), if given, take the
+    license read and the meter read instead: one statement each on a pooled connection,
+    without BEGIN/COMMIT around it.
     MalformedKey / InvalidInput for input that cannot be a key, fingerprint, feature, meter
     or nonce.
     """
@@ -548,7 +545,7 @@ async def validate(
         code = Code.NOT_FOUND
     else:
         effective = effective_entitlements(entry, now)
-        meters = await current_meters(sessions, entry, feature, now, effective, reads)
+        meters = await current_meters(sessions, entry, feature, now, effective, fetch)
         decision = decide(
             entry.state,
             effective,

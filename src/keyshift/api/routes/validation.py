@@ -137,6 +137,7 @@ async def answer(
         meter=body.meter,
         cache=default_cache,
         reads=state.db.read,
+        fetch=state.db.fetch,
     )
     metrics.record_validation(result.code.value)
     metrics.record_cache(result.cached)
