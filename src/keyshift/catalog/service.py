@@ -153,6 +153,11 @@ async def get_edition(session: AsyncSession, ref: str) -> tuple[Edition, str]:
 _ENTITLEMENTS: dict[tuple[str, str], Entitlements] = {}
 
 
+def cached_entitlements(plan_ref: str, plan_hash: str) -> Entitlements | None:
+    """The entitlements of a plan version if this process has resolved them already."""
+    return _ENTITLEMENTS.get((plan_ref, plan_hash))
+
+
 async def entitlements_for(session: AsyncSession, plan_ref: str, plan_hash: str) -> Entitlements:
     """The entitlements of a published plan version (cached by content hash)."""
     cached = _ENTITLEMENTS.get((plan_ref, plan_hash))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import asyncpg  # type: ignore[import-untyped]
+import orjson
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
@@ -32,6 +33,17 @@ T = TypeVar("T")
 
 async def _leave_session_as_is(_connection: Any) -> None:
     return None
+
+
+async def _json_codecs(connection: Any) -> None:
+    """JSON and JSONB as Python values, as SQLAlchemy's JSON columns give them."""
+    for name in ("json", "jsonb"):
+        await connection.set_type_codec(
+            name,
+            encoder=lambda value: orjson.dumps(value).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
 
 
 class HotRead:
@@ -176,6 +188,7 @@ class Database:
                     # that leave no session state behind (an open transaction is still rolled
                     # back by asyncpg itself).
                     reset=_leave_session_as_is,
+                    init=_json_codecs,
                 )
         return self._native
 

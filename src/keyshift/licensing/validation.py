@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -367,34 +367,42 @@ _COUNTERS_QUERY = select(UsageCounter.meter, UsageCounter.period_start, UsageCou
 _COUNTERS = HotRead(_COUNTERS_QUERY)
 
 
-async def load_state(db: AsyncSession | AsyncConnection, lookup: str) -> LicenseState | None:
-    """License, subscription and activations in one round trip (a row per activation), on a
-    session or on a bare connection."""
-    rows = (await db.execute(_STATE_QUERY, {"lookup": lookup})).all()
+#: The same, for ``Database.fetch`` (the validation path's cache misses).
+_STATE = HotRead(_STATE_QUERY)
+
+
+def _state_of(rows: Sequence[Mapping[Any, Any]]) -> LicenseState | None:
+    """A license's state from the rows of ``_STATE_QUERY`` (one per activation)."""
     if not rows:
         return None
     first = rows[0]
     activations = tuple(
-        ActivationState(r.activation_id, r.fingerprint, r.mode, r.lease_expires_at)
+        ActivationState(r["activation_id"], r["fingerprint"], r["mode"], r["lease_expires_at"])
         for r in rows
-        if r.activation_id is not None
+        if r["activation_id"] is not None
     )
-    has_plan = first.plan_key is not None
+    has_plan = first["plan_key"] is not None
     return LicenseState(
-        license_id=first.id,
-        account_id=first.account_id,
-        status=first.status,
-        expires_at=first.expires_at,
-        max_activations_override=first.max_activations_override,
-        version=first.version,
+        license_id=first["id"],
+        account_id=first["account_id"],
+        status=first["status"],
+        expires_at=first["expires_at"],
+        max_activations_override=first["max_activations_override"],
+        version=first["version"],
         activations=activations,
-        plan_ref=f"{first.plan_key}@{first.plan_version}" if has_plan else None,
-        plan_hash=first.plan_hash,
-        entitlements_version=first.entitlements_version,
-        anchor=first.started_at,
-        subscription_overrides=first.subscription_overrides or None,
-        license_overrides=first.license_overrides or None,
+        plan_ref=f"{first['plan_key']}@{first['plan_version']}" if has_plan else None,
+        plan_hash=first["plan_hash"],
+        entitlements_version=first["entitlements_version"],
+        anchor=first["started_at"],
+        subscription_overrides=first["subscription_overrides"] or None,
+        license_overrides=first["license_overrides"] or None,
     )
+
+
+async def load_state(db: AsyncSession | AsyncConnection, lookup: str) -> LicenseState | None:
+    """License, subscription and activations in one round trip (a row per activation), on a
+    session or on a bare connection."""
+    return _state_of((await db.execute(_STATE_QUERY, {"lookup": lookup})).mappings().all())
 
 
 def effective_entitlements(entry: CachedLicense, now: datetime) -> Entitlements | None:
@@ -430,12 +438,25 @@ async def load(db: AsyncSession | AsyncConnection, lookup: str) -> CachedLicense
     return CachedLicense(state, entitlements)
 
 
-T = TypeVar("T")
-#: Runs a read-only query on a pooled connection without an explicit transaction
-#: (``Database.read``).
-Reader = Callable[[Callable[[AsyncConnection], Awaitable[T]]], Awaitable[T]]
 #: Runs a ``HotRead`` and returns its rows (``Database.fetch``).
 Fetcher = Callable[[HotRead, Mapping[str, Any]], Awaitable[list[Mapping[str, Any]]]]
+
+
+async def fetch_entry(fetch: Fetcher, sessions: SessionSource, lookup: str) -> CachedLicense | None:
+    """As ``load``, with the license read through ``fetch`` (one statement, no transaction);
+    the first sight of a plan hash reads the catalog in a ``sessions`` transaction."""
+    state = _state_of(await fetch(_STATE, {"lookup": lookup}))
+    if state is None:
+        return None
+    entitlements = None
+    if state.plan_ref is not None and state.plan_hash is not None:
+        entitlements = catalog.cached_entitlements(state.plan_ref, state.plan_hash)
+        if entitlements is None:
+            async with sessions() as session:
+                entitlements = await catalog.entitlements_for(
+                    session, state.plan_ref, state.plan_hash
+                )
+    return CachedLicense(state, entitlements)
 
 
 async def current_meters(
@@ -509,7 +530,6 @@ async def validate(
     meter: str | None = None,
     cache: LicenseStateCache | None = None,
     now: datetime | None = None,
-    reads: Reader[Any] | None = None,
     fetch: Fetcher | None = None,
 ) -> ValidationResult:
     """Validate a presented key and sign the answer.
@@ -518,9 +538,8 @@ async def validate(
     the cache misses, so a cached validation touches no database — unless the plan has
     meters (or the asked feature is throttled): meter state is read fresh, in one query.
     Unknown keys are never cached: a key issued a moment ago validates at once.
-    ``reads`` (``Database.read``) and ``fetch`` (``Database.fetch``), if given, take the
-    license read and the meter read instead: one statement each on a pooled connection,
-    without BEGIN/COMMIT around it.
+    ``fetch`` (``Database.fetch``), if given, takes the license read and the meter read
+    instead: one statement each on a pooled connection, without BEGIN/COMMIT around it.
     MalformedKey / InvalidInput for input that cannot be a key, fingerprint, feature, meter
     or nonce.
     """
@@ -531,8 +550,8 @@ async def validate(
     cached = entry is not None
     if entry is None:
         generation = cache.generation if cache is not None else 0
-        if reads is not None:
-            entry = await reads(lambda conn: load(conn, lookup))
+        if fetch is not None:
+            entry = await fetch_entry(fetch, sessions, lookup)
         else:
             async with sessions() as session:
                 entry = await load(session, lookup)

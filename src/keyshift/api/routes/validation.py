@@ -136,7 +136,6 @@ async def answer(
         nonce=body.nonce,
         meter=body.meter,
         cache=default_cache,
-        reads=state.db.read,
         fetch=state.db.fetch,
     )
     metrics.record_validation(result.code.value)
