@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from keyshift.audit import service as audit
@@ -76,79 +76,85 @@ class AbuseSettings:
         return max(self.fingerprints_min, self.fingerprints_per_seat * cap)
 
 
-class DistinctInWindow:
-    """Distinct values seen per subject in a fixed window; reports a subject the first time
-    its count passes a limit within a window. Memory is bounded: at most ``limit + 1``
-    values per subject, at most ``max_subjects`` subjects (the oldest windows go first)."""
+@dataclass
+class _Seen:
+    """One subject's window: when it started, the distinct values or the count so far, and
+    whether it has been flagged in this window."""
+
+    started: float
+    values: set[str] = field(default_factory=set)
+    count: int = 0
+    flagged: bool = False
+
+
+class _Windows:
+    """Per-subject fixed windows, bounded: at most ``max_subjects`` subjects (expired windows
+    go first, then the older half)."""
+
+    default_max_subjects = 10_000
 
     def __init__(
         self,
         window_seconds: float,
         *,
-        max_subjects: int = 100_000,
+        max_subjects: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window_seconds = window_seconds
-        self.max_subjects = max_subjects
+        self.max_subjects = max_subjects or self.default_max_subjects
         self._clock = clock
-        # subject -> (window start, values seen, already flagged)
-        self._seen: dict[str, tuple[float, set[str], bool]] = {}
+        self._seen: dict[str, _Seen] = {}
 
-    def observe(self, subject: str, value: str, limit: int) -> int | None:
-        """Count ``value`` for ``subject``; the distinct count if this pushed it past
-        ``limit`` for the first time in the current window, else None."""
+    def _window(self, subject: str) -> _Seen:
         now = self._clock()
-        entry = self._seen.get(subject)
-        if entry is None or now - entry[0] >= self.window_seconds:
-            if entry is None and len(self._seen) >= self.max_subjects:
+        seen = self._seen.get(subject)
+        if seen is None or now - seen.started >= self.window_seconds:
+            if seen is None and len(self._seen) >= self.max_subjects:
                 self._forget_oldest(now)
-            entry = (now, set(), False)
-            self._seen[subject] = entry
-        started, values, flagged = entry
-        if flagged or value in values:
-            return None
-        values.add(value)
-        if len(values) > limit:
-            self._seen[subject] = (started, set(), True)  # flagged: the values are not needed
-            return len(values)
-        return None
+            seen = self._seen[subject] = _Seen(now)
+        return seen
 
     def _forget_oldest(self, now: float) -> None:
-        live = {k: v for k, v in self._seen.items() if now - v[0] < self.window_seconds}
+        live = {k: v for k, v in self._seen.items() if now - v.started < self.window_seconds}
         if len(live) >= self.max_subjects:
-            ordered = sorted(live.items(), key=lambda item: item[1][0])
+            ordered = sorted(live.items(), key=lambda item: item[1].started)
             live = dict(ordered[len(ordered) // 2 :])
         self._seen = live
 
 
-class CountInWindow:
+class DistinctInWindow(_Windows):
+    """Distinct values seen per subject in a fixed window; reports a subject the first time
+    its count passes a limit within a window. At most ``limit + 1`` values per subject."""
+
+    default_max_subjects = 100_000
+
+    def observe(self, subject: str, value: str, limit: int) -> int | None:
+        """Count ``value`` for ``subject``; the distinct count if this pushed it past
+        ``limit`` for the first time in the current window, else None."""
+        seen = self._window(subject)
+        if seen.flagged or value in seen.values:
+            return None
+        seen.values.add(value)
+        if len(seen.values) <= limit:
+            return None
+        seen.flagged = True
+        count, seen.values = len(seen.values), set()  # flagged: the values are not needed
+        return count
+
+
+class CountInWindow(_Windows):
     """Events per subject in a fixed window; reports the first time a subject passes
     ``limit`` within a window."""
 
-    def __init__(
-        self,
-        window_seconds: float,
-        *,
-        max_subjects: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.window_seconds = window_seconds
-        self.max_subjects = max_subjects
-        self._clock = clock
-        self._counts: dict[str, tuple[float, int]] = {}
+    default_max_subjects = 10_000
 
     def observe(self, subject: str, limit: int) -> int | None:
-        now = self._clock()
-        started, count = self._counts.get(subject, (now, 0))
-        if now - started >= self.window_seconds:
-            started, count = now, 0
-        count += 1
-        if subject not in self._counts and len(self._counts) >= self.max_subjects:
-            self._counts = {
-                k: v for k, v in self._counts.items() if now - v[0] < self.window_seconds
-            }
-        self._counts[subject] = (started, count)
-        return count if count == limit + 1 else None
+        seen = self._window(subject)
+        seen.count += 1
+        if seen.count == limit + 1:
+            seen.flagged = True
+            return seen.count
+        return None
 
 
 class AnomalyDetector:
