@@ -280,3 +280,12 @@ async def test_live_server_limits_a_key_and_flags_its_machines(
             break
         await asyncio.sleep(0.1)
     assert len(events) == 1
+
+
+async def test_fleets_above_the_watch_limit_are_not_tracked(db: Database) -> None:
+    detector = AnomalyDetector(db, AbuseSettings(fingerprints_min=10, fingerprints_per_seat=3))
+    for i in range(50):  # 5,000 seats: a limit of 15,000 machines, above what is watched
+        detector.key_presented("lookup", f"m{i}", 5_000, license_id="l", account_id="a")
+    assert detector.fingerprints._seen == {}
+    detector.key_presented("small", "m0", 3, license_id="l", account_id="a")
+    assert list(detector.fingerprints._seen) == ["small"]

@@ -18,6 +18,17 @@ def test_bucket_allows_a_burst_then_refills_at_the_rate() -> None:
     assert bucket.take("a", now=0.5) > 0
 
 
+def test_a_flood_of_new_keys_does_not_reset_a_limited_one() -> None:
+    bucket = TokenBucket(rate=0.01, burst=2, max_keys=100)
+    assert bucket.take("target", now=0.0) == 0.0
+    assert bucket.take("target", now=0.0) == 0.0
+    for i in range(1_000):  # new keys, while the target keeps trying
+        bucket.take(f"flood-{i}", now=i / 1_000)
+        if i % 10 == 0:
+            assert bucket.take("target", now=i / 1_000) > 0, i
+    assert len(bucket._buckets) <= 100
+
+
 def test_bucket_memory_is_bounded() -> None:
     bucket = TokenBucket(rate=1.0, burst=1, max_keys=10)
     for i in range(100):

@@ -4,6 +4,7 @@ the same answer for the same request, good or bad, and the same metrics labels."
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -81,6 +82,8 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("bad nonce", b'{"key": "AAAA", "nonce": "has space"}', "nonce"),
     ("bad feature", b'{"key": "AAAA", "feature": "DROP TABLE"}', "feature"),
     ("nested too deep", b'{"key": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
+    ("a number too long to convert", b'{"key": ' + b"1" * 4301 + b"}", "body"),
+    ("not UTF-8", b'{"key": "\xff\xfe"}', "body"),
 ]
 
 
@@ -132,6 +135,19 @@ async def test_valid_answers_match_and_verify(
         assert signed["code"] == "VALID"
         answers.append({k: v for k, v in signed.items() if k not in ("issued_at", "server_time")})
     assert answers[0] == answers[1]
+
+
+async def test_bodies_the_declared_route_accepts_are_accepted(
+    client: httpx.AsyncClient, declared: httpx.AsyncClient, db: Database, secrets: Secrets
+) -> None:
+    key = await _key(db, secrets)
+    text = json.dumps({"key": key, "fingerprint": "m1"})
+    headers = {"content-type": "application/json"}
+    for raw in (b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16")):
+        fast = await client.post(VALIDATE, content=raw, headers=headers)
+        slow = await declared.post(VALIDATE, content=raw, headers=headers)
+        assert (fast.status_code, slow.status_code) == (200, 200), (fast.text, slow.text)
+        assert fast.json()["code"] == slow.json()["code"] == "VALID"
 
 
 async def test_metrics_label_the_fast_route_by_its_template(

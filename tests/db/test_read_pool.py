@@ -52,3 +52,18 @@ async def test_fetch_binds_named_parameters_in_order_on_both_databases(db: Datab
     )
     rows = await db.fetch(query, {"a": 1, "b": "two"})
     assert [dict(r) for r in rows] == [{"b": "two", "a": 1, "again": "two"}]
+
+
+async def test_fetch_takes_the_url_options_sqlalchemy_takes(db: Database) -> None:
+    """A URL option only SQLAlchemy's adapter understands must not reach the server as a
+    setting (PostgreSQL would refuse the connection)."""
+    if db.dialect != "postgresql":
+        pytest.skip("the native read pool is PostgreSQL's")
+    other = Database(f"{db.url}?prepared_statement_cache_size=50")
+    try:
+        rows = await other.fetch(
+            HotRead(text("SELECT current_setting('plan_cache_mode') AS m")), {}
+        )
+        assert rows[0]["m"] == "auto"  # the read pool keeps generic plans
+    finally:
+        await other.dispose()

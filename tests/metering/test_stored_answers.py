@@ -7,20 +7,30 @@ from __future__ import annotations
 import json
 import re
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta, timezone
 from typing import Any
 
 import pytest
 from sqlalchemy import insert, select, text
 from sqlalchemy.engine import Connection
 
+from keyshift.catalog import service as catalog
+from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import UsageEvent
 from keyshift.metering import service as metering
 from keyshift.metering import subjects
 from keyshift.security.secrets_store import Secrets
+from tests import factories
 from tests.conftest import _create_pg_database, _drop_pg_database
-from tests.metering.helpers import anchor_of, metered_license, record, record_batch
+from tests.metering.helpers import (
+    _plan,
+    anchor_of,
+    metered_license,
+    publish,
+    record,
+    record_batch,
+)
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -66,6 +76,42 @@ async def test_every_kind_of_answer_replays_exactly(db: Database, secrets: Secre
     replayed = await record_batch(db, account, events, now=now)
     assert [r.body for r in replayed] == [r.body for r in batch]
     assert all(r.replayed for r in replayed)
+
+
+async def test_a_timestamp_with_an_offset_replays_as_first_answered(
+    db: Database, secrets: Secrets
+) -> None:
+    account, _, _ = await metered_license(db, secrets)
+    now = await anchor_of(db, account) + timedelta(days=1)
+    local = (now - timedelta(hours=1)).astimezone(timezone(timedelta(hours=2)))
+    first = await record(db, account, "calls", 1, "tz-1", timestamp=local, now=now)
+    again = await record(db, account, "calls", 1, "tz-1", timestamp=local, now=now)
+    assert again.replayed and again.body == first.body
+    assert first.body["occurred_at"].endswith("Z")  # the instant, in UTC
+    events = [
+        metering.UsageIn("calls", 1, "tz-2", timestamp=local),
+        metering.UsageIn("calls", 1, "tz-3", timestamp=local.astimezone(UTC)),
+    ]
+    batch = await record_batch(db, account, events, now=now)
+    assert batch[0].body["occurred_at"] == batch[1].body["occurred_at"] == first.body["occurred_at"]
+
+
+async def test_an_event_crossing_many_thresholds_is_stored(db: Database, secrets: Secrets) -> None:
+    await publish(db)
+    many = list(range(10, 1001, 10))  # 100 thresholds: "10,20,…,1000" is 390 characters
+    plan = _plan(
+        "many-notices",
+        {"model": "usage"},
+        [{"key": "calls", "unit": "call", "included": 100, "overage": "notify", "notify_at": many}],
+    )
+    async with db.transaction() as session:
+        await catalog.publish(session, SYSTEM, [catalog.Manifest("plan", plan)])
+    account = await factories.create_account(db, "many-notices@1")
+    now = await anchor_of(db, account.id) + timedelta(days=1)
+    first = await record(db, account.id, "calls", 1000, "all-at-once", now=now)
+    assert first.body["notices"] == many
+    again = await record(db, account.id, "calls", 1000, "all-at-once", now=now)
+    assert again.replayed and again.body == first.body
 
 
 async def test_rows_stored_whole_before_0004_still_replay(db: Database, secrets: Secrets) -> None:

@@ -50,6 +50,7 @@ def create_app(
         try:
             yield
         finally:
+            await state.anomalies.drain()  # anomaly events still being written
             if listener is not None:
                 await listener.stop()
             if owns_db:

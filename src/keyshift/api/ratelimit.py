@@ -60,4 +60,8 @@ class TokenBucket:
         refill = self.burst / self.rate
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill}
         if len(self._buckets) >= self.max_keys:
-            self._buckets.clear()
+            # Still full (a flood of new keys): keep the most recently used half. A client
+            # being limited right now uses its bucket all the time, so a flood of other keys
+            # cannot empty it (clearing everything would have handed it a fresh burst).
+            recent = sorted(self._buckets.items(), key=lambda item: item[1][1])
+            self._buckets = dict(recent[len(recent) // 2 :])

@@ -59,6 +59,14 @@ class HotRead:
 
 #: Connections per worker for validation's reads on PostgreSQL (``KEYSHIFT_DB_READ_POOL_SIZE``).
 READ_POOL_SIZE = int(os.environ.get("KEYSHIFT_DB_READ_POOL_SIZE", "10"))
+#: Connection arguments SQLAlchemy's asyncpg adapter takes for itself (asyncpg would send
+#: them to the server as settings, and the server would refuse them).
+_ADAPTER_ONLY = (
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+    "async_fallback",
+    "async_creator_fn",
+)
 #: What a connection the server dropped raises on its next use in asyncpg.
 _DEAD_CONNECTION = (
     asyncpg.exceptions.PostgresConnectionError,
@@ -177,9 +185,8 @@ class Database:
     async def _make_native(self) -> Any:
         async with self._native_lock:
             if self._native is None:
-                url = make_url(self.url)
                 self._native = await asyncpg.create_pool(
-                    url.set(drivername="postgresql").render_as_string(hide_password=False),
+                    **self._native_connect_args(),
                     min_size=1,
                     max_size=READ_POOL_SIZE,
                     max_inactive_connection_lifetime=3600,
@@ -191,6 +198,23 @@ class Database:
                     init=_json_codecs,
                 )
         return self._native
+
+    def _native_connect_args(self) -> dict[str, Any]:
+        """What the engine's connections are opened with — the URL read by SQLAlchemy's
+        asyncpg dialect (``?ssl=require`` and the like), then ``connect_args`` — minus what
+        only SQLAlchemy's adapter understands, and minus the main pool's plan setting."""
+        _, url_args = asyncpg_dialect().create_connect_args(make_url(self.url))  # type: ignore[no-untyped-call]
+        given = dict(self._engine_kwargs.get("connect_args") or {})
+        args = {**url_args, **given}
+        for adapter_only in _ADAPTER_ONLY:
+            args.pop(adapter_only, None)
+        settings = dict(args.get("server_settings") or {})
+        settings.pop("plan_cache_mode", None)
+        if settings:
+            args["server_settings"] = settings
+        else:
+            args.pop("server_settings", None)
+        return args
 
     def _make_reader(self) -> AsyncEngine:
         """``read``'s engine. On PostgreSQL its own small pool, in autocommit and without the

@@ -217,7 +217,7 @@ class UsageEvent(Base):
     policy: Mapped[str | None] = mapped_column(String(16))
     period_end: Mapped[datetime | None] = mapped_column()  # None: the period never ends
     overage_flagged: Mapped[bool | None] = mapped_column()
-    notices: Mapped[str | None] = mapped_column(String(200))  # thresholds crossed: "80,100"
+    notices: Mapped[str | None] = mapped_column(Text)  # thresholds crossed: "80,100"
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # rows before 0004
 
 

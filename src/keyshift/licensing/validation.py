@@ -9,6 +9,7 @@ precedence and the response shape are documented in ``docs/validation.md``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -498,17 +499,17 @@ async def current_meters(
     return states
 
 
-#: Presented key text → its lookup hash, for keys that were well-formed: normalising and the
-#: HMAC are a tenth of a cached validation's cost, and applications present the same key
-#: text again and again. It holds nothing the process cannot already derive (the keyring
-#: that computes the hashes is in memory too); bounded, emptied when full.
-_LOOKUPS: dict[tuple[bytes, str], str] = {}
+#: A digest of the presented key text → its lookup hash, for keys that were well-formed:
+#: normalising and the HMAC are a tenth of a cached validation's cost, and applications
+#: present the same key text again and again. Keyed by a digest, so the memo keeps no key
+#: text in memory; bounded, emptied when full.
+_LOOKUPS: dict[tuple[bytes, bytes], str] = {}
 _LOOKUPS_MAX = 100_000
 
 
 def lookup_of(keyring: Keyring, key: str) -> str:
     """The lookup hash of a presented key (MalformedKey if it cannot be one), memoised."""
-    memo = (keyring.lookup_key, key)
+    memo = (keyring.lookup_key, hashlib.blake2b(key.encode(), digest_size=16).digest())
     found = _LOOKUPS.get(memo)
     if found is None:
         found = lookup_for(keyring, key)  # MalformedKey: never remembered

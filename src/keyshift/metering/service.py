@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
@@ -143,6 +143,9 @@ def _check(
     occurred = event.timestamp or now
     if occurred.tzinfo is None:
         raise InvalidInput("give the timestamp a timezone", field=f"{where}timestamp")
+    # In UTC, as the row stores it: the first answer and a replay (rebuilt from the row)
+    # must print the same instant the same way.
+    occurred = occurred.astimezone(UTC)
     if occurred > now + policy.clock_skew:
         raise UsageOutOfWindow(
             f"timestamp is more than {_span(policy.clock_skew)} in the future "

@@ -39,6 +39,8 @@ log = logging.getLogger("keyshift.anomaly")
 DETECTOR = Actor(id="system:anomaly-detector")
 
 KEY_MANY_FINGERPRINTS = "key_many_fingerprints"
+#: Keys whose limit is above this many machines are not watched (memory per key is bounded).
+MAX_WATCHED_MACHINES = 10_000
 MIGRATION_BURST = "migration_burst"
 
 
@@ -82,7 +84,7 @@ class _Seen:
     whether it has been flagged in this window."""
 
     started: float
-    values: set[str] = field(default_factory=set)
+    values: set[int] = field(default_factory=set)  # hashes of the values: 8 bytes, not 255
     count: int = 0
     flagged: bool = False
 
@@ -132,9 +134,10 @@ class DistinctInWindow(_Windows):
         """Count ``value`` for ``subject``; the distinct count if this pushed it past
         ``limit`` for the first time in the current window, else None."""
         seen = self._window(subject)
-        if seen.flagged or value in seen.values:
+        digest = hash(value)  # salted per process; a collision only undercounts by one
+        if seen.flagged or digest in seen.values:
             return None
-        seen.values.add(value)
+        seen.values.add(digest)
         if len(seen.values) <= limit:
             return None
         seen.flagged = True
@@ -187,6 +190,8 @@ class AnomalyDetector:
         if fingerprint is None or cap is None:
             return
         limit = self.settings.fingerprint_limit(cap)
+        if limit > MAX_WATCHED_MACHINES:
+            return  # a fleet this large is not watched: its set would cost megabytes
         seen = self.fingerprints.observe(lookup, fingerprint, limit)
         if seen is not None:
             self._flag(

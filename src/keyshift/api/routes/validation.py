@@ -182,11 +182,7 @@ class ValidateEndpoint:
                 wait = bucket.take(client[0] if client else "unknown")
                 if wait:
                     raise RateLimited(wait)
-            raw = await _read_body(receive)
-            try:
-                request = ValidateRequest.model_validate_json(raw)
-            except ValidationError:
-                raise _Invalid(_problems(raw)) from None
+            request = _parse(await _read_body(receive))
             result = await answer(state, request, scope["state"].get("request_id"))
             body, headers = result.body, signed_headers(result)
         except _Invalid as exc:
@@ -213,25 +209,33 @@ class _Invalid(Exception):
         self.body = body
 
 
-def _problems(raw: bytes) -> dict[str, Any]:
-    """The 422 body for a request the fast parse refused, found the way FastAPI finds it
-    (decode, then validate the decoded value), so both routes word every refusal alike.
-    Only refused requests pay for the second parse."""
+def _parse(raw: bytes) -> ValidateRequest:
+    """The request from the raw body: pydantic straight from the bytes, and when that refuses
+    it, the way FastAPI reads a body (decode, then validate the decoded value), so that both
+    routes accept the same bodies (a UTF-8 BOM, UTF-16) and word every refusal alike. Only
+    the refused pay for the second parse. ``_Invalid`` carries the 422 body."""
+    try:
+        return ValidateRequest.model_validate_json(raw)
+    except ValidationError:
+        pass
     if not raw:
-        return invalid_request([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+        raise _Invalid(
+            invalid_request([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+        )
     try:
         decoded = json.loads(raw)
     except json.JSONDecodeError as exc:
-        return invalid_request([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": exc.msg}])
-    except (RecursionError, UnicodeDecodeError):
-        return unparseable_body()
+        raise _Invalid(
+            invalid_request([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": exc.msg}])
+        ) from None
+    except Exception:  # too deep, too many digits, not text: as FastAPI, "could not parse"
+        raise _Invalid(unparseable_body()) from None
     try:
-        ValidateRequest.model_validate(decoded, from_attributes=True)  # as FastAPI does
+        return ValidateRequest.model_validate(decoded, from_attributes=True)  # as FastAPI does
     except ValidationError as exc:
-        return invalid_request(exc.errors(include_url=False, include_context=False))
-    # Accepted when decoded first but not from the raw bytes (pydantic's JSON parser is the
-    # stricter one): say so rather than guess.
-    return invalid_request([{"type": "json_invalid", "loc": ("body",), "msg": "invalid JSON"}])
+        raise _Invalid(
+            invalid_request(exc.errors(include_url=False, include_context=False))
+        ) from None
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -39,7 +39,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("policy", sa.String(length=16), nullable=True))
         batch.add_column(sa.Column("period_end", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("overage_flagged", sa.Boolean(), nullable=True))
-        batch.add_column(sa.Column("notices", sa.String(length=200), nullable=True))
+        batch.add_column(sa.Column("notices", sa.Text(), nullable=True))
         batch.alter_column("response", existing_type=JSON, nullable=True)
 
 
@@ -64,13 +64,19 @@ def downgrade() -> None:
         sa.column("response", JSON),
         *(sa.column(c) for c in COLUMNS),
     )
+    last = ""
     while True:
+        # Keyset pages by id: each page is one index range, whatever the history's size.
         rows = bind.execute(
-            sa.select(events).where(events.c.response.is_(None)).limit(1000)
+            sa.select(events)
+            .where(events.c.response.is_(None), events.c.id > last)
+            .order_by(events.c.id)
+            .limit(1000)
         ).mappings()
         batch = list(rows)
         if not batch:
             break
+        last = batch[-1]["id"]
         for row in batch:
             used, included = row["used"] or 0, row["included"] or 0
             answer = {
