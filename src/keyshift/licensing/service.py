@@ -240,7 +240,17 @@ async def entitlements_of(session: AsyncSession, account_id: str) -> Entitlement
 Standing = Literal["active", "grace", "expired", "suspended", "revoked"]
 
 
-def standing(row: License, grace_seconds: int, now: datetime) -> Standing:
+class _Dated(Protocol):
+    """What ``standing`` reads of a license (a ``License``, or a row selected from one)."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def expires_at(self) -> datetime | None: ...
+
+
+def standing(row: _Dated, grace_seconds: int, now: datetime) -> Standing:
     """Where a license stands at ``now``: its stored status, or for an active one whether it
     has expired, counting the plan's grace period after ``expires_at``."""
     if row.status == "suspended":

@@ -7,13 +7,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements, with_overrides
 from keyshift.context import Actor
-from keyshift.db.tables import Migration, Subscription
+from keyshift.db.tables import License, Migration, Subscription
 from keyshift.db.types import utcnow
 from keyshift.errors import Conflict, LicenseNotActive, LicenseNotFound
 from keyshift.licensing import service as licensing
@@ -100,14 +100,41 @@ async def subject_for_account(session: AsyncSession, account_id: str) -> Subject
     return await _subject_of_account(session, account_id, None)
 
 
+#: The license presenting a key and its account's subscription, in one statement (the usage
+#: path runs it on every key-authenticated request).
+_KEY_SUBJECT = (
+    select(
+        License.id,
+        License.account_id,
+        License.status,
+        License.expires_at,
+        Subscription.plan_key,
+        Subscription.plan_version,
+        Subscription.plan_hash,
+        Subscription.started_at,
+        Subscription.updated_at,
+        Subscription.overrides,
+    )
+    .select_from(License)
+    .outerjoin(Subscription, Subscription.account_id == License.account_id)
+    .where(License.key_lookup == bindparam("lookup"))
+)
+
+
 async def subject_for_key(
     session: AsyncSession, keyring: Keyring, key: str, now: datetime | None = None
 ) -> Subject:
     """The license presenting ``key``; it must be usable (active, or expired within grace)."""
-    row = await licensing.find_by_key(session, keyring, key)
+    lookup = licensing.lookup_for(keyring, key)
+    row = (await session.execute(_KEY_SUBJECT, {"lookup": lookup})).first()
     if row is None:
         raise LicenseNotFound("no license has this key", field="key")
-    subject = await _subject_of_account(session, row.account_id, row.id)
+    if row.plan_key is None:
+        raise Conflict("the account has no plan; subscribe it first", field="account_id")
+    ref = f"{row.plan_key}@{row.plan_version}"
+    entitlements = await catalog.entitlements_for(session, ref, row.plan_hash)
+    entitlements = with_overrides(entitlements, row.overrides or {}, None, utcnow())
+    subject = Subject(row.account_id, row.id, row.started_at, entitlements, row.updated_at)
     standing = licensing.standing(row, subject.entitlements.grace_seconds, now or utcnow())
     if not licensing.is_usable(standing):
         raise LicenseNotActive(f"the license is {standing}; it cannot record usage", field="key")
