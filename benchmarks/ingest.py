@@ -528,47 +528,14 @@ def profile_workers(
     bench: Bench, scenario: Scenario, args: argparse.Namespace
 ) -> dict[str, Any] | None:
     """py-spy (if installed) on the workers while wrk drives ``scenario``."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(spy).exists():
-        print("py-spy not found (pip install py-spy); profile skipped", file=sys.stderr)
-        return None
-    directory: Path = args.profile
-    directory.mkdir(parents=True, exist_ok=True)
-    raw = directory / f"ingest-{scenario.label}-profile.txt"
     seconds = max(2, round(args.duration))
-    spy_process = subprocess.Popen(
-        [
-            spy,
-            "record",
-            "--pid",
-            str(bench.server.process.pid),
-            "--subprocesses",
-            "--nonblocking",
-            "--rate",
-            "250",
-            "--duration",
-            str(seconds),
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    return vb.profile_while(
+        bench.server.process.pid,
+        args.profile,
+        f"ingest-{scenario.label}-profile",
+        seconds,
+        lambda: run_scenario(bench, scenario, f"prof{os.getpid()}", seconds),
     )
-    time.sleep(1.0)
-    run_scenario(bench, scenario, f"prof{os.getpid()}", seconds)
-    try:
-        _, err = spy_process.communicate(timeout=seconds + 30)
-    except subprocess.TimeoutExpired:
-        spy_process.kill()
-        _, err = spy_process.communicate()
-    if not raw.exists():
-        print(f"py-spy produced nothing: {err.decode(errors='replace')}", file=sys.stderr)
-        return None
-    summary = vb.summarise_profile(raw.read_text())
-    (directory / f"ingest-{scenario.label}-summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 # --------------------------------------------------------------------------- the run

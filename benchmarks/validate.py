@@ -60,7 +60,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -854,19 +854,35 @@ def profile_workers(
     server: Server, script: Path, args: argparse.Namespace, directory: Path
 ) -> dict[str, Any] | None:
     """py-spy (if installed) on the workers while wrk drives the endpoint under test."""
+    seconds = max(2, round(args.duration))
+    return profile_while(
+        server.process.pid,
+        directory,
+        "validate-profile",
+        seconds,
+        lambda: run_wrk(server, script, max(args.connection_counts), args.wrk_threads, seconds),
+    )
+
+
+def profile_while(
+    pid: int, directory: Path, name: str, seconds: int, drive: Callable[[], object]
+) -> dict[str, Any] | None:
+    """Sample ``pid`` and its subprocesses with py-spy for ``seconds`` while ``drive()`` puts
+    the load on; write ``<name>.txt`` (raw) and ``<name>-summary.json`` into ``directory`` and
+    return the summary (None, with a message, if py-spy is missing or recorded nothing).
+    Shared by this script and ``ingest.py``."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         print("py-spy not found (pip install py-spy); profile skipped", file=sys.stderr)
         return None
     directory.mkdir(parents=True, exist_ok=True)
-    raw = directory / "validate-profile.txt"
-    seconds = max(2, round(args.duration))
+    raw = directory / f"{name}.txt"
     spy_process = subprocess.Popen(
         [
             spy,
             "record",
             "--pid",
-            str(server.process.pid),
+            str(pid),
             "--subprocesses",
             "--nonblocking",
             "--rate",
@@ -882,7 +898,7 @@ def profile_workers(
         stderr=subprocess.PIPE,
     )
     time.sleep(1.0)
-    run_wrk(server, script, max(args.connection_counts), args.wrk_threads, seconds)
+    drive()
     try:
         _, err = spy_process.communicate(timeout=seconds + 30)
     except subprocess.TimeoutExpired:
@@ -892,7 +908,7 @@ def profile_workers(
         print(f"py-spy produced nothing: {err.decode(errors='replace')}", file=sys.stderr)
         return None
     summary = summarise_profile(raw.read_text())
-    (directory / "validate-profile-summary.json").write_text(json.dumps(summary, indent=2))
+    (directory / f"{name}-summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
