@@ -7,6 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def env_number(name: str, default: float, minimum: float, maximum: float = float("inf")) -> float:
+    """A numeric setting from the environment, or ConfigurationError naming the variable
+    (``keyshift serve`` prints it as one line and exits before any worker starts)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not minimum <= value <= maximum:  # NaN fails this too
+        from keyshift.errors import ConfigurationError
+
+        bound = f">= {minimum:g}" if maximum == float("inf") else f"in {minimum:g}..{maximum:g}"
+        raise ConfigurationError(f"{name}={raw!r}: expected a number {bound}", field=name)
+    return value
+
+
 def _default_home() -> Path:
     return Path(os.environ.get("KEYSHIFT_HOME", ".keyshift")).resolve()
 
@@ -40,14 +58,14 @@ class Settings:
         return cls(
             database_url=normalise_database_url(url),
             secrets_dir=secrets,
-            max_body_bytes=int(os.environ.get("KEYSHIFT_MAX_BODY_BYTES", 64 * 1024)),
+            max_body_bytes=int(env_number("KEYSHIFT_MAX_BODY_BYTES", 64 * 1024, 1024)),
             log_level=os.environ.get("KEYSHIFT_LOG_LEVEL", "INFO"),
-            client_rate_per_second=float(os.environ.get("KEYSHIFT_CLIENT_RATE_PER_SECOND", 0)),
-            client_rate_burst=int(os.environ.get("KEYSHIFT_CLIENT_RATE_BURST", 50)),
-            key_rate_per_second=float(os.environ.get("KEYSHIFT_KEY_RATE_PER_SECOND", 0)),
-            key_rate_burst=int(os.environ.get("KEYSHIFT_KEY_RATE_BURST", 20)),
-            token_rate_per_second=float(os.environ.get("KEYSHIFT_TOKEN_RATE_PER_SECOND", 0)),
-            token_rate_burst=int(os.environ.get("KEYSHIFT_TOKEN_RATE_BURST", 100)),
+            client_rate_per_second=env_number("KEYSHIFT_CLIENT_RATE_PER_SECOND", 0, 0),
+            client_rate_burst=int(env_number("KEYSHIFT_CLIENT_RATE_BURST", 50, 1)),
+            key_rate_per_second=env_number("KEYSHIFT_KEY_RATE_PER_SECOND", 0, 0),
+            key_rate_burst=int(env_number("KEYSHIFT_KEY_RATE_BURST", 20, 1)),
+            token_rate_per_second=env_number("KEYSHIFT_TOKEN_RATE_PER_SECOND", 0, 0),
+            token_rate_burst=int(env_number("KEYSHIFT_TOKEN_RATE_BURST", 100, 1)),
         )
 
 

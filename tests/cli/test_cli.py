@@ -184,3 +184,27 @@ def test_serve_without_secrets_is_one_line(tmp_path: Path) -> None:
     result = real_keyshift(env, "serve", "--port", "1")
     assert_one_line_error(result)
     assert "keyshift init" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KEYSHIFT_KEY_RATE_PER_SECOND", "abc"),
+        ("KEYSHIFT_TOKEN_RATE_BURST", "0"),
+        ("KEYSHIFT_MAX_BODY_BYTES", "-1"),
+        ("KEYSHIFT_ANOMALY_WINDOW", "-5"),
+        ("KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS", "1"),
+    ],
+)
+def test_serve_with_a_bad_setting_is_one_line_naming_it(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    env = {
+        **os.environ,
+        "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+        "KEYSHIFT_SECRETS_DIR": str(tmp_path / "missing"),
+        name: value,
+    }
+    result = real_keyshift(env, "serve", "--port", "1")
+    assert_one_line_error(result)
+    assert name in result.stderr

@@ -17,7 +17,9 @@ from keyshift.db.engine import Database
 from keyshift.db.migrate import upgrade_to_head
 from keyshift.db.tables import ApiToken
 from keyshift.errors import ConfigurationError
+from keyshift.metering.service import UsagePolicy
 from keyshift.security import tokens
+from keyshift.security.abuse import AbuseSettings
 from keyshift.security.secrets_store import ensure_secrets, load_secrets
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -57,7 +59,14 @@ def serve(
     workers: int = typer.Option(1, min=1, max=64, help="Worker processes."),
 ) -> None:
     """Start the HTTP API (uvicorn) on the configured database."""
-    settings = Settings.from_env()
+    try:
+        # Every setting the workers will read, checked here: a bad value is one line and a
+        # non-zero exit, not a traceback from each worker.
+        settings = Settings.from_env()
+        AbuseSettings.from_env()
+        UsagePolicy.from_env()
+    except ConfigurationError as error:
+        fail(error)
     level = settings.log_level.lower()
     if level not in _LOG_LEVELS:
         fail(

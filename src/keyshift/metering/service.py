@@ -17,10 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json, sha256_hex
+from keyshift.config import env_number
 from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.db.types import utcnow
-from keyshift.errors import ConfigurationError, InvalidInput, KeyshiftError
+from keyshift.errors import InvalidInput, KeyshiftError
 from keyshift.metering import repository as repo
 from keyshift.metering import subjects, tally
 from keyshift.metering.errors import (
@@ -61,16 +62,7 @@ class UsagePolicy:
 
 
 def _env_number(name: str, default: float, minimum: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (minimum <= value <= 10 * 365 * 24 * 60):  # NaN fails this too
-        raise ConfigurationError(f"{name}={raw!r}: expected a number >= {minimum:g}")
-    return value
+    return env_number(name, default, minimum, 10 * 365 * 24 * 60)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from keyshift.audit import service as audit
+from keyshift.config import env_number
 from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.observability import metrics
@@ -53,25 +53,11 @@ class AbuseSettings:
 
     @classmethod
     def from_env(cls) -> AbuseSettings:
-        def number(name: str, default: float, minimum: float) -> float:
-            raw = os.environ.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                value = minimum - 1
-            if value < minimum:
-                from keyshift.errors import ConfigurationError
-
-                raise ConfigurationError(f"{name} must be a number >= {minimum:g}, got {raw!r}")
-            return value
-
         return cls(
-            window_seconds=number("KEYSHIFT_ANOMALY_WINDOW", 3600.0, 1),
-            fingerprints_min=int(number("KEYSHIFT_ANOMALY_FINGERPRINTS_MIN", 10, 1)),
-            fingerprints_per_seat=int(number("KEYSHIFT_ANOMALY_FINGERPRINTS_PER_SEAT", 3, 1)),
-            migrations_per_window=int(number("KEYSHIFT_ANOMALY_MIGRATIONS", 60, 1)),
+            window_seconds=env_number("KEYSHIFT_ANOMALY_WINDOW", 3600.0, 1),
+            fingerprints_min=int(env_number("KEYSHIFT_ANOMALY_FINGERPRINTS_MIN", 10, 1)),
+            fingerprints_per_seat=int(env_number("KEYSHIFT_ANOMALY_FINGERPRINTS_PER_SEAT", 3, 1)),
+            migrations_per_window=int(env_number("KEYSHIFT_ANOMALY_MIGRATIONS", 60, 1)),
         )
 
     def fingerprint_limit(self, cap: int) -> int:
