@@ -102,22 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--pgbench-duration", type=float, default=15.0, help="seconds per run")
     parser.add_argument("--no-pgbench", action="store_true", help="skip the pgbench runs")
-    parser.add_argument(
-        "--quiet-threshold",
-        type=float,
-        default=0.3,
-        help="before each measurement wait until other load is below this many cores ...",
-    )
-    parser.add_argument(
-        "--quiet-wait", type=float, default=10.0, help="... for at most this many seconds"
-    )
-    parser.add_argument(
-        "--server-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra environment for the server",
-    )
+    vb.add_load_arguments(parser, quiet_wait=10.0)
     parser.add_argument(
         "--gc-freeze",
         type=float,

@@ -76,6 +76,27 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------- arguments
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, *, quiet_wait: float) -> None:
+    """The options both benchmark scripts take for waiting out other load and for the
+    server's environment."""
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.3,
+        help="before each measurement wait until other load is below this many cores ...",
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=quiet_wait, help="... for at most this many seconds"
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the server, e.g. KEYSHIFT_VALIDATION_CACHE_TTL=300",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark license validation against the same app's empty endpoint."
@@ -111,22 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="validate",
         help="the endpoint under test (readyz: harness self-test without validation)",
     )
-    parser.add_argument(
-        "--quiet-threshold",
-        type=float,
-        default=0.3,
-        help="before each measurement wait until other load is below this many cores ...",
-    )
-    parser.add_argument(
-        "--quiet-wait", type=float, default=15.0, help="... for at most this many seconds"
-    )
-    parser.add_argument(
-        "--server-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra environment for the server, e.g. KEYSHIFT_VALIDATION_CACHE_TTL=300",
-    )
+    add_load_arguments(parser, quiet_wait=15.0)
     parser.add_argument("--no-pgbench", action="store_true", help="skip the pgbench context run")
     parser.add_argument(
         "--warm-target",
