@@ -160,7 +160,9 @@ async def put_preferences(
 async def put_object(
     account_id: str, body: ObjectPut, actor: Writer, session: Session
 ) -> dict[str, Any]:
-    """Store a data object counting ``units`` against ``quota`` (a project, a file …)."""
+    """Store a data object counting ``units`` against ``quota`` (a project, a file …), within
+    the account's effective quota: 409 ``quota_exceeded`` past it (unless the plan allows
+    overage), 409 ``quota_read_only``, 422 ``unknown_quota`` (docs/licensing.md)."""
     try:
         content = base64.b64decode(body.content_base64, validate=True)
     except (binascii.Error, ValueError) as exc:
