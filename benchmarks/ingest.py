@@ -30,7 +30,7 @@ Every load is bounded (``--duration`` per measurement) and the script stops by i
     .venv/bin/python benchmarks/ingest.py [--workers 2] [--duration 10] [--repeats 3]
         [--pg-url postgresql://postgres@127.0.0.1:5432/test] [--profile DIR] [--no-record]
 
-It reuses the server, CPU-accounting and reporting helpers of ``benchmarks/validate.py``.
+It uses the server, CPU-accounting and reporting helpers of ``benchmarks/harness.py``.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import validate as vb  # noqa: E402  (the sibling script's helpers)
+import harness  # noqa: E402  (the helpers both benchmark scripts share)
 
 DOCS = HERE.parent / "docs" / "benchmarks.md"
-HOST = vb.HOST
+HOST = harness.HOST
 METER = "api_calls"
 PGBENCH_ROWS = 1000  # rows per transaction of the insert script
 
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--pgbench-duration", type=float, default=15.0, help="seconds per run")
     parser.add_argument("--no-pgbench", action="store_true", help="skip the pgbench runs")
-    vb.add_load_arguments(parser, quiet_wait=10.0)
+    harness.add_load_arguments(parser, quiet_wait=10.0)
     parser.add_argument(
         "--gc-freeze",
         type=float,
@@ -239,7 +239,7 @@ def database_pids(database: str) -> list[int]:
     writer, checkpointer …) and other databases' backends (other people's tests on a shared
     machine) count as "other"."""
     ours = []
-    for pid in vb.postgres_pids():
+    for pid in harness.postgres_pids():
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
@@ -258,14 +258,14 @@ class Cpu:
     busy: float
 
 
-def cpu_snapshot(server: vb.Server, database: str) -> Cpu:
+def cpu_snapshot(server: harness.Server, database: str) -> Cpu:
     pids = [server.process.pid, *server.worker_pids()]
     return Cpu(
         wall=time.monotonic(),
-        server={p: vb.proc_cpu_seconds(p) for p in pids},
-        postgres={p: vb.proc_cpu_seconds(p) for p in database_pids(database)},
-        generator=vb.children_cpu(),
-        busy=vb.system_busy_seconds()[0],
+        server={p: harness.proc_cpu_seconds(p) for p in pids},
+        postgres={p: harness.proc_cpu_seconds(p) for p in database_pids(database)},
+        generator=harness.children_cpu(),
+        busy=harness.system_busy_seconds()[0],
     )
 
 
@@ -357,7 +357,7 @@ def write_wrk_script(scenario: Scenario, tag: str, keys_file: Path, directory: P
 class Bench:
     """What every measurement needs: the server, its database and the keys to present."""
 
-    server: vb.Server
+    server: harness.Server
     database: str
     plain_url: str
     keys_file: Path
@@ -514,7 +514,7 @@ def profile_workers(
 ) -> dict[str, Any] | None:
     """py-spy (if installed) on the workers while wrk drives ``scenario``."""
     seconds = max(2, round(args.duration))
-    return vb.profile_while(
+    return harness.profile_while(
         bench.server.process.pid,
         args.profile,
         f"ingest-{scenario.label}-profile",
@@ -538,7 +538,7 @@ class Results:
 
 def measure(args: argparse.Namespace, bench: Bench) -> Results:
     results = Results()
-    progress = vb.progress
+    progress = harness.progress
     progress("warm-up (unrecorded): 3 s of each scenario")
     for scenario in args.scenario_list:
         run_scenario(bench, scenario, f"w{scenario.label}", 3)
@@ -546,7 +546,7 @@ def measure(args: argparse.Namespace, bench: Bench) -> Results:
         # Alternate the order every round, so a drift in background load spreads evenly.
         scenarios = args.scenario_list if round_ % 2 == 0 else args.scenario_list[::-1]
         for scenario in scenarios:
-            background = vb.wait_for_quiet(args.quiet_threshold, args.quiet_wait)
+            background = harness.wait_for_quiet(args.quiet_threshold, args.quiet_wait)
             tag = f"r{round_}{scenario.label}"
             result = run_scenario(bench, scenario, tag, args.duration)
             result["background_before"] = background
@@ -572,7 +572,7 @@ def measure(args: argparse.Namespace, bench: Bench) -> Results:
     for round_ in range(args.repeats if script is not None else 0):
         runs = (("TPC-B", None, results.tpcb), ("insert", script, results.inserts))
         for label, bench_script, sink in runs if round_ % 2 == 0 else runs[::-1]:
-            vb.wait_for_quiet(args.quiet_threshold, args.quiet_wait)
+            harness.wait_for_quiet(args.quiet_threshold, args.quiet_wait)
             run = run_pgbench(bench, bench_script, args.pgbench_duration)
             if run is None:
                 continue
@@ -588,11 +588,11 @@ def measure(args: argparse.Namespace, bench: Bench) -> Results:
 def check_sample(port: int, key: str) -> str | None:
     """One event and one batch of 3 must be accepted; returns a problem or None."""
     single = {"key": key, "meter": METER, "quantity": 1, "idempotency_key": "probe-0"}
-    status, body = vb.http("POST", port, "/v1/usage", single)
+    status, body = harness.http("POST", port, "/v1/usage", single)
     if status != 200 or json.loads(body).get("counted") != 1:
         return f"POST /v1/usage answered {status}: {body[:300]!r}"
     events = [{"meter": METER, "quantity": 1, "idempotency_key": f"probe-{i}"} for i in range(1, 4)]
-    status, body = vb.http("POST", port, "/v1/usage/batch", {"key": key, "events": events})
+    status, body = harness.http("POST", port, "/v1/usage/batch", {"key": key, "events": events})
     if status != 200 or json.loads(body).get("count") != 3:
         return f"POST /v1/usage/batch answered {status}: {body[:300]!r}"
     return None
@@ -636,10 +636,10 @@ def render(args: argparse.Namespace, results: Results, argv: list[str]) -> str:
         runs = results.ingest[scenario.label]
         lines.append(
             f"| {scenario.label} | {scenario.events_per_request:,} | {scenario.connections} | "
-            f"**{vb.fmt([r['events_per_s'] for r in runs])}** | "
-            f"{vb.fmt([r['rps'] for r in runs])} | {vb.fmt([r['p50_ms'] for r in runs], 2)} | "
-            f"{vb.fmt([r['p99_ms'] for r in runs], 2)} | "
-            f"{sum(r['non_2xx'] + r['socket_errors'] for r in runs)} | {vb.cpu_cell(runs)} | "
+            f"**{harness.fmt([r['events_per_s'] for r in runs])}** | "
+            f"{harness.fmt([r['rps'] for r in runs])} | {harness.fmt([r['p50_ms'] for r in runs], 2)} | "
+            f"{harness.fmt([r['p99_ms'] for r in runs], 2)} | "
+            f"{sum(r['non_2xx'] + r['socket_errors'] for r in runs)} | {harness.cpu_cell(runs)} | "
             f"{med([r['server_ms_per_1000'] for r in runs]):,.0f} / "
             f"{med([r['postgres_ms_per_1000'] for r in runs]):,.0f} "
             f"({min(r['postgres_ms_per_1000'] for r in runs):,.0f}–"
@@ -675,9 +675,9 @@ def render(args: argparse.Namespace, results: Results, argv: list[str]) -> str:
                 continue
             cpu = {k: med([r["cpu"][k] for r in runs]) for k in ("all", "generator")}
             lines.append(
-                f"| {label} | {vb.fmt([r['tps'] for r in runs])} | "
-                f"{vb.fmt([r['rows_per_s'] for r in runs])} | "
-                f"{vb.fmt([r['latency_ms'] for r in runs if r['latency_ms']], 2)} | "
+                f"| {label} | {harness.fmt([r['tps'] for r in runs])} | "
+                f"{harness.fmt([r['rows_per_s'] for r in runs])} | "
+                f"{harness.fmt([r['latency_ms'] for r in runs if r['latency_ms']], 2)} | "
                 f"{cpu['all']:.2f} / {cpu['generator']:.2f} |"
             )
         lines += ["", *ratios(args, results)]
@@ -754,7 +754,7 @@ def gc_freeze_env(tmp: Path, seconds: float) -> dict[str, str]:
 async def _setup(
     args: argparse.Namespace, name: str, driver_url: str, tmp: Path
 ) -> tuple[str, list[str]]:
-    pg_version = await vb.create_database(args.pg_url, name)
+    pg_version = await harness.create_database(args.pg_url, name)
     keys = await seed(driver_url, tmp / "secrets", args.accounts)
     return pg_version, keys
 
@@ -767,8 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = f"keyshift_ingest_{os.getpid()}"
     tmp = Path(tempfile.mkdtemp(prefix="keyshift-ingest-"))
-    plain, driver = vb.database_urls(args.pg_url, name)
-    server: vb.Server | None = None
+    plain, driver = harness.database_urls(args.pg_url, name)
+    server: harness.Server | None = None
     created = False
 
     def on_term(signum: int, _frame: object) -> None:
@@ -776,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        vb.progress(f"creating database {name}, {args.accounts} accounts with a license each")
+        harness.progress(f"creating database {name}, {args.accounts} accounts with a license each")
         created = True
         pg_version, keys = asyncio.run(_setup(args, name, driver, tmp))
         keys_file = tmp / "keys.txt"
@@ -784,13 +784,13 @@ def main(argv: list[str] | None = None) -> int:
         env = {"KEYSHIFT_MAX_BODY_BYTES": str(1024 * 1024), **args.extra_env}
         if args.gc_freeze is not None:
             env.update(gc_freeze_env(tmp, args.gc_freeze))
-        server = vb.start_server(args.workers, driver, tmp / "secrets", tmp, env)
-        vb.progress(f"server up on {HOST}:{server.port}, workers {server.worker_pids()}")
+        server = harness.start_server(args.workers, driver, tmp / "secrets", tmp, env)
+        harness.progress(f"server up on {HOST}:{server.port}, workers {server.worker_pids()}")
         problem = check_sample(server.port, keys[0])
         if problem:
             print(f"{problem}\nnot benchmarking.", file=sys.stderr)
             return 3
-        machine = vb.machine_info(pg_version)
+        machine = harness.machine_info(pg_version)
         bench = Bench(server, name, plain, keys_file, tmp, args.wrk_threads)
         results = measure(args, bench)
         results.machine = machine
@@ -811,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {pct:5.1f}  {frame}")
         if not args.no_record:
             write_docs(args.docs, section)
-            vb.progress(f"appended to {args.docs}")
+            harness.progress(f"appended to {args.docs}")
         return 0
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
@@ -821,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         if created:
             with contextlib.suppress(Exception):
-                asyncio.run(vb.drop_database(args.pg_url, name))
+                asyncio.run(harness.drop_database(args.pg_url, name))
         shutil.rmtree(tmp, ignore_errors=True)
 
 
