@@ -1,56 +1,105 @@
-"""What every benchmark script shares: the bench database, the server on a loopback port,
-load generation (wrk, ``loadgen.py``), CPU accounting of the processes involved, py-spy
-profiles, statistics and the machine's description."""
+"""What the benchmark scripts share: a bench database seeded through the services, the server
+on a loopback port, load (wrk with the scripts in ``wrk/``, ``loadgen.py``, pgbench), the CPU
+each process used, py-spy profiles, and the record of a run as JSON under ``results/``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import platform
 import re
-import resource
+import shlex
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import httpx
+import psutil
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"
+WRK_DIR = HERE / "wrk"
+CATALOG = HERE / "catalog"
 HOST = "127.0.0.1"  # loopback only, by the machine's rules
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
-def add_load_arguments(parser: argparse.ArgumentParser, *, quiet_wait: float) -> None:
-    """The options both benchmark scripts take for waiting out other load and for the
-    server's environment."""
-    parser.add_argument(
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, quiet_wait: float) -> None:
+    """The options every benchmark script takes."""
+    add = parser.add_argument
+    add("--workers", type=int, default=2, help="uvicorn worker processes")
+    add("--duration", type=float, default=10.0, help="seconds per measurement")
+    add("--repeats", type=int, default=3, help="runs of each measurement (>= 3 for a spread)")
+    add(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="an admin URL of the PostgreSQL server (the bench database is created beside it)",
+    )
+    add("--wrk-threads", type=int, default=1)
+    add(
         "--quiet-threshold",
         type=float,
         default=0.3,
         help="before each measurement wait until other load is below this many cores ...",
     )
-    parser.add_argument(
-        "--quiet-wait", type=float, default=quiet_wait, help="... for at most this many seconds"
-    )
-    parser.add_argument(
+    add("--quiet-wait", type=float, default=quiet_wait, help="... for at most this many seconds")
+    add(
         "--server-env",
         action="append",
         default=[],
         metavar="NAME=VALUE",
         help="extra environment for the server, e.g. KEYSHIFT_VALIDATION_CACHE_TTL=300",
     )
+    add("--profile", type=Path, metavar="DIR", help="also record a py-spy profile into DIR")
+    add("--no-record", action="store_true", help="print only; write no JSON result")
+    add("--results", type=Path, default=RESULTS, help="where the JSON result is written")
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        args.extra_env = dict(item.split("=", 1) for item in args.server_env)
+    except ValueError:
+        parser.error("--server-env takes NAME=VALUE")
+    if not 1 <= args.workers <= 16:
+        parser.error("--workers must be in 1..16")
+    if not 1 <= args.duration <= 120:
+        parser.error("--duration must be in 1..120 seconds")
+    if not 1 <= args.repeats <= 10:
+        parser.error("--repeats must be in 1..10")
+
+
+def alternate(items: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
+    """Every item once per repeat, the order reversed every other repeat (ABBA…), so a drift
+    in background load spreads evenly over them."""
+    for rep in range(repeats):
+        for item in items if rep % 2 == 0 else items[::-1]:
+            yield rep, item
+
+
+# --------------------------------------------------------------------------- the database
 
 
 def database_urls(admin_url: str, name: str) -> tuple[str, str]:
@@ -63,57 +112,73 @@ def database_urls(admin_url: str, name: str) -> tuple[str, str]:
     return plain, driver
 
 
-async def create_database(admin_url: str, name: str) -> str:
+def pg(url: str, statement: str, *params: object) -> Any:
+    """Run one statement on a connection of its own; its first row's first value, if any."""
     import asyncpg
 
-    conn = await asyncpg.connect(admin_url)
+    async def run() -> Any:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetchval(statement, *params)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+async def seed_licenses(
+    db_url: str, secrets_dir: Path, plan_ref: str, count: int, batch: int, *, activate: bool
+) -> list[str]:
+    """Migrate, publish ``catalog/``, issue ``count`` licenses on ``plan_ref`` (one account
+    each, ``batch`` per transaction); returns their plaintext keys. With ``activate`` each is
+    activated on one machine, and the line is ``KEY<TAB>FINGERPRINT``."""
+    from keyshift.catalog.loader import load
+    from keyshift.catalog.service import publish
+    from keyshift.context import SYSTEM
+    from keyshift.db.engine import Database
+    from keyshift.db.migrate import upgrade_to_head
+    from keyshift.licensing import activations
+    from keyshift.licensing import service as licensing
+    from keyshift.security.secrets_store import ensure_secrets
+
+    secrets, _ = ensure_secrets(secrets_dir)
+    db = Database(db_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        version: str = await conn.fetchval("SHOW server_version")
+        await upgrade_to_head(db.engine)
+        async with db.transaction() as session:
+            await publish(session, SYSTEM, load(CATALOG))
+        keys: list[str] = []
+        while len(keys) < count:
+            async with db.transaction() as session:
+                for _ in range(min(batch, count - len(keys))):
+                    account = await licensing.create_account(
+                        session, SYSTEM, name=f"bench account {len(keys)}"
+                    )
+                    await licensing.subscribe(session, SYSTEM, account.id, plan_ref)
+                    issued = await licensing.issue_license(
+                        session, SYSTEM, secrets.keyring, account_id=account.id
+                    )
+                    if not activate:
+                        keys.append(issued.key)
+                        continue
+                    fingerprint = f"bench-machine-{len(keys)}"
+                    await activations.activate(
+                        session, SYSTEM, secrets.keyring, issued.license, fingerprint
+                    )
+                    keys.append(f"{issued.key}\t{fingerprint}")
+        return keys
     finally:
-        await conn.close()
-    return version
+        await db.dispose()
 
 
-async def server_version(admin_url: str) -> str:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url)
-    try:
-        version: str = await conn.fetchval("SHOW server_version")
-    finally:
-        await conn.close()
-    return version
-
-
-async def drop_database(admin_url: str, name: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+# --------------------------------------------------------------------------- the server
 
 
 def http(
     method: str, port: int, path: str, body: dict[str, Any] | None = None, timeout: float = 5.0
 ) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://{HOST}:{port}{path}", data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    response = httpx.request(method, f"http://{HOST}:{port}{path}", json=body, timeout=timeout)
+    return response.status_code, response.content
 
 
 @dataclass
@@ -122,8 +187,11 @@ class Server:
     port: int
     log: Path
 
-    def worker_pids(self) -> list[int]:
-        return children_of(self.process.pid)
+    def pids(self) -> list[int]:
+        """The master and its workers."""
+        with contextlib.suppress(psutil.Error):
+            return [self.process.pid, *(c.pid for c in psutil.Process(self.process.pid).children())]
+        return []
 
     def stop(self) -> None:
         if self.process.poll() is not None:
@@ -140,30 +208,23 @@ class Server:
 def start_server(
     workers: int, db_url: str, secrets_dir: Path, tmp: Path, extra_env: dict[str, str]
 ) -> Server:
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        KEYSHIFT_DATABASE_URL=db_url,
-        KEYSHIFT_SECRETS_DIR=str(secrets_dir),
-        KEYSHIFT_LOG_LEVEL="WARNING",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
-    )
-    env.update(extra_env)
+    """``keyshift serve`` on a free loopback port; returns once ``/healthz`` answers."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = int(sock.getsockname()[1])
+    env = {
+        **os.environ,
+        "KEYSHIFT_DATABASE_URL": db_url,
+        "KEYSHIFT_SECRETS_DIR": str(secrets_dir),
+        "KEYSHIFT_LOG_LEVEL": "WARNING",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics"),
+        **extra_env,
+    }
     log = tmp / "server.log"
+    command = [sys.executable, "-m", "keyshift.cli", "serve", "--host", HOST, "--port", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "keyshift.cli",
-                "serve",
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
+            [*command, "--workers", str(workers)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -174,7 +235,7 @@ def start_server(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{log_tail(log)}")
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(httpx.HTTPError):
             if http("GET", port, "/healthz", timeout=1)[0] == 200:
                 # All workers up: uvicorn starts them together, give the last ones a moment.
                 time.sleep(1.0)
@@ -191,44 +252,83 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def children_of(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            found += [int(c) for c in (task / "children").read_text().split()]
+@dataclass
+class Bench:
+    """One run's resources: its database, its temporary directory and the server."""
+
+    admin_url: str
+    database: str
+    tmp: Path
+    server: Server | None = None
+    drop_database: bool = True
+
+    @property
+    def plain_url(self) -> str:
+        return database_urls(self.admin_url, self.database)[0]
+
+    @property
+    def driver_url(self) -> str:
+        return database_urls(self.admin_url, self.database)[1]
+
+
+@contextlib.contextmanager
+def bench_run(admin_url: str, database: str) -> Iterator[Bench]:
+    """A temporary directory; on leaving (also on Ctrl-C or SIGTERM, then exit status 130)
+    the server stopped, the database dropped unless ``drop_database`` was turned off, and the
+    directory removed."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    bench = Bench(admin_url, database, Path(tempfile.mkdtemp(prefix=f"{database}-")))
+    try:
+        yield bench
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if bench.server is not None:
+            bench.server.stop()
+        if bench.drop_database:
+            with contextlib.suppress(Exception):
+                pg(admin_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            found[pid] = times.user + times.system
     return found
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def postgres_pids() -> list[int]:
+def postgres_pids(database: str) -> list[int]:
+    """The PostgreSQL processes working for ``database`` alone: its backends and autovacuum
+    workers (their title names it). The server's shared background processes (WAL writer,
+    checkpointer …) and other databases' backends (other people's tests on a shared machine)
+    count as "other"."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] != "postgres":
+            continue
+        title = f" {' '.join(process.info['cmdline'] or [])} "
+        if f" {database} " in title:
+            pids.append(process.pid)
     return pids
 
 
-def system_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds summed over all CPUs since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    total = sum(values)
-    idle = values[3] + values[4]
-    return (total - idle) / CLK_TCK, total / CLK_TCK
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def busy_seconds() -> float:
+    """CPU seconds all CPUs have been busy since boot (not idle, not waiting for I/O)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
 
 
 @dataclass
@@ -240,33 +340,39 @@ class CpuSnapshot:
     busy: float
 
 
-def cpu_snapshot(server: Server) -> CpuSnapshot:
-    pids = [server.process.pid, *server.worker_pids()]
+def cpu_snapshot(bench: Bench) -> CpuSnapshot:
+    children = psutil.Process().cpu_times()  # the generators are our waited-for children
     return CpuSnapshot(
         wall=time.monotonic(),
-        server={p: proc_cpu_seconds(p) for p in pids},
-        postgres={p: proc_cpu_seconds(p) for p in postgres_pids()},
-        generator=children_cpu(),
-        busy=system_busy_seconds()[0],
+        server=cpu_seconds(bench.server.pids() if bench.server else []),
+        postgres=cpu_seconds(postgres_pids(bench.database)),
+        generator=children.children_user + children.children_system,
+        busy=busy_seconds(),
     )
 
 
-def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
-    """Cores used (CPU seconds per wall second) by the server, PostgreSQL, the generator, all."""
+@contextlib.contextmanager
+def cpu_sampled(bench: Bench) -> Iterator[dict[str, float]]:
+    """Fills the yielded dict, on leaving, with the cores (CPU seconds per wall second) the
+    server, the bench database's PostgreSQL processes, the load generator and everything
+    else used meanwhile. A process that exits meanwhile (a pgbench client's backend) counts
+    under "other"."""
+    before = cpu_snapshot(bench)
+    used: dict[str, float] = {}
+    yield used
+    after = cpu_snapshot(bench)
     wall = max(1e-9, after.wall - before.wall)
 
     def delta(a: dict[int, float], b: dict[int, float]) -> float:
         return sum(v - a.get(p, 0.0) for p, v in b.items())
 
-    used = {
-        "server": delta(before.server, after.server) / wall,
-        "postgres": delta(before.postgres, after.postgres) / wall,
-        "generator": (after.generator - before.generator) / wall,
-        "all": (after.busy - before.busy) / wall,
-    }
+    used["server"] = delta(before.server, after.server) / wall
+    used["postgres"] = delta(before.postgres, after.postgres) / wall
+    used["generator"] = (after.generator - before.generator) / wall
+    used["all"] = (after.busy - before.busy) / wall
     # Whatever else ran meanwhile (other people's tests on a shared machine): interference.
     used["other"] = max(0.0, used["all"] - used["server"] - used["postgres"] - used["generator"])
-    return {k: round(v, 2) for k, v in used.items()}
+    used.update({k: round(v, 3) for k, v in used.items()})
 
 
 def wait_for_quiet(threshold: float, max_wait: float) -> float:
@@ -274,38 +380,37 @@ def wait_for_quiet(threshold: float, max_wait: float) -> float:
     returns the last reading. The server is idle between measurements, so this is others' load."""
     deadline = time.monotonic() + max_wait
     while True:
-        busy0, wall0 = system_busy_seconds()[0], time.monotonic()
-        time.sleep(1.0)
-        busy = (system_busy_seconds()[0] - busy0) / (time.monotonic() - wall0)
+        busy = psutil.cpu_percent(interval=1.0) / 100 * psutil.cpu_count()
         if busy <= threshold or time.monotonic() >= deadline:
             return round(busy, 2)
 
 
-@dataclass(frozen=True)
-class Target:
-    label: str
-    method: str
-    path: str
-    keys_file: Path | None  # POST {"key": random line} when set
+# --------------------------------------------------------------------------- load
 
 
 def run_wrk(
-    server: Server, script: Path, connections: int, threads: int, duration: float
+    bench: Bench,
+    script: str,
+    script_args: Sequence[object],
+    *,
+    connections: int,
+    threads: int,
+    duration: float,
+    timeout: int = 5,
 ) -> dict[str, Any]:
+    """wrk with ``wrk/<script>`` against the server: requests/s of 2xx answers, errors,
+    latency percentiles, and the CPU split."""
+    assert bench.server is not None
     command = [
-        "wrk",
-        f"-t{min(threads, connections)}",
-        f"-c{connections}",
-        f"-d{max(1, round(duration))}s",
-        "--timeout",
-        "5s",
-        "-s",
-        str(script),
-        f"http://{HOST}:{server.port}",
+        *("wrk", f"-t{min(threads, connections)}", f"-c{connections}"),
+        *(f"-d{max(1, round(duration))}s", "--timeout", f"{timeout}s", "-s", script),
+        f"http://{HOST}:{bench.server.port}",
+        *("--", *map(str, script_args)),
     ]
-    before = cpu_snapshot(server)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
-    after = cpu_snapshot(server)
+    with cpu_sampled(bench) as cpu:
+        done = subprocess.run(
+            command, cwd=WRK_DIR, capture_output=True, text=True, timeout=duration + 60
+        )
     match = re.search(r"^KSJSON (.*)$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -314,48 +419,73 @@ def run_wrk(
     ok = raw["requests"] - raw["status_errors"]
     return {
         "rps": round(ok / seconds, 1),
+        "ok": ok,
+        "seconds": seconds,
         "requests": raw["requests"],
         "non_2xx": raw["status_errors"],
         "socket_errors": raw["socket_errors"],
-        "p50_ms": raw["p50_us"] / 1000,
-        "p90_ms": raw["p90_us"] / 1000,
-        "p99_ms": raw["p99_us"] / 1000,
-        "max_ms": raw["max_us"] / 1000,
-        "cpu": cpu_usage(before, after),
+        **{f"{p}_ms": raw[f"{p}_us"] / 1000 for p in ("p50", "p90", "p99", "max")},
+        "cpu": cpu,
     }
 
 
 def run_loadgen(
-    server: Server, target: Target, rate: int, duration: float, connections: int
+    bench: Bench,
+    method: str,
+    path: str,
+    keys_file: Path | None,
+    *,
+    rate: int,
+    duration: float,
+    connections: int,
 ) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        str(HERE / "loadgen.py"),
-        "--host",
-        HOST,
-        "--port",
-        str(server.port),
-        "--method",
-        target.method,
-        "--path",
-        target.path,
-        "--rate",
-        str(rate),
-        "--duration",
-        str(duration),
-        "--connections",
-        str(connections),
-    ]
-    if target.keys_file:
-        command += ["--keys-file", str(target.keys_file)]
-    before = cpu_snapshot(server)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
-    after = cpu_snapshot(server)
+    """``loadgen.py`` at a fixed rate (open loop): its JSON result, and the CPU split."""
+    assert bench.server is not None
+    command = [sys.executable, str(HERE / "loadgen.py"), "--host", HOST]
+    command += ["--port", str(bench.server.port), "--method", method, "--path", path]
+    command += ["--rate", str(rate), "--duration", str(duration)]
+    command += ["--connections", str(connections)]
+    command += ["--keys-file", str(keys_file)] if keys_file else []
+    with cpu_sampled(bench) as cpu:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed ({done.returncode}):\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    result["cpu"] = cpu_usage(before, after)
+    result["cpu"] = cpu
     return result
+
+
+def pgbench_binary() -> str | None:
+    found = shutil.which("pgbench")
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"))
+    return found or (str(candidates[-1]) if candidates else None)
+
+
+def pgbench(bench: Bench, *options: str, timeout: float) -> dict[str, Any] | None:
+    """One pgbench run on the bench database: transactions/s (without the initial connection
+    time), average latency and the CPU split; None, with the reason, if it failed."""
+    binary = pgbench_binary()
+    if binary is None:
+        print("pgbench not found; skipped", file=sys.stderr)
+        return None
+    with cpu_sampled(bench) as cpu:
+        run = subprocess.run(
+            [binary, *options, bench.plain_url], capture_output=True, text=True, timeout=timeout
+        )
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", run.stdout)
+    latency = re.search(r"latency average = ([\d.]+) ms", run.stdout)
+    if run.returncode != 0 or (tps is None and "-i" not in options):
+        print(f"pgbench failed, skipped: {run.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return {
+        "command": shlex.join(["pgbench", *options]),
+        "tps": float(tps.group(1)) if tps else None,
+        "latency_ms": float(latency.group(1)) if latency else None,
+        "cpu": cpu,
+    }
+
+
+# --------------------------------------------------------------------------- profile
 
 
 def profile_while(
@@ -363,8 +493,7 @@ def profile_while(
 ) -> dict[str, Any] | None:
     """Sample ``pid`` and its subprocesses with py-spy for ``seconds`` while ``drive()`` puts
     the load on; write ``<name>.txt`` (raw) and ``<name>-summary.json`` into ``directory`` and
-    return the summary (None, with a message, if py-spy is missing or recorded nothing).
-    Shared by this script and ``ingest.py``."""
+    return the summary (None, with a message, if py-spy is missing or recorded nothing)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         print("py-spy not found (pip install py-spy); profile skipped", file=sys.stderr)
@@ -373,20 +502,8 @@ def profile_while(
     raw = directory / f"{name}.txt"
     spy_process = subprocess.Popen(
         [
-            spy,
-            "record",
-            "--pid",
-            str(pid),
-            "--subprocesses",
-            "--nonblocking",
-            "--rate",
-            "250",
-            "--duration",
-            str(seconds),
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
+            *(spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking"),
+            *("--rate", "250", "--duration", str(seconds), "--format", "raw", "--output", str(raw)),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -448,82 +565,125 @@ def frame_package(frame: str) -> str:
     return match.group(1) if match.group(2) else f"stdlib {match.group(1)}"
 
 
-def spread(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
+def print_profile(profile: dict[str, Any]) -> None:
+    for title, key in (
+        ("keyshift functions, inclusive", "keyshift_inclusive_pct"),
+        ("self time by package", "self_by_package_pct"),
+        ("top frames by self time", "self_pct"),
+    ):
+        print(f"py-spy, {title} (% of samples):")
+        for frame, pct in profile[key][:15]:
+            print(f"  {pct:5.1f}  {frame}")
 
 
-def fmt(values: list[float], digits: int = 0) -> str:
-    med, lo, hi = spread(values)
-    if digits == 0:
-        return f"{med:,.0f} ({lo:,.0f}–{hi:,.0f})"
-    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+# --------------------------------------------------------------------------- statistics
 
 
-def fmt_some(values: list[float | None], digits: int = 0) -> str:
-    """``fmt`` over the runs that produced a value; says how many did not."""
+def spread(values: Iterable[float | None]) -> dict[str, Any] | None:
+    """Median, min and max of the runs that produced a value (how many did not, if any)."""
+    values = list(values)
     present = [v for v in values if v is not None]
     if not present:
-        return "— (no response)"
-    missing = len(values) - len(present)
-    return fmt(present, digits) + (f" [{missing} run(s): no response]" if missing else "")
+        return None
+    out: dict[str, Any] = {
+        "median": statistics.median(present),
+        "min": min(present),
+        "max": max(present),
+    }
+    if len(present) < len(values):
+        out["missing"] = len(values) - len(present)
+    return out
 
 
-def machine_info(pg_version: str) -> dict[str, str]:
+def cpu_median(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each party's median cores over the runs."""
+    return {k: round(statistics.median(r["cpu"][k] for r in runs), 3) for k in runs[0]["cpu"]}
+
+
+# --------------------------------------------------------------------------- recording
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+def git_commit() -> str:
+    """HEAD, marked when ``src`` has uncommitted changes (the server runs the working tree)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+
+        def git(*args: str) -> str:
+            run = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+            return run.stdout.strip()
+
+        head = git("rev-parse", "--short", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no", "src"):
+            return f"{head} (src has uncommitted changes)"
+        return head
+    return "unknown"
+
+
+def machine(admin_url: str) -> dict[str, Any]:
+    """What the numbers were measured on."""
     cpu_model = "unknown"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    ram = "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        ram = f"{kib / 1024 / 1024:.1f} GiB"
-    commit = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        commit = head + (" (src has uncommitted changes)" if dirty else "")
-    versions = []
-    for package in ("fastapi", "uvicorn", "sqlalchemy", "asyncpg", "uvloop", "httptools"):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
-
-            versions.append(f"{package} {version(package)}")
-    wrk_version = "not found"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10)
-        wrk_version = (out.stdout + out.stderr).split("[")[0].strip() or "wrk"
+        found = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu_model = found.group(1).strip() if found else cpu_model
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     return {
-        "cpus": str(len(os.sched_getaffinity(0))),
+        "cpus": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model,
-        "ram": ram,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "postgresql": pg_version,
-        "packages": ", ".join(versions),
-        "wrk": wrk_version,
-        "commit": commit,
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "postgresql": pg(admin_url, "SHOW server_version"),
+        "packages": package_versions(
+            "fastapi", "uvicorn", "sqlalchemy", "asyncpg", "uvloop", "httptools"
+        ),
+        "wrk": (wrk.stdout + wrk.stderr).split("[")[0].strip() or "wrk",
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+@dataclass
+class Record:
+    """A run's JSON record: what, where, when, with which parameters; the summaries shown in
+    docs/benchmarks.md (``results``) and every measurement behind them (``runs``)."""
+
+    benchmark: str
+    script: str
+    argv: list[str]
+    parameters: dict[str, Any]
+    machine: dict[str, Any]
+    results: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, Any] = field(default_factory=dict)
+    date: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "source": f"measured by benchmarks/{self.script}",
+            "date": f"{self.date:%Y-%m-%dT%H:%M:%SZ}",
+            "commit": git_commit(),
+            "command": shlex.join([".venv/bin/python", f"benchmarks/{self.script}", *self.argv]),
+            "machine": self.machine,
+            "parameters": self.parameters,
+            "results": self.results,
+            "runs": self.runs,
+        }
+
+    def write(self, directory: Path) -> Path:
+        """``<directory>/<benchmark>-<UTC time>.json``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.benchmark}-{self.date:%Y%m%dT%H%M%SZ}.json"
+        path.write_text(json.dumps(self.as_json(), indent=2, default=str) + "\n")
+        return path
 
 
-def cpu_cell(runs: list[dict[str, Any]]) -> str:
-    cpu = {k: statistics.median(r["cpu"][k] for r in runs) for k in runs[0]["cpu"]}
-    return (
-        f"{cpu['server']:.2f} / {cpu['postgres']:.2f} / {cpu['generator']:.2f} / {cpu['other']:.2f}"
-    )
+def parameters(args: argparse.Namespace, *skip: str) -> dict[str, Any]:
+    """The run's options as JSON values (paths as text), without the derived ones."""
+    drop = {"no_record", "results", "server_env", *skip}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in drop}
