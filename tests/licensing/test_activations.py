@@ -165,6 +165,70 @@ async def test_heartbeat_on_a_lapsed_lease_needs_a_free_seat(
             await activations.heartbeat(session, ACTOR, secrets.keyring, key, "desk-a")
 
 
+async def _change_plan(db: Database, license_id: str, plan: str) -> None:
+    """Move the license's account to ``plan`` (its machines stay as they were activated)."""
+    async with db.transaction() as session:
+        row = await service.get_license(session, license_id)
+        await service.subscribe(session, ACTOR, row.account_id, plan)
+
+
+async def _lease_ends(db: Database, activation_id: str, at: datetime) -> None:
+    async with db.transaction() as session:
+        await session.execute(
+            update(Activation).where(Activation.id == activation_id).values(lease_expires_at=at)
+        )
+
+
+@pytest.mark.parametrize("lapsed", [False, True], ids=["live_lease", "lapsed_lease"])
+async def test_reactivating_on_a_node_locked_plan_gives_a_node_seat_not_a_leaseless_float(
+    db: Database, secrets: Secrets, lapsed: bool
+) -> None:
+    license_id, key = await _licensed(db, secrets, factories.SEAT_FLOATING)
+    first = await _activate(db, secrets, key, "desk")
+    if lapsed:
+        await _lease_ends(db, first.activation.id, datetime.now(UTC) - timedelta(minutes=1))
+    await _change_plan(db, license_id, factories.SEAT_NODE)
+
+    again = await _activate(db, secrets, key, "desk")
+
+    assert again.activation.id == first.activation.id
+    assert (again.activation.mode, again.activation.lease_expires_at) == ("node", None)
+
+
+async def test_reactivating_on_a_floating_plan_gives_a_lease(
+    db: Database, secrets: Secrets
+) -> None:
+    license_id, key = await _licensed(db, secrets, factories.SEAT_NODE)
+    first = await _activate(db, secrets, key, "desk")
+    await _change_plan(db, license_id, factories.SEAT_FLOATING)
+
+    again = await _activate(db, secrets, key, "desk")
+
+    assert again.activation.id == first.activation.id and again.activation.mode == "floating"
+    lease = again.activation.lease_expires_at
+    assert lease is not None
+    assert timedelta(minutes=59) < lease - datetime.now(UTC) <= timedelta(hours=1)
+
+
+async def test_a_heartbeat_after_a_plan_change_takes_the_plans_mode(
+    db: Database, secrets: Secrets
+) -> None:
+    license_id, key = await _licensed(db, secrets, factories.SEAT_FLOATING)
+    first = await _activate(db, secrets, key, "desk")
+    await _lease_ends(db, first.activation.id, datetime.now(UTC) + timedelta(minutes=5))
+    await _change_plan(db, license_id, factories.SEAT_NODE)
+    async with db.transaction() as session:
+        beat = await activations.heartbeat(session, ACTOR, secrets.keyring, key, "desk")
+    # Not a floating lease left to run out on a plan whose heartbeats no longer extend it.
+    assert (beat.id, beat.mode, beat.lease_expires_at) == (first.activation.id, "node", None)
+
+    await _change_plan(db, license_id, factories.SEAT_FLOATING)
+    async with db.transaction() as session:
+        beat = await activations.heartbeat(session, ACTOR, secrets.keyring, key, "desk")
+    assert beat.mode == "floating" and beat.lease_expires_at is not None
+    assert beat.lease_expires_at > datetime.now(UTC) + timedelta(minutes=59)
+
+
 async def test_suspended_or_expired_licenses_cannot_activate(
     db: Database, secrets: Secrets
 ) -> None:

@@ -7,6 +7,7 @@ of its state (licenses with overrides, activations, counters, data objects, add-
   and ``legacy_jobs`` day 5 (only this plan meters it)
 - ``new-seat@1``: seat, 2 node-locked activations, term 1y, meter ``exports`` month 80
 - ``new-usage@1``: usage, meters ``exports`` month 80 and ``units`` month 0 (seats convert into it)
+- ``old-float@1`` / ``new-float@1``: as ``old-seat@1`` / ``new-seat@1``, with floating leases of 1h
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from keyshift.catalog import service as catalog
 from keyshift.catalog.manifests import Edition, Plan
@@ -32,6 +33,9 @@ from keyshift.storage import service as storage
 OLD = "old-seat@1"
 NEW = "new-seat@1"
 NEW_USAGE = "new-usage@1"
+OLD_FLOAT = "old-float@1"
+NEW_FLOAT = "new-float@1"
+LEASE = timedelta(hours=1)  # the floating plans' lease_ttl
 
 EDITIONS = [
     {
@@ -76,10 +80,23 @@ LEGACY_JOBS = {
     "reset": "day",
     "overage": "allow",
 }
+FLOATING = {"activation": "floating", "lease_ttl": "1h"}
 PLANS = [
     _plan("old-seat", "old@1", {"model": "seat", "max_activations": 3}, [EXPORTS, LEGACY_JOBS]),
     _plan(
         "new-seat", "new@1", {"model": "seat", "max_activations": 2}, [{**EXPORTS, "included": 80}]
+    ),
+    _plan(
+        "old-float",
+        "old@1",
+        {"model": "seat", "max_activations": 3, **FLOATING},
+        [EXPORTS, LEGACY_JOBS],
+    ),
+    _plan(
+        "new-float",
+        "new@1",
+        {"model": "seat", "max_activations": 2, **FLOATING},
+        [{**EXPORTS, "included": 80}],
     ),
     _plan(
         "new-usage",
@@ -124,6 +141,21 @@ def rules(text: str = RULES, **replace: str) -> MigrationRules:
     for old, new in replace.items():
         text = text.replace(old, new)
     return load_rules_text("rules.toml", text)[0]
+
+
+def _key(ref: str) -> str:
+    return ref.split("@", 1)[0]
+
+
+def mode_rules_text(source: str, target: str, activations: str = "trim_to_cap") -> str:
+    """``RULES`` from ``source`` to ``target`` (e.g. floating to node-locked), with
+    ``activations`` for [seats] and a version naming the pair."""
+    return (
+        RULES.replace('from = ["old-seat@1"]', f'from = ["{source}"]')
+        .replace('to = "new-seat@1"', f'to = "{target}"')
+        .replace('version = "1"', f'version = "{_key(source)}.{_key(target)}.{activations[:4]}"')
+        .replace('activations = "trim_to_cap"', f'activations = "{activations}"')
+    )
 
 
 async def publish(db: Database) -> None:
@@ -209,3 +241,23 @@ async def state_of(db: Database, account_id: str) -> dict[str, Any]:
         state = await repository.read_state(session, account_id, utcnow())
     assert state is not None
     return state
+
+
+async def leases_age(db: Database, account_id: str, by: timedelta) -> None:
+    """As if ``by`` had passed with no heartbeat: every lease the account's machines hold ends
+    ``by`` earlier (a node-locked machine has none, and is not affected)."""
+    async with db.transaction() as session:
+        rows = (
+            await session.execute(
+                select(Activation.id, Activation.lease_expires_at).where(
+                    Activation.account_id == account_id,
+                    Activation.lease_expires_at.is_not(None),
+                )
+            )
+        ).all()
+        for activation_id, lease in rows:
+            await session.execute(
+                update(Activation)
+                .where(Activation.id == activation_id)
+                .values(lease_expires_at=lease - by)
+            )

@@ -45,6 +45,7 @@ def _pairs(*plans: Plan) -> dict[str, PlanPair]:
 
 PAIRS = _pairs(*helpers.PLANS)
 OLD, NEW, NEW_USAGE = PAIRS[helpers.OLD], PAIRS[helpers.NEW], PAIRS[helpers.NEW_USAGE]
+OLD_FLOAT, NEW_FLOAT = PAIRS[helpers.OLD_FLOAT], PAIRS[helpers.NEW_FLOAT]
 
 
 def old_seat_with(*meters: dict[str, Any]) -> PlanPair:
@@ -395,6 +396,54 @@ def test_trim_honours_a_hand_set_cap_and_keep_all_keeps_everything() -> None:
     assert plan(snapshot(activations=on_second), reset).deactivate == ("act-02", "act-03")
     keep = rules(**{'activations = "trim_to_cap"': 'activations = "keep_all"'})
     assert plan(the_rules=keep).deactivate == ()
+
+
+def test_floating_to_node_locked_makes_each_kept_machine_a_node_seat() -> None:
+    live = iso(NOW + timedelta(minutes=30))
+    activations = [
+        activation(1, seen_hours=1, lease=live),
+        activation(2, seen_hours=2, lease=live),
+        activation(3, seen_hours=3, lease=live),  # over the new cap of 2: trimmed
+        activation(4, "lic-2", seen_hours=4, lease=at(1)),  # lapsed: a free seat, left as is
+    ]
+    the_rules = rules(**{'from = ["old-seat@1"]': 'from = ["old-float@1"]'})
+    result = plan(snapshot(plan=OLD_FLOAT, activations=activations), the_rules, source=OLD_FLOAT)
+    assert result.deactivate == ("act-03",)
+    assert result.convert == ("act-01", "act-02")
+    assert result.machine_terms == {"mode": "node", "lease_seconds": None}
+    kept = {a["id"]: (a["mode"], a["lease_expires_at"]) for a in result.expected["activations"]}
+    assert kept == {
+        "act-01": ("node", None),
+        "act-02": ("node", None),
+        "act-04": ("floating", at(1)),
+    }
+    changes = result.changes["activations_converted"]
+    assert [(c["activation_id"], c["fingerprint"]) for c in changes] == [
+        ("act-01", "machine-1"),
+        ("act-02", "machine-2"),
+    ]
+    assert changes[0]["from"] == {"mode": "floating", "lease_expires_at": live}
+    assert changes[0]["to"] == {"mode": "node", "lease_seconds": None}
+    assert result.to_dict()["convert"] == ["act-01", "act-02"]
+    assert "2 switched to node mode" in result.steps[3]["does"]
+
+
+def test_node_locked_to_floating_gives_each_kept_machine_a_lease_from_the_cutover() -> None:
+    result = plan(the_rules=rules(**{'to = "new-seat@1"': 'to = "new-float@1"'}), target=NEW_FLOAT)
+    assert result.deactivate == ("act-00",)  # three machines, new cap 2
+    assert result.convert == ("act-01", "act-02")
+    lease = iso(NOW + timedelta(hours=1))
+    assert {(a["mode"], a["lease_expires_at"]) for a in result.expected["activations"]} == {
+        ("floating", lease)
+    }
+    changes = result.changes["activations_converted"]
+    assert [c["to"] for c in changes] == [{"mode": "floating", "lease_seconds": 3600}] * 2
+
+
+def test_the_same_activation_mode_converts_nothing() -> None:
+    result = plan()
+    assert result.convert == () and result.changes["activations_converted"] == []
+    assert [a["mode"] for a in result.expected["activations"]] == ["node-locked"] * 2
 
 
 # -- counters -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Property: for any account state and rules variant, apply → rollback gives back the snapshot's
-hash, and apply alone gives exactly the plan's expected state (on both databases)."""
+"""Property: for any account state and rules variant, between node-locked and floating plans
+either way, apply → rollback gives back the snapshot's hash (and every machine's mode and
+lease), and apply alone gives exactly the plan's expected state (on both databases)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,21 @@ POLICIES = [
 ]
 COUNTERS = ['"carry"', '"reset"', '{ action = "convert", factor = 0.5 }', '{ action = "prorate" }']
 SEATS = ['"trim_to_cap"', '"keep_all"']
+#: (source, target): node-locked or floating on either side.
+PLAN_PAIRS = [
+    (helpers.OLD, helpers.NEW),
+    (helpers.OLD_FLOAT, helpers.NEW),
+    (helpers.OLD, helpers.NEW_FLOAT),
+    (helpers.OLD_FLOAT, helpers.NEW_FLOAT),
+]
 
 
-def _rules(policy: int, counter: int, seats: int, version: int) -> str:
+def _rules(policy: int, counter: int, seats: int, version: int, pair: int = 0) -> str:
+    source, target = PLAN_PAIRS[pair]
     return (
         helpers.RULES.replace('version = "1"', f'version = "p{version}"', 1)
+        .replace(f'from = ["{helpers.OLD}"]', f'from = ["{source}"]')
+        .replace(f'to = "{helpers.NEW}"', f'to = "{target}"')
         .replace('projects = { on_conflict = "archive" }', f"projects = {POLICIES[policy]}")
         .replace('exports = "carry"', f"exports = {COUNTERS[counter]}")
         .replace('activations = "trim_to_cap"', f"activations = {SEATS[seats]}")
@@ -44,6 +55,7 @@ def _rules(policy: int, counter: int, seats: int, version: int) -> str:
     policy=st.integers(min_value=0, max_value=len(POLICIES) - 1),
     counter=st.integers(min_value=0, max_value=len(COUNTERS) - 1),
     seats=st.integers(min_value=0, max_value=len(SEATS) - 1),
+    pair=st.integers(min_value=0, max_value=len(PLAN_PAIRS) - 1),
 )
 async def test_apply_reaches_the_plan_and_rollback_restores_the_snapshot(
     db: Database,
@@ -53,13 +65,18 @@ async def test_apply_reaches_the_plan_and_rollback_restores_the_snapshot(
     policy: int,
     counter: int,
     seats: int,
+    pair: int,
 ) -> None:
     await reset(db)
     await helpers.publish(db)
-    account_id, _ = await helpers.rich_account(db, secrets, objects=objects, exports=exports)
-    before = state_hash(await helpers.state_of(db, account_id))
+    source, target = PLAN_PAIRS[pair]
+    account_id, _ = await helpers.rich_account(
+        db, secrets, plan=source, objects=objects, exports=exports
+    )
+    state_before = await helpers.state_of(db, account_id)
+    before = state_hash(state_before)
     executor = Executor(db, secrets.signing)
-    rules = helpers.rules(_rules(policy, counter, seats, objects))
+    rules = helpers.rules(_rules(policy, counter, seats, objects, pair))
 
     row = await executor.apply(SYSTEM, rules, account_id)
 
@@ -67,6 +84,13 @@ async def test_apply_reaches_the_plan_and_rollback_restores_the_snapshot(
     assert row.snapshot_hash == before
     after = await helpers.state_of(db, account_id)
     assert differences(row.plan["expected"], after) == []
+    # Every machine (all hold a seat here) is in the target plan's activation mode.
+    mode = "floating" if target == helpers.NEW_FLOAT else "node"
+    assert {(a["mode"], a["lease_expires_at"] is not None) for a in after["activations"]} == {
+        (mode, mode == "floating")
+    }
     rolled = await rollback(executor, SYSTEM, row.id)
     assert rolled.state == "rolled_back"
-    assert state_hash(await helpers.state_of(db, account_id)) == before
+    restored = await helpers.state_of(db, account_id)
+    assert state_hash(restored) == before
+    assert restored["activations"] == state_before["activations"]

@@ -6,11 +6,15 @@ This is the object the validation hot path caches and signs; migrations compare 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keyshift.catalog.durations import Duration
 from keyshift.catalog.manifests import Edition, Plan, SeatLicensing, ThrottledFeature
+
+#: A floating plan always names its lease (the manifest requires ``lease_ttl``); this is only
+#: the fallback for entitlements built without one.
+DEFAULT_LEASE_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,22 @@ class Entitlements:
     read_only: tuple[str, ...] = ()
     grace_until: datetime | None = None
     addons: tuple[str, ...] = ()
+
+    @property
+    def is_floating(self) -> bool:
+        """Machines hold leases that heartbeats extend (else node-locked seats)."""
+        return self.activation_mode == "floating"
+
+    @property
+    def machine_mode(self) -> str:
+        """The ``mode`` of an activation under this plan: ``floating`` or ``node``."""
+        return "floating" if self.is_floating else "node"
+
+    def lease_until(self, start: datetime) -> datetime | None:
+        """The end of a lease taken or extended at ``start``; None on a node-locked plan."""
+        if not self.is_floating:
+            return None
+        return start + timedelta(seconds=self.lease_seconds or DEFAULT_LEASE_SECONDS)
 
     def to_dict(self) -> dict[str, Any]:
         """The public form, as signed into validation responses and license files."""

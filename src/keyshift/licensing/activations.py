@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -62,14 +62,13 @@ def seat_cap(row: License, plan: Entitlements) -> int | None:
     return row.max_activations_override or plan.max_activations
 
 
-def is_floating(plan: Entitlements) -> bool:
-    return plan.activation_mode == "floating"
-
-
-def _lease_until(plan: Entitlements, now: datetime) -> datetime | None:
-    if not is_floating(plan):
-        return None
-    return now + timedelta(seconds=plan.lease_seconds or 3600)
+def _take_plan_terms(activation: Activation, plan: Entitlements, now: datetime) -> None:
+    """Give a machine that is here now the current plan's mode and, on a floating plan, a
+    fresh lease: whatever plan it was activated under, it holds its seat on today's terms
+    (never a ``floating`` row without a lease, nor a lease on a node-locked plan)."""
+    activation.mode = plan.machine_mode
+    activation.lease_expires_at = plan.lease_until(now)
+    activation.last_seen_at = now
 
 
 async def _resolve(session: AsyncSession, keyring: Keyring, key_or_license: str | License) -> str:
@@ -130,8 +129,8 @@ async def activate(
 ) -> Activated:
     """Give ``fingerprint`` a seat on the license, or ``ActivationLimitReached``.
 
-    Re-activating a fingerprint that holds a seat returns that activation (a floating one gets
-    a fresh lease) and takes no extra seat.
+    Re-activating a fingerprint that holds a seat returns that activation, on the current
+    plan's terms (a floating plan gives it a fresh lease), and takes no extra seat.
     """
     check_fingerprint(fingerprint)
     _check_label(label)
@@ -143,9 +142,7 @@ async def activate(
     if existing is not None and (
         existing.lease_expires_at is None or existing.lease_expires_at > now
     ):
-        existing.last_seen_at = now
-        if existing.lease_expires_at is not None:
-            existing.lease_expires_at = _lease_until(plan, now)
+        _take_plan_terms(existing, plan, now)
         await session.flush()
         await cache.invalidate_on_commit(session, lookup=row.key_lookup)
         return Activated(existing, created=False)
@@ -162,8 +159,7 @@ async def activate(
 
     if existing is not None:
         # This fingerprint's own lease had lapsed and a seat is free: take it back, same id.
-        existing.lease_expires_at = _lease_until(plan, now)
-        existing.last_seen_at = now
+        _take_plan_terms(existing, plan, now)
         existing.label = label or existing.label
         activation = existing
     else:
@@ -172,8 +168,8 @@ async def activate(
             account_id=row.account_id,
             license_id=row.id,
             fingerprint=fingerprint,
-            mode="floating" if is_floating(plan) else "node",
-            lease_expires_at=_lease_until(plan, now),
+            mode=plan.machine_mode,
+            lease_expires_at=plan.lease_until(now),
             last_seen_at=now,
             label=label,
             created_at=now,
@@ -207,7 +203,9 @@ async def heartbeat(
     key_or_license: str | License,
     fingerprint: str,
 ) -> Activation:
-    """Extend a floating lease (or mark a node-locked machine seen).
+    """Extend a floating lease (or mark a node-locked machine seen), on the current plan's
+    terms: after a plan change between node-locked and floating the machine takes the new
+    mode here too.
 
     A live lease is extended without an audit event: heartbeats are frequent and change only
     the lease. A lapsed lease is re-acquired through ``activate`` (audited, cap-checked).
@@ -223,9 +221,7 @@ async def heartbeat(
         )
     if existing.lease_expires_at is not None and existing.lease_expires_at <= now:
         return (await activate(session, actor, keyring, row, fingerprint)).activation
-    existing.last_seen_at = now
-    if existing.lease_expires_at is not None:
-        existing.lease_expires_at = _lease_until(plan, now) or existing.lease_expires_at
+    _take_plan_terms(existing, plan, now)
     await session.flush()
     await cache.invalidate_on_commit(session, lookup=row.key_lookup)
     return existing

@@ -13,7 +13,7 @@ import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -454,6 +454,7 @@ class Executor:
             by_id = {a["id"]: a for a in snapshot.get("activations", [])}
             await session.execute(delete(Activation).where(Activation.id.in_(plan["deactivate"])))
             removed = [by_id[i] for i in plan["deactivate"] if i in by_id]
+        converted = await _convert_machines(session, row.account_id, plan, now)
         archived = list(plan.get("archive", []))
         if archived:
             await session.execute(
@@ -477,6 +478,7 @@ class Executor:
             "to": row.target_ref,
             "licenses_changed": license_changes,
             "activations_deactivated": removed,
+            "activations_converted": converted,
             "objects_archived": archived,
             "counters": counters,
         }
@@ -492,6 +494,7 @@ class Executor:
                 "from": row.source_ref,
                 "to": row.target_ref,
                 "activations_deactivated": [a["id"] for a in removed],
+                "activations_converted": [c["id"] for c in converted],
                 "objects_archived": archived,
             },
         )
@@ -501,13 +504,17 @@ class Executor:
         self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
     ) -> str:
         """Actual == expected (counters: nothing below what the plan expected; activations:
-        every expected one present, new ones allowed), and every active license validates
-        under the new plan."""
+        every expected one present, new ones allowed, each machine holding a seat in the
+        target's mode), and every active license validates under the new plan with its key
+        and with the fingerprint of each machine kept that held a seat at the snapshot."""
         plan = row.plan or {}
         expected: State = plan["expected"]
+        snapshot: State = row.snapshot or {}
         actual = await repository.read_state(session, row.account_id, now)
         assert actual is not None
-        problems = compare_after_cutover(expected, actual, row.snapshot or {})
+        problems = compare_after_cutover(expected, actual, snapshot)
+        machines = kept_machines(expected, snapshot)
+        converted = set(plan.get("convert", []))
         for lic in actual["licenses"]:
             loaded = await validation.load(session, lic["key_lookup"])
             if loaded is None:
@@ -515,11 +522,22 @@ class Executor:
                 continue
             if loaded.state.plan_ref != row.target_ref:
                 problems.append(f"license {lic['id']}: validates under {loaded.state.plan_ref}")
-            decision = validation.decide(
-                loaded.state, loaded.entitlements, fingerprint=None, feature=None, now=now
-            )
-            if lic["status"] == "active" and decision.code.value in ("NO_PLAN", "NOT_FOUND"):
-                problems.append(f"license {lic['id']}: validates as {decision.code.value}")
+            problems += _mode_problems(loaded, converted, now)
+            if lic["status"] != "active":
+                continue
+            for fingerprint in [None, *machines.get(lic["id"], [])]:
+                decision = validation.decide(
+                    loaded.state,
+                    loaded.entitlements,
+                    fingerprint=fingerprint,
+                    feature=None,
+                    now=now,
+                )
+                if decision.code in _LOST_SEAT and not _ran_out(loaded, fingerprint, now):
+                    who = "its key" if fingerprint is None else f"machine {fingerprint!r}"
+                    problems.append(
+                        f"license {lic['id']}: {who} validates as {decision.code.value}"
+                    )
         if problems:
             await repository.write_step(
                 session, row, "verify", outcome="failed", details={"problems": problems}, now=now
@@ -571,6 +589,120 @@ class Executor:
             },
         )
         return "next"
+
+
+#: Validation answers that mean the license, or a machine kept on it, lost its hold.
+_LOST_SEAT = frozenset(
+    {
+        validation.Code.NOT_FOUND,
+        validation.Code.NO_PLAN,
+        validation.Code.NO_ACTIVATION,
+        validation.Code.FINGERPRINT_MISMATCH,
+    }
+)
+
+
+def kept_machines(expected: State, snapshot: State) -> dict[str, list[str]]:
+    """Per license, the fingerprints of the machines the plan keeps that held a seat at the
+    snapshot (a lease already lapsed then was a free seat, not a machine the app runs on)."""
+    taken_at = parse_iso(snapshot.get("taken_at"))
+    live_then = set()
+    for activation in snapshot.get("activations", []):
+        lease = parse_iso(activation["lease_expires_at"])
+        if lease is None or taken_at is None or lease > taken_at:
+            live_then.add(activation["id"])
+    out: dict[str, list[str]] = {}
+    for activation in expected.get("activations", []):
+        if activation["id"] in live_then:
+            out.setdefault(activation["license_id"], []).append(activation["fingerprint"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _ran_out(loaded: license_cache.CachedLicense, fingerprint: str | None, now: datetime) -> bool:
+    """The machine's floating lease, in the target's floating mode, has run out by the clock
+    since the cutover (its machine stopped sending heartbeats): not the migration's doing."""
+    if fingerprint is None or loaded.entitlements is None or not loaded.entitlements.is_floating:
+        return False
+    return any(
+        a.fingerprint == fingerprint
+        and a.mode == "floating"
+        and a.lease_expires_at is not None
+        and a.lease_expires_at <= now
+        for a in loaded.state.activations
+    )
+
+
+def _mode_problems(
+    loaded: license_cache.CachedLicense, converted: set[str], now: datetime
+) -> list[str]:
+    """Each machine holding a seat (and each the plan converted) is in the target's mode:
+    node-locked without a lease, or floating with one."""
+    if loaded.entitlements is None:
+        return []
+    mode = loaded.entitlements.machine_mode
+    problems = []
+    for activation in loaded.state.activations:
+        if not (activation.is_live(now) or activation.id in converted):
+            continue
+        has_lease = activation.lease_expires_at is not None
+        if activation.mode != mode or has_lease != loaded.entitlements.is_floating:
+            lease = "a lease" if has_lease else "no lease"
+            problems.append(
+                f"activations[{activation.id}]: {activation.mode} with {lease} under"
+                f" {loaded.state.plan_ref}, whose machines are {mode}"
+            )
+    return problems
+
+
+async def _convert_machines(
+    session: AsyncSession, account_id: str, plan: dict[str, Any], now: datetime
+) -> list[dict[str, Any]]:
+    """Put every machine that holds a seat into the target's activation mode: the ones the plan
+    converts, and any activated since the snapshot under the old plan's terms. A floating one
+    gets a lease from now. The caller holds the account's license locks (every seat change
+    takes them first). Returns each change with the values before, for rollback."""
+    terms = plan.get("machine_terms")
+    if not terms:
+        return []  # a plan stored before activation modes were converted
+    floating = terms["mode"] == "floating"
+    lease = now + timedelta(seconds=int(terms["lease_seconds"])) if floating else None
+    planned = set(plan.get("convert", []))
+    rows = (
+        await session.execute(
+            select(
+                Activation.id,
+                Activation.license_id,
+                Activation.fingerprint,
+                Activation.mode,
+                Activation.lease_expires_at,
+            )
+            .where(Activation.account_id == account_id)
+            .order_by(Activation.id)
+        )
+    ).all()
+    changed = [
+        r
+        for r in rows
+        if (r.mode == "floating") != floating
+        and (r.id in planned or r.lease_expires_at is None or r.lease_expires_at > now)
+    ]
+    if not changed:
+        return []
+    await session.execute(
+        update(Activation)
+        .where(Activation.id.in_([r.id for r in changed]))
+        .values(mode=terms["mode"], lease_expires_at=lease)
+    )
+    return [
+        {
+            "id": r.id,
+            "license_id": r.license_id,
+            "fingerprint": r.fingerprint,
+            "from": {"mode": r.mode, "lease_expires_at": iso(r.lease_expires_at)},
+            "to": {"mode": terms["mode"], "lease_expires_at": iso(lease)},
+        }
+        for r in changed
+    ]
 
 
 def _derived(migration_id: str, object_id: str) -> str:

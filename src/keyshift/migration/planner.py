@@ -10,7 +10,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyshift.canonical import content_hash
-from keyshift.catalog.entitlements import Entitlements, FeatureGrant, resolve
+from keyshift.catalog.entitlements import (
+    DEFAULT_LEASE_SECONDS,
+    Entitlements,
+    FeatureGrant,
+    resolve,
+)
 from keyshift.catalog.manifests import Meter
 from keyshift.metering.periods import period_containing
 from keyshift.migration.rules import MigrationRules, PlanPair
@@ -95,6 +100,10 @@ class MigrationPlan:
     archive: tuple[str, ...]  # object ids moved to the archive tier
     risks: tuple[str, ...]
     changes: dict[str, Any] = field(default_factory=dict)
+    #: The target's activation terms (``mode``: node | floating, ``lease_seconds``), and the
+    #: kept activations switched to them at cutover (ids).
+    machine_terms: dict[str, Any] = field(default_factory=dict)
+    convert: tuple[str, ...] = ()
 
     @property
     def can_apply(self) -> bool:
@@ -134,6 +143,8 @@ class MigrationPlan:
             "conflicts": [c.to_dict() for c in self.conflicts],
             "counter_moves": [m.to_dict() for m in self.counter_moves],
             "deactivate": list(self.deactivate),
+            "machine_terms": self.machine_terms,
+            "convert": list(self.convert),
             "archive": list(self.archive),
             "risks": list(self.risks),
             "expected": self.expected,
@@ -344,6 +355,7 @@ def plan_migration(
             risks.append(f"activations_trimmed:{len(deactivate)}")
     gone = set(deactivate)
     expected["activations"] = [a for a in expected["activations"] if a["id"] not in gone]
+    converted = _convert_activations(expected["activations"], target_ent, now)
 
     # Objects over a quota: copied to the archive tier, the originals superseded (released
     # only at finalize, so rollback has them).
@@ -384,12 +396,15 @@ def plan_migration(
         deactivate=tuple(sorted(deactivate)),
         archive=tuple(sorted(archive)),
         risks=tuple(risks),
+        machine_terms=machine_terms(target_ent),
+        convert=tuple(sorted(c["activation_id"] for c in converted)),
     )
     changes = {
         "plan": {"from": plan.source_ref, "to": plan.target_ref},
         "entitlements": _entitlement_changes(source_ent, old_overrides, target_ent, overrides),
         "licenses": changes_licenses,
         "activations_deactivated": sorted(deactivate),
+        "activations_converted": sorted(converted, key=lambda c: c["activation_id"]),
         "objects_archived": sorted(archive),
         "counters": [
             {
@@ -440,6 +455,45 @@ def _addon_quota(
     return base + extra
 
 
+def machine_terms(target: Entitlements) -> dict[str, Any]:
+    """What an activation is under the target plan: its ``mode`` and lease length."""
+    lease_seconds = (target.lease_seconds or DEFAULT_LEASE_SECONDS) if target.is_floating else None
+    return {"mode": target.machine_mode, "lease_seconds": lease_seconds}
+
+
+def _convert_activations(
+    kept: list[dict[str, Any]], target: Entitlements, now: datetime
+) -> list[dict[str, Any]]:
+    """Switch each kept machine that holds a seat to the target's activation mode, in place:
+    node-locked (no lease), or floating with a lease from the cutover (``now`` here; the
+    cutover writes its own time). A lapsed lease is a free seat, not a machine: it is left
+    as it is, to be reclaimed or re-acquired as ever. Returns what changed, per activation."""
+    changed = []
+    for activation in kept:
+        if (activation["mode"] == "floating") == target.is_floating or not _is_live(
+            activation, now
+        ):
+            continue
+        before = {"mode": activation["mode"], "lease_expires_at": activation["lease_expires_at"]}
+        activation["mode"] = target.machine_mode
+        activation["lease_expires_at"] = iso(target.lease_until(now))
+        changed.append(
+            {
+                "activation_id": activation["id"],
+                "license_id": activation["license_id"],
+                "fingerprint": activation["fingerprint"],
+                "from": before,
+                "to": machine_terms(target),
+            }
+        )
+    return changed
+
+
+def _is_live(activation: dict[str, Any], now: datetime) -> bool:
+    lease = parse_iso(activation.get("lease_expires_at"))
+    return lease is None or lease > now
+
+
 def _objects_over(snapshot: State, quota: str, limit: int) -> tuple[str, ...]:
     """Keep the newest objects that fit in ``limit``; the rest go to the archive."""
     live = [
@@ -458,8 +512,7 @@ def _objects_over(snapshot: State, quota: str, limit: int) -> tuple[str, ...]:
 
 
 def _recency(activation: dict[str, Any], now: datetime) -> tuple[int, str, str, str]:
-    lease = parse_iso(activation.get("lease_expires_at"))
-    live = 1 if lease is None or lease > now else 0  # a lapsed lease goes first
+    live = 1 if _is_live(activation, now) else 0  # a lapsed lease goes first
     return (
         live,
         activation["last_seen_at"] or "",
@@ -637,11 +690,16 @@ def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:
             "step": "cutover",
             "does": (
                 f"one transaction: plan → {plan.target_ref}, {len(plan.deactivate)} activation(s)"
-                f" deactivated, {len(plan.counter_moves)} counter move(s), license overrides"
-                " mapped, caches invalidated"
+                f" deactivated, {len(plan.convert)} switched to {plan.machine_terms['mode']}"
+                f" mode, {len(plan.counter_moves)} counter move(s), license overrides mapped,"
+                " caches invalidated"
             ),
         },
-        {"step": "verify", "does": "actual state == expected; the license keys still validate"},
+        {
+            "step": "verify",
+            "does": "actual state == expected; every license validates with its key and with"
+            " each kept machine's fingerprint",
+        },
         {"step": "receipt", "does": "issue a signed receipt (account, from, to, time, hash)"},
     )
     return MigrationPlan(**{**plan.__dict__, "steps": steps, "changes": changes})

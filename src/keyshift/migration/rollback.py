@@ -161,6 +161,20 @@ async def _restore(
         )
         restored_activations.append(activation["id"])
 
+    # Machines the cutover switched to the target's activation mode get their own mode and
+    # lease back, as they were just before it (a floating lease that has run out since is
+    # re-acquired by the machine's next heartbeat, as any lapsed lease is).
+    reverted = []
+    for change in cutover.get("activations_converted", []):
+        before = change["from"]
+        result = await session.execute(
+            update(Activation)
+            .where(Activation.id == change["id"])
+            .values(mode=before["mode"], lease_expires_at=parse_iso(before["lease_expires_at"]))
+        )
+        if result.rowcount:  # type: ignore[attr-defined]
+            reverted.append(change["id"])
+
     await session.execute(
         delete(DataObject).where(DataObject.migration_id == row.id, DataObject.tier == "archive")
     )
@@ -189,7 +203,11 @@ async def _restore(
         counters.append(
             {**entry, "at_rollback": used, "restored": used - entry["delta"], "removed": removed}
         )
-    return {"activations_restored": restored_activations, "counters_restored": counters}
+    return {
+        "activations_restored": restored_activations,
+        "activations_reverted": reverted,
+        "counters_restored": counters,
+    }
 
 
 async def prove(session: AsyncSession, row: Migration, now: datetime) -> dict[str, Any]:
