@@ -114,7 +114,7 @@ async def test_audit_verify_passes_a_clean_chain_and_names_tampering(
         await session.execute(update(AuditEvent).where(AuditEvent.seq == 2).values(actor="mallory"))
     edited = keyshift(env, "audit", "verify")
     assert edited.returncode == 1
-    assert "seq 2: edited" in edited.stderr
+    assert "seq 2: content_edited" in edited.stderr
     assert "CHAIN BROKEN" in edited.stdout
 
 
@@ -126,7 +126,7 @@ async def test_audit_verify_names_a_deleted_event(settings: Settings, db: Databa
         await session.execute(text("DELETE FROM audit_events WHERE seq = 2"))
     result = keyshift(env, "audit", "verify")
     assert result.returncode == 1
-    assert "seq 3: deleted" in result.stderr
+    assert "seq 2: gap: seq 2 is missing" in result.stderr
 
 
 def test_revoking_an_unknown_token_is_one_line_and_exit_3(settings: Settings) -> None:
