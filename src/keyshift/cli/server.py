@@ -87,6 +87,7 @@ def serve(
     metrics_dir = prepare_multiprocess_dir(workers)
     import uvicorn
 
+    from keyshift.api.protocol import PROTOCOL
     from keyshift.observability.logging import configure_logging, log_config
 
     configure_logging(level)
@@ -115,6 +116,10 @@ def serve(
             log_level=level,
             access_log=False,
             server_header=False,
+            # Our protocol, not uvicorn's choice: it caps the request head (431), which
+            # uvicorn's httptools protocol does not; the cap travels in the h11 setting.
+            http=PROTOCOL,
+            h11_max_incomplete_event_size=settings.max_header_bytes,
         )
     finally:
         remove_multiprocess_dir(metrics_dir)
