@@ -36,6 +36,8 @@ class Settings:
     database_url: str
     secrets_dir: Path
     max_body_bytes: int = 64 * 1024
+    #: The request line and headers together; more is refused with 431 (`keyshift serve`).
+    max_header_bytes: int = 32 * 1024
     log_level: str = "INFO"
     #: Requests per second per client address on the key-authenticated endpoints (validate,
     #: activate, heartbeat, deactivate, checkout); 0 turns the limit off.
@@ -59,6 +61,7 @@ class Settings:
             database_url=normalise_database_url(url),
             secrets_dir=secrets,
             max_body_bytes=int(env_number("KEYSHIFT_MAX_BODY_BYTES", 64 * 1024, 1024)),
+            max_header_bytes=int(env_number("KEYSHIFT_MAX_HEADER_BYTES", 32 * 1024, 1024)),
             log_level=os.environ.get("KEYSHIFT_LOG_LEVEL", "INFO"),
             client_rate_per_second=env_number("KEYSHIFT_CLIENT_RATE_PER_SECOND", 0, 0),
             client_rate_burst=int(env_number("KEYSHIFT_CLIENT_RATE_BURST", 50, 1)),

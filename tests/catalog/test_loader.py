@@ -102,6 +102,12 @@ def test_toml_syntax_error_names_the_file_and_line() -> None:
     assert str(problem).startswith("editions/pro.toml:4: TOML syntax:")
 
 
+def test_an_unclosed_array_is_reported_where_the_bracket_is_missing() -> None:
+    text = "a = 1\nb = [1, 2,\n  3\n# a comment\n\nc = 4\n"
+    problem = only_problem("editions/pro.toml", text)
+    assert (problem.line, problem.reason) == (3, "TOML syntax: Unclosed array")
+
+
 def test_unknown_key_is_an_error_with_its_path_and_line() -> None:
     problem = only_problem(
         "e.toml", EDITION.replace('name = "Pro"', 'name = "Pro"\ncolour = "blue"')

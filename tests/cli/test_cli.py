@@ -4,6 +4,7 @@ real `python -m keyshift.cli` processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -41,8 +42,10 @@ def test_init_creates_private_secrets_schema_and_prints_one_admin_token(tmp_path
     for name in ("keyring.json", "signing.json"):
         mode = stat.S_IMODE((secrets_dir / name).stat().st_mode)
         assert mode == 0o600, f"{name} has mode {oct(mode)}"
-    tokens = [line for line in first.stdout.splitlines() if line.startswith(TOKEN_PREFIX)]
-    assert len(tokens) == 1
+    # The token alone on stdout (`TOKEN=$(keyshift init)`), everything else on stderr.
+    token = first.stdout.strip()
+    assert token.startswith(TOKEN_PREFIX) and first.stdout == token + "\n"
+    assert "created" in first.stderr and "schema is current" in first.stderr
     assert (tmp_path / "fresh.db").exists()
 
     # The token works against the CLI's database, and the schema is current.
@@ -54,6 +57,28 @@ def test_init_creates_private_secrets_schema_and_prints_one_admin_token(tmp_path
     assert TOKEN_PREFIX not in second.stdout
     assert "created" not in second.stdout  # nothing was missing
     assert (secrets_dir / "keyring.json").read_text() == (secrets_dir / "keyring.json").read_text()
+
+
+def test_init_json_gives_the_first_token_to_a_script(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}",
+        "KEYSHIFT_SECRETS_DIR": str(tmp_path / "secrets"),
+    }
+    first = real_keyshift(env, "init", "--json")
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["admin_token"].startswith(TOKEN_PREFIX)
+    assert report["created"] == [
+        str(tmp_path / "secrets" / "keyring.json"),
+        str(tmp_path / "secrets" / "signing.json"),
+    ]
+    assert report["database"].endswith("fresh.db")
+    listed = real_keyshift(env, "tokens", "list")
+    assert listed.returncode == 0 and '"first admin"' in listed.stdout
+
+    again = json.loads(real_keyshift(env, "init", "--json").stdout)
+    assert again == {**report, "created": [], "admin_token": None}
 
 
 def test_init_prints_no_token_when_tokens_exist(settings: Settings, secrets: object) -> None:
@@ -114,7 +139,7 @@ async def test_audit_verify_passes_a_clean_chain_and_names_tampering(
         await session.execute(update(AuditEvent).where(AuditEvent.seq == 2).values(actor="mallory"))
     edited = keyshift(env, "audit", "verify")
     assert edited.returncode == 1
-    assert "seq 2: edited" in edited.stderr
+    assert "seq 2: content_edited" in edited.stderr
     assert "CHAIN BROKEN" in edited.stdout
 
 
@@ -126,7 +151,7 @@ async def test_audit_verify_names_a_deleted_event(settings: Settings, db: Databa
         await session.execute(text("DELETE FROM audit_events WHERE seq = 2"))
     result = keyshift(env, "audit", "verify")
     assert result.returncode == 1
-    assert "seq 3: deleted" in result.stderr
+    assert "seq 2: gap: seq 2 is missing" in result.stderr
 
 
 def test_revoking_an_unknown_token_is_one_line_and_exit_3(settings: Settings) -> None:

@@ -48,6 +48,22 @@ def test_offline_key_check_catches_typos() -> None:
         assert not sdk.is_well_formed(swapped)
 
 
+def test_offline_key_check_forgives_only_ascii_like_the_server() -> None:
+    body = "123456789ABCDEFGHJKMNPQS"
+    key = server_keys.format_key(body + server_keys.check_character(body))
+    assert sdk.normalise_key(f" {key.lower()}\n") == server_keys.normalise(key.lower()) == key
+    for ascii_char, lookalike in [
+        ("1", "\u0131"),
+        ("S", "\u017f"),
+        ("-", "\u00a0"),
+        ("-", "\u3000"),
+    ]:
+        typed = key.replace(ascii_char, lookalike)
+        assert not sdk.is_well_formed(typed)
+        with pytest.raises(server_keys.KeyFormatError):
+            server_keys.normalise(typed)
+
+
 def test_verify_response_round_trip_and_rotation() -> None:
     signing = SigningKeys.generate()
     body = json.dumps({"valid": True, "nonce": "n"}).encode()

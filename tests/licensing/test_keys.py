@@ -46,6 +46,26 @@ def test_normalise_round_trips_and_forgives_case_spaces_and_lookalikes(body: str
     assert keys.normalise(f"  {sloppy} ") == key
 
 
+#: Characters Python's Unicode case mapping or ``str.split`` would read as a key's symbol or
+#: separator; reading forgives only ASCII, so each makes a key malformed.
+UNICODE_LOOKALIKES = [
+    ("1", "\u0131"),  # dotless i: its str.upper() is I, read as 1
+    ("S", "\u017f"),  # long s: its str.upper() is S
+    ("-", "\u00a0"),  # no-break space
+    ("-", "\u3000"),  # ideographic space
+    ("-", "\u2003"),  # em space
+]
+#: A key holding both 1 and S (24 symbols, then its check character).
+KEY_WITH_1_AND_S = _key("123456789ABCDEFGHJKMNPQS")
+
+
+@pytest.mark.parametrize(("ascii_char", "lookalike"), UNICODE_LOOKALIKES)
+def test_only_ascii_is_forgiven(ascii_char: str, lookalike: str) -> None:
+    assert keys.normalise(KEY_WITH_1_AND_S.lower().replace("1", "l")) == KEY_WITH_1_AND_S
+    with pytest.raises(keys.KeyFormatError, match="characters not used in license keys"):
+        keys.normalise(KEY_WITH_1_AND_S.replace(ascii_char, lookalike))
+
+
 @given(bodies, st.data())
 def test_every_single_character_substitution_is_detected(body: str, data: st.DataObject) -> None:
     compact = body + keys.check_character(body)

@@ -323,3 +323,33 @@ async def test_live_server_signs_what_it_publishes(
     )
     assert body["code"] == Code.NO_ACTIVATION
     assert published == {"s1": secrets.signing.public_jwks()[0]["public_key"]}
+
+
+@pytest.mark.server
+async def test_live_server_forgives_only_ascii_in_a_key(
+    live_server: LiveServer, db: Database, secrets: Secrets
+) -> None:
+    await factories.publish_sample_catalog(db)
+    account = await factories.create_account(db, factories.SEAT_NODE)
+    # Keys are random: issue until one holds a 1 and one an S (each ~55 % per key).
+    issued = [(await factories.issue_license(db, secrets, account.id))[1] for _ in range(3)]
+    while not any("1" in k for k in issued) or not any("S" in k for k in issued):
+        issued.append((await factories.issue_license(db, secrets, account.id))[1])
+    with_1 = next(k for k in issued if "1" in k)
+    with_s = next(k for k in issued if "S" in k)
+    typed_unicode = [
+        with_1.replace("1", "\u0131"),  # dotless i, which str.upper() makes I
+        with_s.replace("S", "\u017f"),  # long s, which str.upper() makes S
+        with_1.replace("-", "\u00a0"),  # no-break spaces
+        with_1.replace("-", "\u3000"),  # ideographic spaces
+    ]
+    async with httpx.AsyncClient(base_url=live_server.base_url, timeout=10) as http:
+        forgiven = await http.post(
+            VALIDATE, json={"key": " " + with_1.lower().replace("1", "l").replace("-", " ")}
+        )
+        refused = [await http.post(VALIDATE, json={"key": typed}) for typed in typed_unicode]
+    assert forgiven.status_code == 200 and forgiven.json()["code"] == Code.VALID
+    for response in refused:
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "malformed_key"
+        assert response.json()["error"]["field"] == "key"

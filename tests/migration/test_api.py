@@ -309,6 +309,14 @@ BAD_RULES = [
     pytest.param(
         {'b = "keep"': 'b = "keep"\nb = "drop"'}, "", FEATURE_B_LINE + 1, "TOML", id="toml-syntax"
     ),
+    pytest.param(
+        # tomllib notices the missing "]" on the next line; the mistake is on this one.
+        {'from = ["old-seat@1"]': 'from = ["old-seat@1"'},
+        "",
+        TO_LINE - 1,
+        "Unclosed array",
+        id="toml-unclosed-array",
+    ),
 ]
 
 
@@ -345,7 +353,7 @@ async def test_bad_rules_are_422_naming_field_and_line_and_change_nothing(
         ]
         assert hits, error["problems"]
         assert hits[0]["line"] == line, hits
-        assert hits[0]["file"] == "rules.toml"
+        assert hits[0]["file"] == "rules"  # the request field the lines are in
     assert await all_rows(db) == rows
 
 
@@ -1079,3 +1087,19 @@ async def test_account_attributes_postgres_cannot_store_are_422_not_500(
         response = await client.post("/v1/accounts", content=raw, headers=json_headers)
         assert error_of(response, 422, "invalid_request")["field"] == "attributes", response.text
     assert await all_rows(db) == rows
+
+
+@pytest.mark.server
+async def test_rules_problems_from_a_live_server_name_the_request_field_and_its_line(
+    db: Database, live_server: LiveServer
+) -> None:
+    headers = bearer(await mint_token(db, "migrations:run"))
+    text = rules_text(**{'from = ["old-seat@1"]': 'from = ["old-seat@1"'})
+    async with httpx.AsyncClient(base_url=live_server.base_url, timeout=30) as http:
+        response = await http.post("/v1/rules/validate", json={"rules": text}, headers=headers)
+    error = error_of(response, 422, "invalid_rules")
+    assert error["field"] == "rules"
+    assert error["problems"] == [
+        {"file": "rules", "field": "", "reason": "TOML syntax: Unclosed array", "line": TO_LINE - 1}
+    ]
+    assert "rules.toml" not in response.text

@@ -54,6 +54,12 @@ async def test_plan_prints_steps_conflicts_and_risks_and_writes_nothing(
     assert "4. cutover" in text.stdout
     assert "projects: 5 used > 3 allowed → archive" in text.stdout
     assert "risks: loses_feature:b" in text.stdout
+    # Readable text, not Python dict reprs.
+    assert "  feature gained: d enabled\n" in text.stdout
+    assert "  feature changed: b enabled → disabled\n" in text.stdout
+    assert "  feature changed: c throttled 10/day → throttled 20/day\n" in text.stdout
+    assert "  quota changed: projects 10 → 3\n" in text.stdout
+    assert "{'" not in text.stdout and "': " not in text.stdout
     plan = json.loads(as_json.stdout)
     assert plan["can_apply"] is True and len(plan["archive"]) == 2
     assert await dump(db) == before
@@ -104,3 +110,16 @@ async def test_apply_then_rollback_by_account_and_bad_requests(
 
     unknown = run_keyshift(env, "migrate", "apply", "--rules", str(rules), "--account", "nobody")
     assert unknown.returncode == 3 and "no account nobody" in unknown.stderr
+
+
+def test_rules_validate_names_the_file_on_every_line_of_a_syntax_error(
+    settings: Settings, tmp_path: Path
+) -> None:
+    bad = tmp_path / "syntax.toml"
+    bad.write_text(helpers.RULES.replace('from = ["old-seat@1"]', 'from = ["old-seat@1"'))
+    result = run_keyshift(cli_env(settings), "rules", "validate", "--offline", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{bad}:6: TOML syntax: Unclosed array",
+        f"1 problem(s) in {bad}",
+    ]

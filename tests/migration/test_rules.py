@@ -95,6 +95,22 @@ def test_toml_syntax_error_names_the_file_and_line() -> None:
     ]
 
 
+def test_an_unclosed_array_is_reported_on_its_own_line_not_the_next() -> None:
+    # tomllib gives up at `to = …` (line 6) or past a blank and a comment; the "]" is missing
+    # on line 5.
+    text = HEADER.replace('from = ["old-seat@1"]', 'from = ["old-seat@1"')
+    assert problems_of(text) == ["rules.toml:5: TOML syntax: Unclosed array"]
+    spaced = HEADER.replace('from = ["old-seat@1"]\n', 'from = ["old-seat@1",\n  "b@1"\n\n# c\n')
+    assert problems_of(spaced) == ["rules.toml:6: TOML syntax: Unclosed array"]
+
+
+def test_every_file_level_problem_says_which_file() -> None:
+    for text in ("a = \n", "[other]\n", b"\xff\xfe"):
+        with pytest.raises(RulesInvalid) as caught:
+            load_rules_text("mine.toml", text)
+        assert caught.value.source == "mine.toml"
+
+
 def test_unknown_field_is_an_error_with_its_path_and_line() -> None:
     text = HEADER + '\n[seats]\nactivation = "keep_all"\n'
     assert problems_of(text) == [

@@ -1,7 +1,8 @@
 """Append audit events under a lock on the chain's head, and verify the chain.
 
 Each event's hash covers the previous event's hash and the event's canonical content, so an
-edited, inserted or deleted row breaks the chain at a place ``verify`` can name.
+edited, inserted or deleted row breaks the chain at a place ``verify`` can name (the walk
+itself is ``keyshift.audit.chain``).
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyshift.canonical import canonical_json, sha256_hex
+from keyshift.audit.chain import ChainWalk, VerifyReport, event_hash
 from keyshift.context import Actor
 from keyshift.db.tables import AuditEvent, AuditHead
 from keyshift.db.types import utcnow
-
-GENESIS = "0" * 64
-_AUDIT_COLUMNS = [c.key for c in AuditEvent.__table__.columns]
 
 
 @dataclass(frozen=True)
@@ -31,22 +29,6 @@ class EventIn:
     target_id: str
     account_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
-
-
-def event_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    body = {
-        "seq": row["seq"],
-        "id": row["id"],
-        "occurred_at": row["occurred_at"],
-        "actor": row["actor"],
-        "action": row["action"],
-        "target_type": row["target_type"],
-        "target_id": row["target_id"],
-        "account_id": row["account_id"],
-        "request_id": row["request_id"],
-        "details": row["details"],
-    }
-    return sha256_hex(prev_hash.encode() + canonical_json(body))
 
 
 def _ts(value: datetime) -> str:
@@ -101,67 +83,30 @@ async def record_many(session: AsyncSession, actor: Actor, events: Sequence[Even
     await session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=seq, hash=prev))
 
 
-@dataclass(frozen=True)
-class Problem:
-    seq: int
-    kind: str  # "edited" | "deleted" | "inserted" | "head_mismatch"
-    message: str
-
-    def __str__(self) -> str:
-        return f"seq {self.seq}: {self.kind}: {self.message}"
-
-
-@dataclass
-class VerifyReport:
-    checked: int = 0
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+async def _head(session: AsyncSession) -> tuple[int, str]:
+    # Columns, not the ORM row: a second read in the session must see the database, not the
+    # identity map.
+    row = (
+        await session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1))
+    ).one()
+    return int(row.seq), str(row.hash)
 
 
 async def verify(session: AsyncSession, *, batch: int = 5000) -> VerifyReport:
-    """Walk the chain in order and name every broken link."""
-    report = VerifyReport()
-    expected_seq, prev = 1, GENESIS
+    """Walk the chain in order and name the first row whose content or link is wrong (and any
+    later, independent break); see ``keyshift.audit.chain``."""
+    head_seq, head_hash = await _head(session)
+    highest = (await session.execute(select(func.max(AuditEvent.seq)))).scalar() or 0
+    walk = ChainWalk(head_seq, head_hash, renumber_hint=head_seq - highest)
+    table = AuditEvent.__table__
     result = await session.stream(
-        select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=batch)
+        select(table).order_by(table.c.seq).execution_options(yield_per=batch)
     )
-    async for event in result.scalars():
-        report.checked += 1
-        row = {c: getattr(event, c) for c in _AUDIT_COLUMNS}
-        recomputed = event_hash(event.prev_hash, {**row, "occurred_at": _ts(event.occurred_at)})
-        if event.seq > expected_seq:
-            report.problems.append(
-                Problem(
-                    event.seq,
-                    "deleted",
-                    f"events {expected_seq}..{event.seq - 1} are missing",
-                )
-            )
-        if recomputed != event.hash:
-            report.problems.append(Problem(event.seq, "edited", "content does not match its hash"))
-        elif event.prev_hash != prev and event.seq == expected_seq:
-            report.problems.append(
-                Problem(
-                    event.seq,
-                    "inserted",
-                    "links to a previous hash that is not its predecessor's",
-                )
-            )
-        expected_seq, prev = event.seq + 1, event.hash
-    head = (await session.execute(select(AuditHead).where(AuditHead.id == 1))).scalar_one()
-    if head.seq != expected_seq - 1 or head.hash != prev:
-        kind = "inserted" if head.seq < expected_seq - 1 else "deleted"
-        report.problems.append(
-            Problem(
-                head.seq,
-                kind if head.seq != expected_seq - 1 else "head_mismatch",
-                f"chain ends at seq {expected_seq - 1} but the head says {head.seq}",
-            )
-        )
-    return report
+    async for event in result.mappings():
+        walk.feed({**event, "occurred_at": _ts(event["occurred_at"])})
+    # Appends that committed while the walk ran are beyond the head read first; the head read
+    # again covers them (a row and its head update commit together).
+    return walk.finish((await _head(session))[0] if walk.needs_head_again else None)
 
 
 async def list_events(

@@ -103,6 +103,32 @@ def _load_all(sources: Iterable[tuple[str, bytes | Problem]]) -> list[Manifest]:
     return manifests
 
 
+def toml_syntax_problem(name: str, text: str, exc: tomllib.TOMLDecodeError) -> Problem:
+    """A TOML syntax error on the line where the mistake is.
+
+    tomllib reports an unclosed array where it gave up looking for the ``]``: at the next
+    thing written, often on a later line. The mistake is at the end of what was written
+    before it, so an error at the start of a line's content is placed on the last line before
+    it that holds more than blanks or a comment."""
+    message = str(exc)
+    position = _TOML_POSITION.search(message)
+    reason = message[: position.start()].rstrip() if position else message
+    # Python 3.14 has ``lineno``/``colno``; before, the position is only in the message's tail.
+    line: int | None = getattr(exc, "lineno", None)
+    column: int | None = getattr(exc, "colno", None)
+    if line is None and position:
+        line, column = int(position.group(1)), int(position.group(2))
+    if line is not None and column is not None and reason.startswith("Unclosed"):
+        lines = text.split("\n")
+        if not lines[line - 1][: column - 1].strip():
+            for earlier in range(line - 1, 0, -1):
+                content = lines[earlier - 1].strip()
+                if content and not content.startswith("#"):
+                    line = earlier
+                    break
+    return Problem(name, "", f"TOML syntax: {reason}", line)
+
+
 def _too_big(name: str, size: int) -> Problem:
     return Problem(name, "", f"file is {size} bytes; a manifest may be at most {MAX_FILE_BYTES}")
 
@@ -119,11 +145,7 @@ def _parse(name: str, raw: bytes) -> tuple[Manifest, str] | list[Problem]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        position = _TOML_POSITION.search(message)
-        reason = message[: position.start()].rstrip() if position else message
-        syntax_line = int(position.group(1)) if position else None
-        return [Problem(name, "", f"TOML syntax: {reason}", syntax_line)]
+        return [toml_syntax_problem(name, text, exc)]
     except RecursionError:
         return [Problem(name, "", "TOML syntax: nested too deeply")]
 

@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
 
 @group.command("verify")
 def verify() -> None:
-    """Walk the chain; name every edited, inserted or deleted event. Exits 1 if any."""
+    """Walk the chain; name the first row whose content or link is wrong (and any later,
+    independent break). Exits 1 if any."""
 
     async def work(_settings: Settings, db: Database) -> bool:
         async with db.transaction() as session:

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from keyshift.cli.output import emit_json, exit_code_for
+from keyshift.cli.output import emit_json, exit_code_for, readable
 from keyshift.cli.runtime import run
 from keyshift.config import Settings
 from keyshift.context import cli_actor
@@ -31,10 +31,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group, name="migrate")
 
 
-def _print_problems(error: RulesInvalid) -> None:
+def _print_problems(error: RulesInvalid, path: Path) -> None:
     for problem in error.problems:
         typer.echo(str(problem), err=True)
-    typer.echo(f"{len(error.problems)} problem(s) in {error.source}", err=True)
+    typer.echo(f"{len(error.problems)} problem(s) in {path}", err=True)
 
 
 def _load(path: Path) -> tuple[MigrationRules, str]:
@@ -43,7 +43,7 @@ def _load(path: Path) -> tuple[MigrationRules, str]:
     try:
         return load_rules(path)
     except RulesInvalid as error:
-        _print_problems(error)
+        _print_problems(error, path)
         raise typer.Exit(exit_code_for(error)) from None
 
 
@@ -57,7 +57,7 @@ async def _checked(db: Database, path: Path) -> MigrationRules:
         problems = await check_rules(session, rules)
     if problems:
         error = RulesInvalid(catalog_problems(str(path), text, problems), source=str(path))
-        _print_problems(error)
+        _print_problems(error, path)
         raise typer.Exit(exit_code_for(error))
     return rules
 
@@ -111,7 +111,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
     for kind in ("features", "quotas"):
         for verb in ("gained", "lost", "changed"):
             for name, value in ent[kind][verb].items():
-                lines.append(f"  {kind[:-1]} {verb}: {name} {value}")
+                lines.append(f"  {kind[:-1]} {verb}: {name} {readable(value)}")
     for change in plan["changes"]["counters"]:
         lines.append(
             f"  counter {change['meter']} @ {change['period_start']}: "
@@ -122,7 +122,9 @@ def _plan_text(plan: dict[str, Any]) -> str:
     for obj in plan["archive"]:
         lines.append(f"  object archived: {obj}")
     for lic in plan["changes"]["licenses"]:
-        lines.append(f"  license {lic['license_id']}: {lic['before']} → {lic['after']}")
+        lines.append(
+            f"  license {lic['license_id']}: {readable(lic['before'])} → {readable(lic['after'])}"
+        )
     lines.append("conflicts:" if plan["conflicts"] else "conflicts: none")
     lines += [
         f"  {c['quota']}: {c['used']} used > {c['limit']} allowed → {c['policy']}: "

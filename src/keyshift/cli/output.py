@@ -71,3 +71,32 @@ def fail_unexpected(error: BaseException) -> NoReturn:
 
 def emit_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+
+
+def readable(value: Any) -> str:
+    """A value from a plan or a report as a person reads it, not a Python repr: a feature grant
+    as ``enabled`` or ``throttled 10/day``, a change as ``before → after``, a mapping as
+    ``name: value, …`` (nested ones in parentheses), nothing as ``none``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        if set(value) == {"from", "to"}:
+            return f"{readable(value['from'])} → {readable(value['to'])}"
+        if "mode" in value and set(value) <= {"mode", "limit", "period"}:
+            if value["mode"] == "throttled":
+                return f"throttled {value.get('limit')}/{value.get('period')}"
+            return str(value["mode"])
+        if not value:
+            return "none"
+        return ", ".join(f"{name}: {_nested(item)}" for name, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_nested(item) for item in value) if value else "none"
+    return str(value)
+
+
+def _nested(value: Any) -> str:
+    text = readable(value)
+    nested = isinstance(value, dict | list | tuple) and ("," in text or ": " in text)
+    return f"({text})" if nested else text

@@ -9,7 +9,7 @@ import typer
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from keyshift.cli.output import fail
+from keyshift.cli.output import emit_json, fail
 from keyshift.cli.runtime import run
 from keyshift.config import Settings
 from keyshift.context import cli_actor
@@ -30,25 +30,47 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
 
-def init() -> None:
+def init(
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print one JSON object on stdout: the files created, the database and the first"
+        " admin token (null when tokens exist already).",
+    ),
+) -> None:
     """Create the schema (Alembic), the signing key and the keyring if missing; print a first
-    admin token once."""
+    admin token once. Messages go to stderr and the token alone to stdout, so
+    `TOKEN=$(keyshift init)` captures it."""
 
     async def work(settings: Settings, db: Database) -> None:
         _, created = ensure_secrets(settings.secrets_dir)
         for name in created:
-            typer.echo(f"created {settings.secrets_dir / name}")
+            typer.echo(f"created {settings.secrets_dir / name}", err=True)
         await upgrade_to_head(db.engine)
-        typer.echo(f"schema is current on {db.engine.url.render_as_string(hide_password=True)}")
+        database = db.engine.url.render_as_string(hide_password=True)
+        typer.echo(f"schema is current on {database}", err=True)
+        token: str | None = None
         async with db.transaction() as session:
             if (await session.execute(select(func.count()).select_from(ApiToken))).scalar_one():
-                typer.echo("tokens exist already; mint more with `keyshift tokens create`")
-                return
-            issued = await tokens.create_token(
-                session, cli_actor(), name="first admin", scopes=["admin"]
+                typer.echo(
+                    "tokens exist already; mint more with `keyshift tokens create`", err=True
+                )
+            else:
+                issued = await tokens.create_token(
+                    session, cli_actor(), name="first admin", scopes=["admin"]
+                )
+                token = issued.plaintext
+        if as_json:
+            emit_json(
+                {
+                    "created": [str(settings.secrets_dir / name) for name in created],
+                    "database": database,
+                    "admin_token": token,
+                }
             )
-        typer.echo("first admin token (shown once, store it now):")
-        typer.echo(issued.plaintext)
+        elif token is not None:
+            typer.echo("first admin token (shown once, store it now):", err=True)
+            typer.echo(token)
 
     run(work)
 
@@ -87,6 +109,7 @@ def serve(
     metrics_dir = prepare_multiprocess_dir(workers)
     import uvicorn
 
+    from keyshift.api.protocol import PROTOCOL
     from keyshift.observability.logging import configure_logging, log_config
 
     configure_logging(level)
@@ -115,6 +138,10 @@ def serve(
             log_level=level,
             access_log=False,
             server_header=False,
+            # Our protocol, not uvicorn's choice: it caps the request head (431), which
+            # uvicorn's httptools protocol does not; the cap travels in the h11 setting.
+            http=PROTOCOL,
+            h11_max_incomplete_event_size=settings.max_header_bytes,
         )
     finally:
         remove_multiprocess_dir(metrics_dir)

@@ -11,7 +11,18 @@ import secrets
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _INDEX = {c: i for i, c in enumerate(ALPHABET)}
-_LOOKALIKES = str.maketrans({"O": "0", "I": "1", "L": "1"})
+#: What reading a key forgives, in ASCII only: case, spaces (and tabs, line breaks), dashes,
+#: and the look-alikes O→0, I/L→1. Python's Unicode case mapping would also let U+0131 (dotless
+#: i) pass for I and U+017F (long s) for S, and ``str.split`` NBSP or U+3000 for a space; such
+#: characters stay and make the key malformed.
+_FORGIVEN = str.maketrans(
+    {
+        **{c: c.upper() for c in "abcdefghijklmnopqrstuvwxyz"},
+        **{c: "" for c in " \t\r\n-"},
+        **{c: "0" for c in "Oo"},
+        **{c: "1" for c in "IiLl"},
+    }
+)
 BODY_LENGTH = 24  # 24 symbols * 5 bits = 120 bits of entropy
 GROUP = 5
 
@@ -53,12 +64,13 @@ def normalise(text: str) -> str:
     """The canonical grouped form of ``text``, or KeyFormatError."""
     if len(text) > 64:
         raise KeyFormatError("too long to be a license key")
-    compact = "".join(text.split()).replace("-", "").upper().translate(_LOOKALIKES)
-    if len(compact) != BODY_LENGTH + 1:
-        raise KeyFormatError(f"a license key has {BODY_LENGTH + 1} characters, got {len(compact)}")
+    compact = text.translate(_FORGIVEN)
     bad = sorted({c for c in compact if c not in _INDEX})
     if bad:
-        raise KeyFormatError(f"characters not used in license keys: {''.join(bad)}")
+        shown = "".join(c if c.isascii() and c.isprintable() else f"<U+{ord(c):04X}>" for c in bad)
+        raise KeyFormatError(f"characters not used in license keys: {shown}")
+    if len(compact) != BODY_LENGTH + 1:
+        raise KeyFormatError(f"a license key has {BODY_LENGTH + 1} characters, got {len(compact)}")
     if check_character(compact[:-1]) != compact[-1]:
         raise KeyFormatError("check character does not match: the key was probably mistyped")
     return format_key(compact)

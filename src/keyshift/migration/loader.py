@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from keyshift.catalog.loader import MAX_FILE_BYTES, Problem, locate, schema_problem
+from keyshift.catalog.loader import (
+    MAX_FILE_BYTES,
+    Problem,
+    locate,
+    schema_problem,
+    toml_syntax_problem,
+)
 from keyshift.migration.errors import RulesInvalid
 from keyshift.migration.rules import MigrationRules, RuleProblem
-
-_TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)$")
 
 
 def load_rules(path: str | Path) -> tuple[MigrationRules, str]:
@@ -29,7 +32,8 @@ def load_rules(path: str | Path) -> tuple[MigrationRules, str]:
             raise RulesInvalid([Problem(name, "", reason)], source=name)
         raw = file.read_bytes()
     except OSError as exc:
-        raise RulesInvalid([Problem(name, "", f"cannot read: {exc.strerror or exc}")]) from exc
+        reason = f"cannot read: {exc.strerror or exc}"
+        raise RulesInvalid([Problem(name, "", reason)], source=name) from exc
     return load_rules_text(name, raw)
 
 
@@ -43,22 +47,18 @@ def load_rules_text(name: str, raw: str | bytes) -> tuple[MigrationRules, str]:
         text = data_bytes.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = data_bytes[: exc.start].count(b"\n") + 1
-        raise RulesInvalid([Problem(name, "", f"not UTF-8 text (byte {exc.start})", line)]) from exc
+        problem = Problem(name, "", f"not UTF-8 text (byte {exc.start})", line)
+        raise RulesInvalid([problem], source=name) from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # Python < 3.14 has no ``lineno``: the position is only in the message's tail.
-        message = str(exc)
-        position = _TOML_POSITION.search(message)
-        at_line: int | None = getattr(exc, "lineno", None)
-        if at_line is None and position:
-            at_line = int(position.group(1))
-        reason = message[: position.start()].rstrip() if position else message
-        raise RulesInvalid([Problem(name, "", f"TOML syntax: {reason}", at_line)]) from exc
+        raise RulesInvalid([toml_syntax_problem(name, text, exc)], source=name) from exc
     except RecursionError as exc:
-        raise RulesInvalid([Problem(name, "", "TOML syntax: nested too deeply")]) from exc
+        problem = Problem(name, "", "TOML syntax: nested too deeply")
+        raise RulesInvalid([problem], source=name) from exc
     if not isinstance(data.get("rules"), dict):
-        raise RulesInvalid([Problem(name, "rules", "a rules file starts with a [rules] table")])
+        problem = Problem(name, "rules", "a rules file starts with a [rules] table")
+        raise RulesInvalid([problem], source=name)
     try:
         rules = MigrationRules.model_validate(data)
     except ValidationError as exc:

@@ -44,9 +44,14 @@ async def list_events(
 
 @router.get("/verify")
 async def verify(_actor: Reader, session: Session) -> dict[str, Any]:
+    """Walk the chain; ``problems`` starts with the first row whose content or link is wrong
+    (kinds: content_edited, link_broken, gap, inserted, head_mismatch; see docs/security.md)."""
     report = await audit.verify(session)
     return {
         "ok": report.ok,
         "checked": report.checked,
-        "problems": [{"seq": p.seq, "kind": p.kind, "message": p.message} for p in report.problems],
+        "problems": [
+            {"seq": p.seq, "kind": p.kind, "message": p.message, "details": p.details}
+            for p in report.problems
+        ],
     }

@@ -52,7 +52,9 @@ Runner = Annotated[Actor, Depends(_runner)]
 Approver = Annotated[Actor, Depends(_approver)]
 Reader = Annotated[Actor, Depends(require_any("migrations:read", "migrations:run"))]
 
-RULES_FILE = "rules.toml"
+#: What problems in rules sent over the API call their source: the request body's field (the
+#: lines are lines of that field's text), unless /v1/rules/validate is given a ``name``.
+RULES_FILE = "rules"
 RulesText = Annotated[
     str,
     Field(
@@ -72,7 +74,10 @@ class _RulesBody(Request):
 class RulesCheck(_RulesBody):
     rules: RulesText
     name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._/ -]+$")] = (
-        Field(default=RULES_FILE, description="What problems call the file.")
+        Field(
+            default=RULES_FILE,
+            description="What problems call the rules (default: the field they came in, `rules`).",
+        )
     )
 
 
