@@ -38,6 +38,8 @@ def create_app(
             secrets=load_secrets(settings.secrets_dir),
         )
 
+    cache.default_cache.stale_seconds = state.settings.validation_cache_stale_seconds
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # On PostgreSQL, hear other processes' cache invalidations (LISTEN/NOTIFY); the

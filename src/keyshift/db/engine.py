@@ -211,7 +211,10 @@ class Database:
             if self._native is None:
                 self._native = await asyncpg.create_pool(
                     **self._native_connect_args(),
-                    min_size=1,
+                    # No floor: asyncpg (0.32) keeps a floor by reconnecting in the background,
+                    # and while the database is down it logs a traceback for every attempt.
+                    # Connections are made on demand instead (and stay, below).
+                    min_size=0,
                     max_size=READ_POOL_SIZE,
                     max_inactive_connection_lifetime=3600,
                     # The pool's default reset on release (advisory unlocks, CLOSE ALL, UNLISTEN,

@@ -178,7 +178,7 @@ class OutageLog:
             return
         if self.report:
             log.info(
-                "database reachable again after %.1f s (%d failed attempts meanwhile)",
+                "database reachable again after %.1f s (%d database calls failed meanwhile)",
                 time.monotonic() - self.since,
                 self.failures,
             )
