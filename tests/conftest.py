@@ -225,18 +225,11 @@ def cli_env(settings: Settings) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def live_server(
-    settings: Settings, secrets: Secrets, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[LiveServer]:
-    """`keyshift serve` as a real process on a loopback port, on this test's database
-    (``@pytest.mark.server_env(NAME="value")`` adds to its environment)."""
+@contextlib.contextmanager
+def serving(env: dict[str, str], log_path: Path) -> Iterator[LiveServer]:
+    """`keyshift serve` as a real process on a free loopback port with ``env``, its log (stderr)
+    in ``log_path``; stopped when the block ends."""
     port = free_port()
-    env = cli_env(settings)
-    marker = request.node.get_closest_marker("server_env")
-    if marker is not None:
-        env.update({k: str(v) for k, v in marker.kwargs.items()})
-    log_path = tmp_path / "serve.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "keyshift.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -266,6 +259,20 @@ def live_server(
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture
+def live_server(
+    settings: Settings, secrets: Secrets, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[LiveServer]:
+    """`keyshift serve` as a real process on a loopback port, on this test's database
+    (``@pytest.mark.server_env(NAME="value")`` adds to its environment)."""
+    env = cli_env(settings)
+    marker = request.node.get_closest_marker("server_env")
+    if marker is not None:
+        env.update({k: str(v) for k, v in marker.kwargs.items()})
+    with serving(env, tmp_path / "serve.log") as server:
+        yield server
 
 
 def run_keyshift(

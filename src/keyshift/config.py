@@ -49,6 +49,9 @@ class Settings:
     #: Requests per second per bearer token on every token-authenticated endpoint; 0: off.
     token_rate_per_second: float = 0.0
     token_rate_burst: int = 100
+    #: While the database cannot be reached, a validation whose license is in the validation
+    #: cache answers from it for up to this many seconds past the entry's expiry; 0: never.
+    validation_cache_stale_seconds: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -69,6 +72,9 @@ class Settings:
             key_rate_burst=int(env_number("KEYSHIFT_KEY_RATE_BURST", 20, 1)),
             token_rate_per_second=env_number("KEYSHIFT_TOKEN_RATE_PER_SECOND", 0, 0),
             token_rate_burst=int(env_number("KEYSHIFT_TOKEN_RATE_BURST", 100, 1)),
+            validation_cache_stale_seconds=env_number(
+                "KEYSHIFT_VALIDATION_CACHE_STALE_SECONDS", 60, 0, 3600
+            ),
         )
 
 

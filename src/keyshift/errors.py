@@ -59,6 +59,34 @@ class ConfigurationError(KeyshiftError):
     code = "not_configured"
 
 
+class Unavailable(KeyshiftError):
+    """The request could not be served now and nothing of it was kept; the same request may
+    succeed after ``retry_after`` seconds."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached (refused, dropped, shutting down, no free connection)."""
+
+    code = "database_unavailable"
+
+
+class DatabaseBusy(Unavailable):
+    """The database rolled the transaction back to break a deadlock or a serialization
+    conflict (or SQLite stayed locked). ``attempts``: how many times it was tried."""
+
+    code = "database_busy"
+
+    def __init__(self, message: str, *, attempts: int = 1, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.attempts = attempts
+
+
 # -- catalog ---------------------------------------------------------------------------------
 
 

@@ -35,7 +35,9 @@ def test_entries_live_long_only_while_listening() -> None:
     assert lru.get("heard") is None  # the long TTL is still a backstop
 
 
-async def test_a_lost_listener_clears_and_falls_back_to_the_short_ttl(db: Database) -> None:
+async def test_a_lost_listener_expires_every_entry_and_falls_back_to_the_short_ttl(
+    db: Database,
+) -> None:
     if db.dialect != "postgresql":
         pytest.skip("LISTEN/NOTIFY is PostgreSQL's; SQLite relies on the TTL")
     other = cache.LicenseStateCache(ttl_seconds=1, listening_ttl_seconds=300)
@@ -46,4 +48,23 @@ async def test_a_lost_listener_clears_and_falls_back_to_the_short_ttl(db: Databa
 
     await listener.stop()  # the connection is gone: invalidations can no longer be heard
 
-    assert not other.listening and len(other) == 0
+    # No entry is served any more while the database answers; each is kept only as the
+    # answer for while the database cannot be reached (``get_stale``, bounded).
+    assert not other.listening and other.get("k") is None
+    assert other.get_stale("k") is not None
+
+
+def test_an_expired_entry_answers_during_an_outage_only_within_the_stale_window() -> None:
+    clock = Clock()
+    lru = cache.LicenseStateCache(ttl_seconds=1, stale_seconds=30, clock=clock)
+    lru.put("k", _entry(0), generation=lru.generation)
+    lru.put("gone", _entry(1), generation=lru.generation)
+    lru.invalidate_license("gone")
+
+    clock.now = 20.0
+    assert lru.get("k") is None  # expired: read the database again
+    assert lru.get_stale("k") is not None  # …unless it cannot be reached
+    assert lru.get_stale("gone") is None  # an invalidated entry never answers
+    clock.now = 31.0
+    assert lru.get("k") is None and lru.get_stale("k") is None
+    assert len(lru) == 0  # dropped once past the window

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from keyshift import __version__
 from keyshift.api import errors
+from keyshift.api.retry import RetryRolledBackRequests
 from keyshift.api.routes import ROUTERS, validation
 from keyshift.api.state import AppState
 from keyshift.config import Settings
@@ -36,6 +37,8 @@ def create_app(
             db=db or Database(settings.database_url),
             secrets=load_secrets(settings.secrets_dir),
         )
+
+    cache.default_cache.stale_seconds = state.settings.validation_cache_stale_seconds
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -68,5 +71,8 @@ def create_app(
     app.router.routes[:0] = validation.fast_routes()
     for router in ROUTERS:
         app.include_router(router)
+    # Inside the request middleware: one access-log line and one metric per request, however
+    # many times a deadlock's victim ran.
+    app.add_middleware(RetryRolledBackRequests)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=state.settings.max_body_bytes)
     return app

@@ -9,9 +9,10 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.api.ratelimit import RateLimited
+from keyshift.api.retry import RetryRequest
 from keyshift.api.state import AppState
 from keyshift.context import Actor
-from keyshift.errors import AuthenticationFailed, KeyshiftError, PermissionDenied
+from keyshift.errors import AuthenticationFailed, DatabaseBusy, KeyshiftError, PermissionDenied
 from keyshift.licensing import validation
 from keyshift.migration.executor import Executor
 from keyshift.security import tokens
@@ -42,9 +43,16 @@ async def request_id_dependency(request: Request) -> str | None:
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One transaction per request: committed if the route returns, rolled back if it raises."""
-    async with get_state(request).db.transaction() as session:
-        yield session
+    """One transaction per request: committed if the route returns, rolled back if it raises.
+    When the database rolls it back to break a deadlock, the request is run again whole
+    (``api.retry``): nothing of it was kept."""
+    try:
+        async with get_state(request).db.transaction() as session:
+            yield session
+    except DatabaseBusy as busy:
+        if busy.attempts > 1:  # a unit of work that retried itself already: answer it
+            raise
+        raise RetryRequest(busy) from busy
 
 
 # scope="function": the transaction commits before the response is sent. With the default

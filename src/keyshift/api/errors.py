@@ -40,6 +40,7 @@ STATUS: list[tuple[type[e.KeyshiftError], int]] = [
     (e.Conflict, 409),
     (e.InvalidInput, 422),
     (e.ConfigurationError, 503),
+    (e.Unavailable, 503),
 ]
 
 
@@ -79,7 +80,7 @@ def domain_error(exc: e.KeyshiftError) -> tuple[int, dict[str, Any], dict[str, s
     headers = None
     if isinstance(exc, e.AuthenticationFailed):
         headers = {"WWW-Authenticate": "Bearer"}
-    elif isinstance(exc, RateLimited):
+    elif isinstance(exc, RateLimited | e.Unavailable):
         headers = {"Retry-After": str(exc.retry_after)}
     return status_for(exc), exc.to_dict(), headers
 

@@ -19,6 +19,7 @@ EXIT: list[tuple[type[e.KeyshiftError], int]] = [
     (e.Conflict, 5),
     (e.InvalidInput, 2),
     (e.ConfigurationError, 6),
+    (e.Unavailable, 6),
 ]
 
 
@@ -37,6 +38,12 @@ def fail(error: e.KeyshiftError) -> NoReturn:
             typer.echo(f"error: {problem}", err=True)
     else:
         where = f" [{error.field}]" if error.field else ""
+        cause = error.__cause__
+        if isinstance(error, e.Unavailable) and cause is not None:
+            # The operator's own terminal: name what failed (the API never tells a client).
+            from keyshift.db.failures import describe
+
+            where += f" ({describe(cause)})"
         typer.echo(f"error: {error.message}{where}", err=True)
     raise typer.Exit(exit_code_for(error))
 

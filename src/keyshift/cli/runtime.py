@@ -23,7 +23,7 @@ def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
     settings = Settings.from_env()
 
     async def _main() -> T:
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, report_outages=False)
         try:
             return await work(settings, db)
         finally:

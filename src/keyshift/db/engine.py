@@ -28,6 +28,9 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
+from keyshift.db import failures
+from keyshift.errors import DatabaseUnavailable, Unavailable
+
 T = TypeVar("T")
 
 
@@ -127,7 +130,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 class Database:
     """An engine and its session factory; ``transaction()`` is the unit of work."""
 
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, report_outages: bool = True, **engine_kwargs: Any) -> None:
         self.url = url
         self.engine = create_engine(url, **engine_kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -135,6 +138,9 @@ class Database:
         self._reader: AsyncEngine | None = None
         self._native: Any = None  # asyncpg.Pool, made on first use (``fetch``)
         self._native_lock = asyncio.Lock()
+        #: Logs an outage once (``failures.OutageLog``), not per failed request; a CLI command
+        #: says it in its own one-line error instead (``report_outages=False``).
+        self.outage = failures.OutageLog(report=report_outages)
 
     @property
     def dialect(self) -> str:
@@ -149,14 +155,23 @@ class Database:
         SQLAlchemy then invalidates it and the pool, and the read is retried once on a fresh
         connection: reads are idempotent, so this is safe. ``query`` must only read."""
         reader = self._reader or self._make_reader()
-        for attempt in (1, 2):
-            try:
-                async with reader.connect() as conn:
-                    return await query(conn)
-            except DBAPIError as exc:
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            for attempt in (1, 2):
+                try:
+                    async with reader.connect() as conn:
+                        result = await query(conn)
+                    break
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+        except Exception as exc:
+            translated = self._failed(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+        if self.outage.active:
+            self.outage.recovered()
+        return result
 
     async def fetch(self, query: HotRead, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         """Run a ``HotRead`` and return its rows as mappings. On PostgreSQL through a native
@@ -172,22 +187,34 @@ class Database:
                 return [dict(row) for row in result.mappings()]
 
             return await self.read(run)
-        pool = self._native or await self._make_native()
         args = [params[name] for name in query.names]
-        for attempt in (1, 2):
-            try:
-                return list(await pool.fetch(query.sql, *args))
-            except _DEAD_CONNECTION:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            pool = self._native or await self._make_native()
+            for attempt in (1, 2):
+                try:
+                    rows = list(await pool.fetch(query.sql, *args))
+                    break
+                except _DEAD_CONNECTION:
+                    if attempt == 2:
+                        raise
+        except Exception as exc:
+            translated = self._failed(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+        if self.outage.active:
+            self.outage.recovered()
+        return rows
 
     async def _make_native(self) -> Any:
         async with self._native_lock:
             if self._native is None:
                 self._native = await asyncpg.create_pool(
                     **self._native_connect_args(),
-                    min_size=1,
+                    # No floor: asyncpg (0.32) keeps a floor by reconnecting in the background,
+                    # and while the database is down it logs a traceback for every attempt.
+                    # Connections are made on demand instead (and stay, below).
+                    min_size=0,
                     max_size=READ_POOL_SIZE,
                     max_inactive_connection_lifetime=3600,
                     # The pool's default reset on release (advisory unlocks, CLOSE ALL, UNLISTEN,
@@ -240,9 +267,39 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: commits when the block ends, rolls back if it raises."""
-        async with self.sessions() as session, session.begin():
-            yield session
+        """One transaction: commits when the block ends, rolls back if it raises. A deadlock
+        or serialization failure comes out as ``DatabaseBusy`` (``run`` retries it), an
+        unreachable database as ``DatabaseUnavailable``; both are answered 503."""
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        except Exception as exc:
+            translated = self._failed(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+        if self.outage.active:
+            self.outage.recovered()
+
+    async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction, and run the whole of it again when the database
+        rolled it back to break a deadlock or serialization conflict (``failures.retry_whole``:
+        bounded, with jitter). ``work`` must do nothing outside the session that a second run
+        would repeat."""
+
+        async def once() -> T:
+            async with self.transaction() as session:
+                return await work(session)
+
+        return await failures.retry_whole(once)
+
+    def _failed(self, error: Exception) -> Unavailable | None:
+        """The domain error a database failure means (an outage is logged once, by
+        ``outage``), or None: ``error`` is raised as it is."""
+        translated = failures.translate(error)
+        if isinstance(translated, DatabaseUnavailable):
+            self.outage.failed(error)
+        return translated
 
     async def dispose(self) -> None:
         if self._native is not None:

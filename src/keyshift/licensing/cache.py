@@ -7,6 +7,11 @@ call ``invalidate_on_commit`` in their transaction: the local cache drops the en
 transaction commits, and on PostgreSQL a ``NOTIFY`` in the same transaction reaches every
 other process's ``InvalidationListener``. Entitlements are immutable per plan hash, so an
 entry carries them too.
+
+While the database cannot be reached, validation answers from an entry up to
+``stale_seconds`` past its expiry (``get_stale``; ``KEYSHIFT_VALIDATION_CACHE_STALE_SECONDS``
+in ``Settings``): no change can be committed through this process meanwhile, and the window
+bounds what another process could have changed unheard.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ DEFAULT_SIZE = int(os.environ.get("KEYSHIFT_VALIDATION_CACHE_SIZE", "100000"))
 #: While the LISTEN connection is up every change is pushed to this process, so an entry can
 #: live much longer: the TTL is only a backstop then.
 LISTENING_TTL = float(os.environ.get("KEYSHIFT_VALIDATION_CACHE_TTL_LISTENING", "300"))
+#: Seconds past its expiry an entry still answers while the database cannot be reached
+#: (``Settings.validation_cache_stale_seconds`` sets the process's cache; 0: never).
+DEFAULT_STALE = 60.0
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,10 @@ class LicenseStateCache:
         max_entries: int = DEFAULT_SIZE,
         clock: Callable[[], float] = time.monotonic,
         listening_ttl_seconds: float = LISTENING_TTL,
+        stale_seconds: float = DEFAULT_STALE,
     ) -> None:
         self.ttl_seconds = ttl_seconds
+        self.stale_seconds = stale_seconds
         self.listening_ttl_seconds = listening_ttl_seconds
         #: Set by ``InvalidationListener`` while it hears other processes' invalidations.
         self.listening = False
@@ -81,12 +91,20 @@ class LicenseStateCache:
     def get(self, lookup: str) -> CachedLicense | None:
         found = self._entries.get(lookup)
         if found is None or self._clock() >= found[0]:
-            if found is not None:
-                self._drop(lookup)
+            if found is not None and self._clock() >= found[0] + self.stale_seconds:
+                self._drop(lookup)  # (kept until then for ``get_stale``)
             self.misses += 1
             return None
         self._entries.move_to_end(lookup)
         self.hits += 1
+        return found[1]
+
+    def get_stale(self, lookup: str) -> CachedLicense | None:
+        """The entry even if expired, up to ``stale_seconds`` past its expiry: what validation
+        answers from while the database cannot be reached. Nothing invalidated is kept."""
+        found = self._entries.get(lookup)
+        if found is None or self._clock() >= found[0] + self.stale_seconds:
+            return None
         return found[1]
 
     def put(self, lookup: str, value: CachedLicense, *, generation: int) -> None:
@@ -127,6 +145,16 @@ class LicenseStateCache:
         self.generation += 1
         self._entries.clear()
         self._by_account.clear()
+
+    def expire_all(self) -> None:
+        """Expire every entry now (the next validation reads the database), keeping each
+        only for ``get_stale``: for when invalidations may have gone unheard."""
+        self.generation += 1
+        now = self._clock()
+        for lookup in list(self._entries):
+            expires, value = self._entries[lookup]
+            if expires > now:
+                self._entries[lookup] = (now, value)
 
     def apply(self, message: str) -> None:
         """Apply an invalidation message: ``license:<lookup>``, ``account:<id>`` or ``clear``."""
@@ -206,6 +234,7 @@ class InvalidationListener:
         self.retry_seconds = retry_seconds
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._reported_down = False  # one warning per outage, not one per reconnect attempt
 
     async def start(self, *, wait_seconds: float = 5.0) -> None:
         self._task = asyncio.create_task(self._run(), name="keyshift-cache-listener")
@@ -235,18 +264,27 @@ class InvalidationListener:
                 self.cache.clear()  # whatever was sent while we were away is lost
                 self.cache.listening = True
                 self.connected.set()
+                if self._reported_down:
+                    log.info("cache listener reconnected")
+                    self._reported_down = False
                 while not lost.is_set() and not conn.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 5)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reconnect on anything; never take the server down
-                log.warning("cache listener disconnected: %s", exc)
+                if self._reported_down:
+                    log.debug("cache listener still disconnected: %s", exc)
+                else:
+                    log.warning("cache listener disconnected: %s; reconnecting", exc)
+                    self._reported_down = True
             finally:
                 if self.cache.listening:
-                    # Deaf from now on: long-lived entries could go stale unheard.
+                    # Deaf from now on: long-lived entries could go stale unheard. They are
+                    # expired (read again from the database), kept only to answer while the
+                    # database cannot be reached (``get_stale``).
                     self.cache.listening = False
-                    self.cache.clear()
+                    self.cache.expire_all()
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):

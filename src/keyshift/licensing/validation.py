@@ -28,7 +28,7 @@ from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.db.engine import HotRead
 from keyshift.db.tables import Activation, License, Subscription, UsageCounter
 from keyshift.db.types import utcnow
-from keyshift.errors import InvalidInput
+from keyshift.errors import DatabaseUnavailable, InvalidInput
 from keyshift.licensing.cache import CachedLicense, LicenseStateCache
 from keyshift.licensing.service import lookup_for
 from keyshift.metering import reports, subjects
@@ -551,13 +551,21 @@ async def validate(
     cached = entry is not None
     if entry is None:
         generation = cache.generation if cache is not None else 0
-        if fetch is not None:
-            entry = await fetch_entry(fetch, sessions, lookup)
+        try:
+            if fetch is not None:
+                entry = await fetch_entry(fetch, sessions, lookup)
+            else:
+                async with sessions() as session:
+                    entry = await load(session, lookup)
+        except DatabaseUnavailable:
+            # An outage: answer from an expired entry still within the cache's stale window.
+            entry = cache.get_stale(lookup) if cache is not None else None
+            if entry is None:
+                raise
+            cached = True
         else:
-            async with sessions() as session:
-                entry = await load(session, lookup)
-        if entry is not None and cache is not None:
-            cache.put(lookup, entry, generation=generation)
+            if entry is not None and cache is not None:
+                cache.put(lookup, entry, generation=generation)
     if entry is None:
         payload = response_body(
             None, None, None, fingerprint=fingerprint, feature=feature, nonce=nonce, now=now
@@ -565,7 +573,18 @@ async def validate(
         code = Code.NOT_FOUND
     else:
         effective = effective_entitlements(entry, now)
-        meters = await current_meters(sessions, entry, feature, now, effective, fetch)
+        try:
+            meters = await current_meters(sessions, entry, feature, now, effective, fetch)
+        except DatabaseUnavailable:
+            # Counters live only in the database: an answer from the cache during an outage
+            # says nothing of them, and a question about one (a meter, a throttled feature)
+            # waits for the database.
+            asked = meter is not None or (
+                feature is not None and effective is not None and feature in meter_specs(effective)
+            )
+            if not cached or asked:
+                raise
+            meters = None
         decision = decide(
             entry.state,
             effective,

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.audit import service as audit
@@ -546,30 +545,22 @@ async def record_batch(
 
 
 T = TypeVar("T")
-_RETRYABLE = ("40P01", "40001")  # deadlock detected, serialization failure
 
 
 async def in_transaction(
     db: Database,
     work: Callable[[AsyncSession], Awaitable[T]],
     *,
-    attempts: int = 3,
     claim_attempts: int = 5,
 ) -> T:
-    """Run ``work`` in a transaction, retrying the whole of it when PostgreSQL reports a
-    deadlock or serialization failure (``attempts`` in all), or when a concurrent request
-    recorded one of its idempotency keys first (``claim_attempts``; the retry replays it).
-    Each of these rolls back everything, so a retry is safe."""
-    deadlocks = claims = 0
+    """Run ``work`` in a transaction — ``Database.run``, which runs the whole of it again
+    when the database reports a deadlock or serialization failure — and again when a
+    concurrent request recorded one of its idempotency keys first (``claim_attempts``; the
+    retry replays it). Each of these rolls back everything, so a retry is safe."""
+    claims = 0
     while True:
         try:
-            async with db.transaction() as session:
-                return await work(session)
-        except DBAPIError as error:
-            code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
-            deadlocks += 1
-            if code not in _RETRYABLE or deadlocks >= attempts:
-                raise
+            return await db.run(work)
         except ConcurrentClaim:
             claims += 1
             if claims >= claim_attempts:

@@ -93,39 +93,46 @@ async def check_rules(session: AsyncSession, rules: MigrationRules) -> list[Any]
     return check_against_catalog(rules, sources, await plan_pair(session, rules.rules.to))
 
 
-async def register_rules(session: AsyncSession, actor: Actor, rules: MigrationRules) -> str:
-    """Record the rules as used (immutable by key@version); their content hash."""
+async def register_rules(
+    session: AsyncSession, actor: Actor, rules: MigrationRules
+) -> audit.EventIn | None:
+    """Record the rules as used (immutable by key@version): inserted if absent, so parallel
+    first uses of a new version all go ahead; ``RulesVersionConflict`` if the version was
+    used before with other content. Returns the audit event to record if this call
+    registered them — the caller appends it with its others, last (see ``Executor.request``)."""
     digest = rules.content_hash()
+    key, version = rules.rules.key, rules.rules.version
     existing = (
         await session.execute(
-            select(MigrationRulesVersion).where(
-                MigrationRulesVersion.key == rules.rules.key,
-                MigrationRulesVersion.version == rules.rules.version,
+            select(MigrationRulesVersion.content_hash).where(
+                MigrationRulesVersion.key == key, MigrationRulesVersion.version == version
             )
         )
     ).scalar_one_or_none()
-    if existing is not None:
-        if existing.content_hash != digest:
-            raise RulesVersionConflict(
-                f"rules {rules.ref} were used before with different content"
-                f" ({existing.content_hash[:12]}…); publish a new version",
-                field="rules.version",
-            )
-        return digest
-    await session.execute(
-        insert(MigrationRulesVersion).values(
-            key=rules.rules.key,
-            version=rules.rules.version,
-            content_hash=digest,
-            content=rules.content(),
-            registered_at=utcnow(),
-            registered_by=actor.id,
+    if existing is None:
+        inserted = await repository.insert_rules_if_absent(
+            session,
+            {
+                "key": key,
+                "version": version,
+                "content_hash": digest,
+                "content": rules.content(),
+                "registered_at": utcnow(),
+                "registered_by": actor.id,
+            },
         )
-    )
-    await audit.record(
-        session, actor, "migration.rules.register", "rules", rules.ref, details={"hash": digest}
-    )
-    return digest
+        if inserted:
+            return audit.EventIn(
+                "migration.rules.register", "rules", rules.ref, None, {"hash": digest}
+            )
+        existing = (await repository.rules_version(session, key, version)).content_hash
+    if existing != digest:
+        raise RulesVersionConflict(
+            f"rules {rules.ref} were used before with different content"
+            f" ({existing[:12]}…); publish a new version",
+            field="rules.version",
+        )
+    return None
 
 
 async def rules_by_hash(session: AsyncSession, digest: str) -> MigrationRules:
@@ -197,84 +204,88 @@ class Executor:
         fault_point("before:lock")
         now = self.clock()
         migration_id = str(uuid.uuid4())
-        try:
-            async with self.db.transaction() as session:
-                plan, _ = await preview(
-                    session, rules, account_id, now=now, migration_id=migration_id
+
+        # Lock order (the same as every admin change): the account's rows first — here the
+        # migration row, whose foreign key takes a share lock on the account — and the audit
+        # head last, in one append of all of this transaction's events. Taking the head
+        # before the account (as registering the rules used to) deadlocks against an admin
+        # change that holds the account and waits for the head.
+        async def lock(session: AsyncSession) -> Migration:
+            events: list[audit.EventIn] = []
+            plan, _ = await preview(session, rules, account_id, now=now, migration_id=migration_id)
+            holder = await repository.active_migration(session, account_id)
+            queued = holder is not None and on_pending == "queue"
+            # A queued change is planned against the state its predecessor leaves, when
+            # it is taken up; now only the rules themselves are checked.
+            if not plan.eligible and not queued:
+                raise NotEligible(
+                    "the account is not eligible: " + "; ".join(plan.reasons),
+                    field="account_id",
+                    reasons=list(plan.reasons),
                 )
-                holder = await repository.active_migration(session, account_id)
-                queued = holder is not None and on_pending == "queue"
-                # A queued change is planned against the state its predecessor leaves, when
-                # it is taken up; now only the rules themselves are checked.
-                if not plan.eligible and not queued:
-                    raise NotEligible(
-                        "the account is not eligible: " + "; ".join(plan.reasons),
+            if plan.blocked and not queued:
+                raise MigrationBlocked(
+                    "the rules block this migration: " + "; ".join(plan.reasons),
+                    field="account_id",
+                    reasons=list(plan.reasons),
+                )
+            effective_at = parse_iso(plan.effective_at)
+            scheduled = effective_at is not None and effective_at > now
+            if holder is not None:
+                if holder.state not in ("scheduled", "held") or on_pending == "refuse":
+                    raise MigrationInProgress(
+                        f"account {account_id} already has migration {holder.id} ({holder.state})",
                         field="account_id",
-                        reasons=list(plan.reasons),
+                        migration_id=holder.id,
                     )
-                if plan.blocked and not queued:
-                    raise MigrationBlocked(
-                        "the rules block this migration: " + "; ".join(plan.reasons),
-                        field="account_id",
-                        reasons=list(plan.reasons),
-                    )
-                await register_rules(session, actor, rules)
-                effective_at = parse_iso(plan.effective_at)
-                scheduled = effective_at is not None and effective_at > now
-                if holder is not None:
-                    if holder.state not in ("scheduled", "held") or on_pending == "refuse":
-                        raise MigrationInProgress(
-                            f"account {account_id} already has migration {holder.id}"
-                            f" ({holder.state})",
-                            field="account_id",
-                            migration_id=holder.id,
-                        )
-                    if on_pending == "replace":
-                        holder.state, holder.lock_account_id = "cancelled", None
-                        holder.finished_at = now
-                        holder.error = f"replaced by migration {migration_id}"
-                        await session.flush()
-                        await audit.record(
-                            session,
-                            actor,
+                if on_pending == "replace":
+                    holder.state, holder.lock_account_id = "cancelled", None
+                    holder.finished_at = now
+                    holder.error = f"replaced by migration {migration_id}"
+                    await session.flush()
+                    events.append(
+                        audit.EventIn(
                             "migration.cancel",
                             "migration",
                             holder.id,
-                            account_id=account_id,
-                            details={"replaced_by": migration_id},
+                            account_id,
+                            {"replaced_by": migration_id},
                         )
-                row = Migration(
-                    id=migration_id,
-                    account_id=account_id,
-                    lock_account_id=None if queued else account_id,
-                    state="queued" if queued else "scheduled" if scheduled else "locked",
-                    rules_ref=rules.ref,
-                    rules_hash=rules.content_hash(),
-                    source_ref=plan.source_ref,
-                    source_hash=None,
-                    target_ref=plan.target_ref,
-                    target_hash=plan.target_hash,
-                    effective_at=effective_at,
-                    outcome_digest=None if queued else plan.outcome_digest(),
-                    plan=plan.to_dict() if (scheduled or queued) else None,
-                    created_by=actor.id,
-                    created_at=now,
-                    updated_at=now,
-                )
-                session.add(row)
-                await session.flush()
-                if row.state == "locked":
-                    await repository.write_step(
-                        session, row, "lock", details={"rules": rules.ref}, now=now
                     )
-                await audit.record(
-                    session,
-                    actor,
+            row = Migration(
+                id=migration_id,
+                account_id=account_id,
+                lock_account_id=None if queued else account_id,
+                state="queued" if queued else "scheduled" if scheduled else "locked",
+                rules_ref=rules.ref,
+                rules_hash=rules.content_hash(),
+                source_ref=plan.source_ref,
+                source_hash=None,
+                target_ref=plan.target_ref,
+                target_hash=plan.target_hash,
+                effective_at=effective_at,
+                outcome_digest=None if queued else plan.outcome_digest(),
+                plan=plan.to_dict() if (scheduled or queued) else None,
+                created_by=actor.id,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            await session.flush()
+            registered = await register_rules(session, actor, rules)
+            if registered is not None:
+                events.insert(0, registered)
+            if row.state == "locked":
+                await repository.write_step(
+                    session, row, "lock", details={"rules": rules.ref}, now=now
+                )
+            events.append(
+                audit.EventIn(
                     f"migration.{row.state if row.state != 'locked' else 'start'}",
                     "migration",
                     row.id,
-                    account_id=account_id,
-                    details={
+                    account_id,
+                    {
                         "rules": rules.ref,
                         "rules_hash": row.rules_hash,
                         "from": plan.source_ref,
@@ -283,9 +294,17 @@ class Executor:
                         "effective_at": plan.effective_at,
                     },
                 )
-                await session.flush()
-                fault_point("inside:lock")
+            )
+            await audit.record_many(session, actor, events)
+            await session.flush()
+            fault_point("inside:lock")
+            return row
+
+        try:
+            row = await self.db.run(lock)
         except IntegrityError as exc:
+            if "lock_account_id" not in str(exc.orig):
+                raise
             # Two requests raced for the account: the unique lock_account_id settled it.
             raise MigrationInProgress(
                 f"account {account_id} already has a migration in progress", field="account_id"
@@ -324,7 +343,10 @@ class Executor:
             return row
 
     async def _step(self, actor: Actor, migration_id: str, step: str) -> str:
-        async with self.db.transaction() as session:
+        """One step in one transaction with its ledger row; run again whole if the database
+        rolls it back to break a deadlock (a step is idempotent, and nothing of it was kept)."""
+
+        async def work(session: AsyncSession) -> str:
             row = await repository.lock_migration(session, migration_id)
             if row is None:
                 raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
@@ -338,7 +360,9 @@ class Executor:
             outcome: str = await handler(session, actor, row, now)
             await session.flush()  # every effect is in the database, only the commit is left
             fault_point(f"inside:{step}")
-        return outcome
+            return outcome
+
+        return await self.db.run(work)
 
     # -- the steps ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from keyshift.db.tables import (
     DataObject,
     License,
     Migration,
+    MigrationRulesVersion,
     MigrationStep,
     Subscription,
     UsageCounter,
@@ -240,13 +241,37 @@ async def latest_migrations(
     return list(rows.scalars())
 
 
-# -- counters, moved by deltas under row locks ----------------------------------------------------
-
-
 def _insert(session: AsyncSession, table: Any) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+# -- rules versions ---------------------------------------------------------------------------
+
+
+async def insert_rules_if_absent(session: AsyncSession, values: dict[str, Any]) -> bool:
+    """Insert a rules version unless its ``key@version`` is there already (a concurrent first
+    use may have just inserted it: that is not an error). Whether this call inserted it."""
+    result = await session.execute(
+        _insert(session, MigrationRulesVersion)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["key", "version"])
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def rules_version(session: AsyncSession, key: str, version: str) -> MigrationRulesVersion:
+    return (
+        await session.execute(
+            select(MigrationRulesVersion).where(
+                MigrationRulesVersion.key == key, MigrationRulesVersion.version == version
+            )
+        )
+    ).scalar_one()
+
+
+# -- counters, moved by deltas under row locks ----------------------------------------------------
 
 
 async def lock_counter_row(
