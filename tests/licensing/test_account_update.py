@@ -6,6 +6,7 @@ eligibility reads makes the account eligible."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +17,9 @@ from keyshift.config import Settings
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import Account, AuditEvent
+from keyshift.licensing import service as licensing
 from keyshift.migration.executor import Executor
+from keyshift.migration.schedule import run_due
 from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
 from tests import factories
@@ -259,3 +262,33 @@ async def test_patch_account_against_a_live_server(live_server: LiveServer, db: 
     assert response.status_code == 200, response.text
     assert response.json()["attributes"] == {}
     assert forbidden.status_code == 403
+
+
+async def test_admin_changes_are_accepted_while_a_scheduled_change_waits_and_it_is_replanned(
+    db: Database, secrets: Secrets
+) -> None:
+    # docs/migrations.md: a scheduled change holds the account against other migrations, not
+    # against admin changes; it is planned again when due and held if the outcome changed.
+    await helpers.publish(db)
+    account_id, keys = await helpers.rich_account(db, secrets)
+    when = datetime.now(UTC) + timedelta(days=3)
+    scheduled = HOLD_RULES + (
+        f'\n[schedule]\neffective = "at"\nat = {when.strftime("%Y-%m-%dT%H:%M:%SZ")}\n'
+    )
+    clock = [datetime.now(UTC)]
+    executor = Executor(db, secrets.signing, clock=lambda: clock[0])
+    row = await executor.request(SYSTEM, helpers.rules(scheduled), account_id)
+    assert row.state == "scheduled"
+
+    async with db.transaction() as session:
+        await licensing.update_account(
+            session, SYSTEM, account_id, {"attributes": {"legal_hold": True}}
+        )
+        await licensing.set_preferences(session, SYSTEM, account_id, {"theme": "light"})
+        suspended = await licensing.suspend_license(session, SYSTEM, keys[1][0])
+    assert suspended.status == "suspended"
+
+    clock[0] = when + timedelta(seconds=1)
+    [held] = await run_due(executor, SYSTEM)
+    assert held.id == row.id and held.state == "held"
+    assert (await helpers.subscription(db, account_id)).plan_key == "old-seat"
