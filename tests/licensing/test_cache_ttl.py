@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import httpx
 import pytest
 
+from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.licensing import cache
 from keyshift.licensing.validation import LicenseState
+from keyshift.security.secrets_store import Secrets
+from tests import factories
+from tests.conftest import LiveServer, cli_env, invoke_keyshift
 
 
 class Clock:
@@ -68,3 +76,36 @@ def test_an_expired_entry_answers_during_an_outage_only_within_the_stale_window(
     clock.now = 31.0
     assert lru.get("k") is None and lru.get_stale("k") is None
     assert len(lru) == 0  # dropped once past the window
+
+
+@pytest.mark.server
+@pytest.mark.server_env(KEYSHIFT_VALIDATION_CACHE_TTL="6")
+async def test_a_suspension_from_another_process_shows_within_the_ttl_on_sqlite_at_once_on_postgres(
+    live_server: LiveServer, settings: Settings, db: Database, secrets: Secrets
+) -> None:
+    # docs/operations.md: each worker caches validations; on SQLite nothing tells the other
+    # processes of a change, so it shows there when the entry expires (the TTL, 6 s here).
+    await factories.publish_sample_catalog(db)
+    account = await factories.create_account(db)
+    row, key = await factories.issue_license(db, secrets, account.id)
+    url = f"{live_server.base_url}/v1/licenses/validate"
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def code() -> str:
+            return str((await client.post(url, json={"key": key})).json()["code"])
+
+        assert await code() == "VALID"  # now in the server's cache
+        cached_at = time.monotonic()
+        suspended = invoke_keyshift(cli_env(settings), "licenses", "suspend", row.id)
+        assert suspended.returncode == 0, suspended.stderr
+        if db.dialect == "sqlite":
+            assert await code() == "VALID"  # stale, within the TTL
+            deadline = cached_at + 6 + 2
+        else:
+            deadline = time.monotonic() + 2  # NOTIFY reaches the server at commit
+        for _ in range(200):
+            answer = await code()
+            if answer == "SUSPENDED" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert answer == "SUSPENDED"

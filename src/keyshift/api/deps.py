@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -62,16 +63,18 @@ Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 State = Annotated[AppState, Depends(state_dependency)]
 
 
-def require(scope: str) -> Callable[[Request], Awaitable[Actor]]:
-    """A dependency that authenticates the bearer token and checks ``scope``."""
-    return require_any(scope)
-
-
-def require_any(*scopes: str) -> Callable[[Request], Awaitable[Actor]]:
+@dataclass(frozen=True)
+class ScopeCheck:
     """A dependency that authenticates the bearer token and checks it holds one of ``scopes``
-    (a read that a narrower read scope or the broader write scope may do)."""
+    (a read that a narrower read scope or the broader write scope may do).
 
-    async def _dependency(request: Request) -> Actor:
+    Every token-authenticated route declares its scope through one of these, so the route →
+    scope table (``keyshift.api.access``, docs/security.md) is read from the routes themselves.
+    """
+
+    scopes: tuple[str, ...]
+
+    async def __call__(self, request: Request) -> Actor:
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
@@ -86,12 +89,33 @@ def require_any(*scopes: str) -> Callable[[Request], Awaitable[Actor]]:
             wait = state.token_bucket.take(actor.id)
             if wait:
                 raise RateLimited(wait, "token")
-        if not any(actor.can(scope) for scope in scopes):
-            wanted = " or ".join(repr(scope) for scope in scopes)
+        if not any(actor.can(scope) for scope in self.scopes):
+            wanted = " or ".join(repr(scope) for scope in self.scopes)
             raise PermissionDenied(f"this token lacks the {wanted} scope")
         return actor
 
-    return _dependency
+
+def require(scope: str) -> ScopeCheck:
+    """A dependency that authenticates the bearer token and checks ``scope``."""
+    return ScopeCheck((scope,))
+
+
+def require_any(*scopes: str) -> ScopeCheck:
+    """A dependency that authenticates the bearer token and checks it holds one of ``scopes``."""
+    return ScopeCheck(scopes)
+
+
+@dataclass(frozen=True)
+class TokenInsteadOfKey:
+    """Declares that a client route (authenticated by the license key in its body) also takes
+    a bearer token passing ``check`` in the key's place; the route calls ``check`` itself when
+    the body names no key. Does nothing at request time: it is here so the route → scope table
+    shows the second way in."""
+
+    check: ScopeCheck
+
+    async def __call__(self) -> None:
+        return None
 
 
 async def get_executor(request: Request) -> Executor:

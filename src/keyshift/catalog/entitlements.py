@@ -54,6 +54,9 @@ class Entitlements:
     #: not grow, and the end of a downgrade's grace (the old features and quotas until then).
     read_only: tuple[str, ...] = ()
     grace_until: datetime | None = None
+    #: During a downgrade's grace: the account's grant before the migration (``plan``,
+    #: ``edition``, ``features``, ``quotas``), shown beside the merged one.
+    previous: dict[str, Any] | None = None
     addons: tuple[str, ...] = ()
 
     @property
@@ -87,6 +90,8 @@ class Entitlements:
             out["read_only"] = list(self.read_only)
         if self.grace_until is not None:
             out["grace_until"] = self.grace_until
+        if self.previous is not None:
+            out["previous"] = self.previous
         if self.addons:
             out["addons"] = list(self.addons)
         return out
@@ -153,8 +158,9 @@ def with_overrides(
 
     ``subscription`` (``Subscription.overrides``): ``addons`` (each with ``features`` and extra
     ``quotas``), ``meters`` (``{meter: {"included": n}}``), ``read_only`` quota names, and a
-    ``grace`` (``{"until": …, "entitlements": {"features", "quotas"}}``) under which the old
-    features and quotas still apply until ``until``. ``license_overrides``: hand-set
+    ``grace`` (``{"until": …, "entitlements": {"features", "quotas"}, "previous": …}``) under
+    which the old features and quotas still apply until ``until`` (and ``previous``, the whole
+    old grant, is shown beside them). ``license_overrides``: hand-set
     ``features`` and extra ``quotas`` on one license. Pure; ``now`` decides the grace.
     """
     if not subscription and not license_overrides:
@@ -164,6 +170,7 @@ def with_overrides(
     quotas = dict(base.quotas)
     meters = {k: dict(v) for k, v in base.meters.items()}
     grace_until = None
+    previous: dict[str, Any] | None = None
     grace = subscription.get("grace")
     if grace:
         until = datetime.fromisoformat(str(grace["until"]).replace("Z", "+00:00"))
@@ -171,6 +178,8 @@ def with_overrides(
             until = until.replace(tzinfo=UTC)
         if now < until:
             grace_until = until
+            # Absent from graces planned before it was recorded: then only the merged set.
+            previous = grace.get("previous")
             old = grace.get("entitlements") or {}
             features.update({k: _grant(v) for k, v in (old.get("features") or {}).items()})
             for name, limit in (old.get("quotas") or {}).items():
@@ -194,5 +203,6 @@ def with_overrides(
         meters=meters,
         read_only=tuple(sorted(subscription.get("read_only") or ())),
         grace_until=grace_until,
+        previous=previous,
         addons=tuple(sorted(addons)),
     )

@@ -1,14 +1,18 @@
-"""`keyshift accounts …`: create, list, show, subscribe."""
+"""`keyshift accounts …`: create, list, show, update, subscribe."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import typer
 
-from keyshift.cli.output import emit_json
+from keyshift.cli.output import emit_json, fail
 from keyshift.cli.runtime import run
 from keyshift.config import Settings
 from keyshift.context import cli_actor
 from keyshift.db.engine import Database
+from keyshift.errors import InvalidInput
 from keyshift.licensing import service
 
 group = typer.Typer(help="Customer accounts and their plan.", no_args_is_help=True)
@@ -63,6 +67,41 @@ def show(account_id: str) -> None:
     async def work(_settings: Settings, db: Database) -> None:
         async with db.transaction() as session:
             account = await service.get_account(session, account_id)
+            subscription = await service.get_subscription(session, account.id)
+        emit_json(service.account_view(account, subscription))
+
+    run(work)
+
+
+@group.command("update")
+def update(
+    account_id: str,
+    name: str | None = typer.Option(None, help="A new name."),
+    status: str | None = typer.Option(
+        None, help="active or suspended (migration rules' eligibility reads it)."
+    ),
+    attributes: str | None = typer.Option(
+        None,
+        help="A JSON object merged into the attributes: each name given is set, a name given"
+        " as null is removed, e.g. '{\"legal_hold\": null}'.",
+    ),
+) -> None:
+    """Change an account's name, status or attributes, as PATCH /v1/accounts/{id} does;
+    refused while a migration runs on the account. Prints the account as JSON."""
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    if status is not None:
+        changes["status"] = status
+    if attributes is not None:
+        try:
+            changes["attributes"] = json.loads(attributes)
+        except ValueError as error:
+            fail(InvalidInput(f"not JSON: {error}", field="attributes"))
+
+    async def work(_settings: Settings, db: Database) -> None:
+        async with db.transaction() as session:
+            account = await service.update_account(session, cli_actor(), account_id, changes)
             subscription = await service.get_subscription(session, account.id)
         emit_json(service.account_view(account, subscription))
 

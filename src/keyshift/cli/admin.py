@@ -93,3 +93,25 @@ def revoke(token_id: str) -> None:
         typer.echo(f"revoked {token_id}")
 
     run(work)
+
+
+@group.command("scopes")
+def scopes(
+    markdown: bool = typer.Option(
+        False, "--markdown", help="As the table in docs/security.md, markers included."
+    ),
+) -> None:
+    """What each API route asks of its caller: nothing, the license key, or a token with one
+    of the scopes named (``admin`` holds them all). Read from the routes; needs no database."""
+    from keyshift.api import access
+
+    table = access.route_table(access.app_routes())
+    if markdown:
+        typer.echo(access.markdown(table))
+        return
+    emit_json(
+        [
+            {"method": r.method, "path": r.path, "credential": r.credential, "scopes": r.scopes}
+            for r in table
+        ]
+    )

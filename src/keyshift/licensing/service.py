@@ -54,7 +54,10 @@ async def create_account(
                 f"an account with external_ref {external_ref!r} exists", field="external_ref"
             )
     account = Account(
-        id=str(uuid.uuid4()), name=name, external_ref=external_ref, attributes=attributes or {}
+        id=str(uuid.uuid4()),
+        name=name,
+        external_ref=external_ref,
+        attributes=checked_attributes(attributes or {}, prefix="attributes."),
     )
     session.add(account)
     await session.flush()
@@ -762,6 +765,101 @@ async def set_preferences(
             "hash": content_hash(wanted),
             "previous_hash": previous_hash,
         },
+    )
+    return account
+
+
+MAX_ATTRIBUTES = 50
+ACCOUNT_STATUSES = ("active", "suspended")
+_ACCOUNT_FIELDS = ("name", "attributes", "status")
+
+
+def checked_attributes(value: Any, *, prefix: str = "") -> dict[str, Any]:
+    """An account's attributes, as create and update accept them: a JSON object of at most
+    50 names of 1-64 characters, bounded in size and depth like preferences."""
+    attributes = checked_json_object(
+        value,
+        field="attributes",
+        prefix=prefix,
+        max_bytes=MAX_PREFERENCES_BYTES,
+        max_depth=MAX_PREFERENCES_DEPTH,
+    )
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidInput(
+            f"an account has at most {MAX_ATTRIBUTES} attributes", field="attributes"
+        )
+    return attributes
+
+
+def merge_attributes(current: Mapping[str, Any], patch: Any) -> dict[str, Any]:
+    """``patch`` laid over ``current`` as Stripe treats metadata: each name given is set to
+    its new value, a name given as null is removed, names not given stay. Values are replaced
+    whole (a nested object is not merged)."""
+    checked_json_object(
+        patch,
+        field="attributes",
+        prefix="attributes.",
+        max_bytes=MAX_PREFERENCES_BYTES,
+        max_depth=MAX_PREFERENCES_DEPTH,
+    )
+    merged = dict(current)
+    for name, value in patch.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    return checked_attributes(merged, prefix="attributes.")
+
+
+def _account_changes(changes: Mapping[str, Any]) -> None:
+    unknown = sorted(set(changes) - set(_ACCOUNT_FIELDS))
+    if unknown:
+        raise InvalidInput("unknown field", field=unknown[0])
+    if not changes:
+        raise InvalidInput("give name, attributes and/or status to change", field="body")
+    name = changes.get("name", "")
+    if "name" in changes and (
+        not isinstance(name, str) or not 1 <= len(name) <= 200 or "\x00" in name
+    ):
+        raise InvalidInput("a name has 1 to 200 characters", field="name")
+    if "status" in changes and changes["status"] not in ACCOUNT_STATUSES:
+        raise InvalidInput(f"status is one of {', '.join(ACCOUNT_STATUSES)}", field="status")
+    if "attributes" in changes and not isinstance(changes["attributes"], Mapping):
+        raise InvalidInput("must be a JSON object (null removes one name)", field="attributes")
+
+
+async def update_account(
+    session: AsyncSession, actor: Actor, account_id: str, changes: Mapping[str, Any]
+) -> Account:
+    """Change an account's ``name``, ``status`` or ``attributes``; only the fields given
+    change, and ``attributes`` merges (``merge_attributes``). Refused while a migration runs
+    on the account, which reads status and attributes to decide eligibility."""
+    _account_changes(changes)
+    await lock_for_change(session, account_id)
+    account = await session.get(Account, account_id, with_for_update=True, populate_existing=True)
+    assert account is not None  # lock_for_change found it
+    details: dict[str, Any] = {}
+    if "attributes" in changes:
+        before = dict(account.attributes or {})
+        after = merge_attributes(before, changes["attributes"])
+        details["attributes"] = {
+            "set": sorted(k for k, v in after.items() if k not in before or before[k] != v),
+            "removed": sorted(set(before) - set(after)),
+        }
+        account.attributes = after
+    for name in ("name", "status"):
+        if name in changes:
+            details[name] = {"from": getattr(account, name), "to": changes[name]}
+            setattr(account, name, changes[name])
+    await session.flush()
+    await audit.record(
+        session,
+        actor,
+        "account.update",
+        "account",
+        account.id,
+        account_id=account.id,
+        details=details,
     )
     return account
 

@@ -176,6 +176,16 @@ def effective_view(entitlements: Entitlements, overrides: dict[str, Any]) -> dic
     return {"features": features, "quotas": quotas}
 
 
+def previous_view(source: Entitlements, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The account's whole grant before the migration (plan and add-ons), which validation
+    shows beside the merged set during a grace (``entitlements.previous``)."""
+    return {
+        "plan": source.plan_ref,
+        "edition": source.edition_ref,
+        **effective_view(source, overrides),
+    }
+
+
 def grace_view(
     source: Entitlements,
     overrides: dict[str, Any],
@@ -319,6 +329,8 @@ def plan_migration(
             else effective_view(target_ent, {})
         )
         overrides["grace"] = {"until": iso(grace_until), "entitlements": old_view}
+        if source_ent is not None:
+            overrides["grace"]["previous"] = previous_view(source_ent, old_overrides)
     seat_units = _seat_units(snapshot, rules, source_ent)
     if seat_units is not None and rules.seats.convert_to_meter:
         overrides["meters"] = {rules.seats.convert_to_meter: {"included": seat_units}}

@@ -50,6 +50,20 @@ class AccountCreate(Request):
             raise ValueError(f"{error.field}: {error.message}") from None
 
 
+class AccountPatch(Request):
+    """Only the fields given change."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    attributes: dict[str, Any] | None = Field(
+        default=None,
+        description="Merged into the account's: each name given is set to its value, a name"
+        " given as null is removed, the others stay (as Stripe treats metadata).",
+    )
+    status: Literal["active", "suspended"] | None = Field(
+        default=None, description="Read by migration rules' eligibility (account_status)."
+    )
+
+
 class SubscriptionPut(Request):
     plan: PlanRef
 
@@ -108,6 +122,17 @@ async def show_account(account_id: str, _actor: Reader, session: Session) -> dic
     account = await service.get_account(session, account_id)
     subscription = await service.get_subscription(session, account.id)
     return service.account_detail_view(account, subscription)
+
+
+@router.patch("/{account_id}")
+async def patch_account(
+    account_id: str, body: AccountPatch, actor: Writer, session: Session
+) -> dict[str, Any]:
+    """Change the account's name, status or attributes (a legal hold cleared, say). Refused
+    (409) while a migration runs on the account."""
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    account = await service.update_account(session, actor, account_id, changes)
+    return service.account_detail_view(account, await service.get_subscription(session, account.id))
 
 
 @router.put("/{account_id}/subscription")

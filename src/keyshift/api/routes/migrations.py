@@ -40,12 +40,12 @@ async def _counted(request: HttpRequest, actor: Actor) -> Actor:
     return actor
 
 
-async def _runner(request: HttpRequest) -> Actor:
-    return await _counted(request, await _can_run(request))
+async def _runner(request: HttpRequest, actor: Annotated[Actor, Depends(_can_run)]) -> Actor:
+    return await _counted(request, actor)
 
 
-async def _approver(request: HttpRequest) -> Actor:
-    return await _counted(request, await _can_approve(request))
+async def _approver(request: HttpRequest, actor: Annotated[Actor, Depends(_can_approve)]) -> Actor:
+    return await _counted(request, actor)
 
 
 Runner = Annotated[Actor, Depends(_runner)]

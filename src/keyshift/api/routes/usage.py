@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AwareDatetime, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyshift.api.deps import ClientLimited, State, limit_key, request_id, require, require_any
+from keyshift.api.deps import (
+    ClientLimited,
+    State,
+    TokenInsteadOfKey,
+    limit_key,
+    request_id,
+    require,
+    require_any,
+)
 from keyshift.api.errors import JsonResponse
 from keyshift.api.schemas import Request as RequestModel
 from keyshift.catalog.manifests import KEY_PATTERN
@@ -63,11 +71,16 @@ class UsageBatch(Credential):
     events: list[UsageEventIn] = Field(min_length=1, max_length=metering.MAX_BATCH)
 
 
+#: ``account_id`` in place of ``key``: a service records usage with a ``usage:write`` token.
+_BY_TOKEN = TokenInsteadOfKey(require("usage:write"))
+_KEY_OR_TOKEN = [*ClientLimited, Depends(_BY_TOKEN)]
+
+
 async def _writer(request: Request, credential: Credential) -> Actor | None:
     """The bearer actor for an account_id request (needs ``usage:write``); None for a key."""
     if credential.account_id is None:
         return None
-    return await require("usage:write")(request)
+    return await _BY_TOKEN.check(request)
 
 
 async def _subject(session: AsyncSession, state: Any, credential: Credential) -> subjects.Subject:
@@ -77,7 +90,7 @@ async def _subject(session: AsyncSession, state: Any, credential: Credential) ->
     return await subjects.subject_for_account(session, credential.account_id)
 
 
-@router.post("/v1/usage", dependencies=ClientLimited)
+@router.post("/v1/usage", dependencies=_KEY_OR_TOKEN)
 async def record_usage(body: UsageRecord, request: Request, state: State) -> JsonResponse:
     """Record one event, or replay the first answer to the same idempotency key and body."""
     limit_key(state, body.key)
@@ -95,7 +108,7 @@ async def record_usage(body: UsageRecord, request: Request, state: State) -> Jso
     )
 
 
-@router.post("/v1/usage/batch", dependencies=ClientLimited)
+@router.post("/v1/usage/batch", dependencies=_KEY_OR_TOKEN)
 async def record_usage_batch(body: UsageBatch, request: Request, state: State) -> JsonResponse:
     """Up to 1,000 events, all or nothing; each has its own idempotency key. Recorded with a
     fixed number of statements whatever the batch size (``metering.service._record``)."""
@@ -116,19 +129,18 @@ async def record_usage_batch(body: UsageBatch, request: Request, state: State) -
 
 
 #: A bearer token with ``accounts:read`` or ``licenses:read``.
-_reader = require_any("accounts:read", "licenses:read")
+Reader = Annotated[Actor, Depends(require_any("accounts:read", "licenses:read"))]
 
 
 @router.get("/v1/accounts/{account_id}/usage")
 async def account_usage(
     account_id: str,
-    request: Request,
+    _actor: Reader,
     state: State,
     period: Annotated[str, Query(max_length=32)] = "current",
     history_limit: Annotated[int, Query(ge=0, le=1000)] = reports.HISTORY_LIMIT,
 ) -> dict[str, Any]:
     """Counters and recent events of every meter: ``period`` = current, previous or a date."""
-    await _reader(request)
     async with state.db.transaction() as session:
         return await reports.account_usage(
             session, account_id, period=period, history_limit=history_limit
