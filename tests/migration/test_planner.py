@@ -17,10 +17,11 @@ from keyshift.canonical import content_hash
 from keyshift.catalog.entitlements import resolve, with_overrides
 from keyshift.catalog.loader import load as load_catalog
 from keyshift.catalog.manifests import Edition, Plan
+from keyshift.licensing.validation import ActivationState, Code, LicenseState, decide
 from keyshift.migration.loader import load_rules
 from keyshift.migration.planner import MigrationPlan, plan_migration, quota_usage
 from keyshift.migration.rules import AttributePredicate, MigrationRules, PlanPair
-from keyshift.migration.state import derived_id, iso
+from keyshift.migration.state import derived_id, iso, parse_iso
 from tests.migration import helpers
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
@@ -396,6 +397,108 @@ def test_trim_honours_a_hand_set_cap_and_keep_all_keeps_everything() -> None:
     assert plan(snapshot(activations=on_second), reset).deactivate == ("act-02", "act-03")
     keep = rules(**{'activations = "trim_to_cap"': 'activations = "keep_all"'})
     assert plan(the_rules=keep).deactivate == ()
+
+
+KEEP_ALL = {'activations = "trim_to_cap"': 'activations = "keep_all"'}
+
+
+def _validates(result: MigrationPlan, license_id: str, fingerprint: str | None) -> Code:
+    """What validation answers for the plan's expected state of a license, on the target."""
+    lic = next(row for row in result.expected["licenses"] if row["id"] == license_id)
+    machines = tuple(
+        ActivationState(a["id"], a["fingerprint"], a["mode"], parse_iso(a["lease_expires_at"]))
+        for a in result.expected["activations"]
+        if a["license_id"] == license_id
+    )
+    state = LicenseState(
+        license_id, "acc-1", lic["status"], None, lic["max_activations_override"], 1, machines
+    )
+    entitlements = resolve(NEW.plan, NEW.plan_hash, NEW.edition)
+    return decide(state, entitlements, fingerprint=fingerprint, feature=None, now=NOW).code
+
+
+def test_keep_all_over_a_lower_cap_pins_the_licenses_cap_to_the_seats_kept() -> None:
+    # lic-1 keeps its three machines; the target's cap is 2 and lic-1 has no hand-set cap.
+    result = plan(the_rules=rules(**KEEP_ALL))
+    assert result.deactivate == ()
+    caps = {lic["id"]: lic["max_activations_override"] for lic in result.expected["licenses"]}
+    assert caps == {"lic-1": 3, "lic-2": 5}  # lic-2's own cap of 5 already covers its seats
+    [pin] = result.changes["activations_grandfathered"]
+    assert {k: v for k, v in pin.items() if k != "reason"} == {
+        "license_id": "lic-1",
+        "kept": 3,
+        "target_cap": 2,
+        "pinned_cap": 3,
+    }
+    assert "keep_all" in pin["reason"]
+    assert "activations_grandfathered:1" in result.risks
+    assert result.changes["licenses"] == [
+        {
+            "license_id": "lic-1",
+            "before": {"max": None, "overrides": {}},
+            "after": {"max": 3, "overrides": {}},
+        }
+    ]
+    assert "1 license cap(s) pinned" in result.steps[3]["does"]
+    # The expected state validates with the key and with each machine; the pin is full.
+    assert _validates(result, "lic-1", None) is Code.VALID
+    for n in range(3):
+        assert _validates(result, "lic-1", f"machine-{n}") is Code.VALID
+    assert result.over_cap_before == ()
+
+
+def test_keep_all_leaves_a_hand_set_cap_that_already_covers_the_seats() -> None:
+    on_second = [activation(n, "lic-2", seen_hours=n + 1) for n in range(4)]
+    result = plan(snapshot(activations=on_second), rules(**KEEP_ALL))
+    assert result.changes["activations_grandfathered"] == []
+    assert result.changes["licenses"] == []
+    assert not any(r.startswith("activations_grandfathered") for r in result.risks)
+    assert _validates(result, "lic-2", "machine-3") is Code.VALID
+    # The same cap cleared by [overrides] max_activations = "reset": pinned to the 4 kept.
+    reset = rules(**KEEP_ALL, **{"[addons]": '[overrides]\nmax_activations = "reset"\n\n[addons]'})
+    [pin] = plan(snapshot(activations=on_second), reset).changes["activations_grandfathered"]
+    assert (pin["license_id"], pin["kept"], pin["target_cap"], pin["pinned_cap"]) == (
+        "lic-2",
+        4,
+        2,
+        4,
+    )
+
+
+def test_keep_all_counts_live_seats_only_and_trim_to_cap_pins_nothing() -> None:
+    live, lapsed = iso(NOW + timedelta(minutes=30)), at(1)
+    floating = [
+        activation(1, lease=live),
+        activation(2, lease=live),
+        activation(3, lease=lapsed),  # a free seat: not one to grandfather
+    ]
+    float_rules = rules(
+        **KEEP_ALL,
+        **{'from = ["old-seat@1"]': 'from = ["old-float@1"]', '"new-seat@1"': '"new-float@1"'},
+    )
+    snap = snapshot(plan=OLD_FLOAT, activations=floating)
+    result = plan(snap, float_rules, source=OLD_FLOAT, target=NEW_FLOAT)
+    assert result.changes["activations_grandfathered"] == []
+    trimmed = plan()
+    assert trimmed.changes["activations_grandfathered"] == [] and len(trimmed.deactivate) == 1
+
+
+def test_a_license_over_its_cap_at_the_snapshot_is_not_made_valid_by_keep_all() -> None:
+    # An admin lowered lic-1's cap to 1 by hand with three machines on it: it answers
+    # TOO_MANY_ACTIVATIONS before the migration, and the pin never goes above that cap.
+    licenses = [license_row("lic-1", max_override=1), license_row("lic-2")]
+    result = plan(snapshot(licenses=licenses), rules(**KEEP_ALL))
+    assert result.over_cap_before == ("lic-1",)
+    assert result.changes["activations_grandfathered"] == []
+    assert _validates(result, "lic-1", None) is Code.TOO_MANY_ACTIVATIONS
+    # Lowered to 2 by hand, and the rules reset hand-set caps: the target's cap of 2 is the
+    # cap the license had, so nothing is pinned and it stays as over it as it was.
+    licenses = [license_row("lic-1", max_override=2), license_row("lic-2")]
+    reset = rules(**KEEP_ALL, **{"[addons]": '[overrides]\nmax_activations = "reset"\n\n[addons]'})
+    result = plan(snapshot(licenses=licenses), reset)
+    assert result.over_cap_before == ("lic-1",)
+    assert result.changes["activations_grandfathered"] == []
+    assert _validates(result, "lic-1", None) is Code.TOO_MANY_ACTIVATIONS
 
 
 def test_floating_to_node_locked_makes_each_kept_machine_a_node_seat() -> None:

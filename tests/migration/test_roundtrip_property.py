@@ -1,6 +1,8 @@
 """Property: for any account state and rules variant, between node-locked and floating plans
 either way, apply → rollback gives back the snapshot's hash (and every machine's mode and
-lease), and apply alone gives exactly the plan's expected state (on both databases)."""
+lease), and apply alone gives exactly the plan's expected state, in which every license
+validates with its key and with each machine kept — ``keep_all`` over the target's lower cap
+included (on both databases)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
+from keyshift.licensing import validation
 from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import rollback
 from keyshift.migration.state import differences, state_hash
@@ -70,7 +73,7 @@ async def test_apply_reaches_the_plan_and_rollback_restores_the_snapshot(
     await reset(db)
     await helpers.publish(db)
     source, target = PLAN_PAIRS[pair]
-    account_id, _ = await helpers.rich_account(
+    account_id, keys = await helpers.rich_account(
         db, secrets, plan=source, objects=objects, exports=exports
     )
     state_before = await helpers.state_of(db, account_id)
@@ -89,6 +92,14 @@ async def test_apply_reaches_the_plan_and_rollback_restores_the_snapshot(
     assert {(a["mode"], a["lease_expires_at"] is not None) for a in after["activations"]} == {
         (mode, mode == "floating")
     }
+    # The application's license check passes right after the migration, on every machine.
+    for license_id, key in keys:
+        machines = [a["fingerprint"] for a in after["activations"] if a["license_id"] == license_id]
+        for fingerprint in [None, *machines]:
+            checked = await validation.validate(
+                db.transaction, secrets.keyring, secrets.signing, key=key, fingerprint=fingerprint
+            )
+            assert checked.payload["code"] == "VALID", (fingerprint, checked.payload["code"])
     rolled = await rollback(executor, SYSTEM, row.id)
     assert rolled.state == "rolled_back"
     restored = await helpers.state_of(db, account_id)

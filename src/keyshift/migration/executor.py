@@ -497,12 +497,15 @@ class Executor:
             session, account_id=row.account_id, cache=self.cache
         )
         row.state, row.cutover_at = "cutover", now
+        # keep_all over a lower cap: the pins were written with the license overrides above.
+        grandfathered = list((plan.get("changes") or {}).get("activations_grandfathered", []))
         details = {
             "from": row.source_ref,
             "to": row.target_ref,
             "licenses_changed": license_changes,
             "activations_deactivated": removed,
             "activations_converted": converted,
+            "activations_grandfathered": grandfathered,
             "objects_archived": archived,
             "counters": counters,
         }
@@ -519,6 +522,7 @@ class Executor:
                 "to": row.target_ref,
                 "activations_deactivated": [a["id"] for a in removed],
                 "activations_converted": [c["id"] for c in converted],
+                "activations_grandfathered": grandfathered,
                 "objects_archived": archived,
             },
         )
@@ -530,7 +534,8 @@ class Executor:
         """Actual == expected (counters: nothing below what the plan expected; activations:
         every expected one present, new ones allowed, each machine holding a seat in the
         target's mode), and every active license validates under the new plan with its key
-        and with the fingerprint of each machine kept that held a seat at the snapshot."""
+        and with the fingerprint of each machine kept that held a seat at the snapshot — and,
+        unless it was already over its cap at the snapshot, is not over its cap now."""
         plan = row.plan or {}
         expected: State = plan["expected"]
         snapshot: State = row.snapshot or {}
@@ -539,6 +544,7 @@ class Executor:
         problems = compare_after_cutover(expected, actual, snapshot)
         machines = kept_machines(expected, snapshot)
         converted = set(plan.get("convert", []))
+        over_cap_before = set(plan.get("over_cap_before", []))
         for lic in actual["licenses"]:
             loaded = await validation.load(session, lic["key_lookup"])
             if loaded is None:
@@ -557,7 +563,14 @@ class Executor:
                     feature=None,
                     now=now,
                 )
-                if decision.code in _LOST_SEAT and not _ran_out(loaded, fingerprint, now):
+                lost = decision.code in _LOST_SEAT and not _ran_out(loaded, fingerprint, now)
+                # keep_all pins the cap to the seats kept, so no migration makes a license
+                # over its cap: one that is now is a regression, rolled back.
+                over = (
+                    decision.code is validation.Code.TOO_MANY_ACTIVATIONS
+                    and lic["id"] not in over_cap_before
+                )
+                if lost or over:
                     who = "its key" if fingerprint is None else f"machine {fingerprint!r}"
                     problems.append(
                         f"license {lic['id']}: {who} validates as {decision.code.value}"

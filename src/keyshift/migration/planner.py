@@ -104,6 +104,9 @@ class MigrationPlan:
     #: kept activations switched to them at cutover (ids).
     machine_terms: dict[str, Any] = field(default_factory=dict)
     convert: tuple[str, ...] = ()
+    #: Licenses with more live machines than their cap at the snapshot (they validated as
+    #: ``TOO_MANY_ACTIVATIONS`` then): verify does not blame the migration for it.
+    over_cap_before: tuple[str, ...] = ()
 
     @property
     def can_apply(self) -> bool:
@@ -145,6 +148,7 @@ class MigrationPlan:
             "deactivate": list(self.deactivate),
             "machine_terms": self.machine_terms,
             "convert": list(self.convert),
+            "over_cap_before": list(self.over_cap_before),
             "archive": list(self.archive),
             "risks": list(self.risks),
             "expected": self.expected,
@@ -343,15 +347,14 @@ def plan_migration(
     }
 
     # Licenses: hand-set overrides carried, mapped or reset as the rules say.
-    changes_licenses = []
+    licenses_before = {
+        lic["id"]: {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
+        for lic in expected["licenses"]
+    }
     for lic in expected["licenses"]:
-        before = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
         if rules.overrides.max_activations == "reset":
             lic["max_activations_override"] = None
         lic["overrides"] = _map_license_overrides(lic["overrides"] or {}, rules)
-        after = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
-        if before != after:
-            changes_licenses.append({"license_id": lic["id"], "before": before, "after": after})
 
     # Activations: keep all, or keep up to each license's new cap, most recently seen first.
     deactivate: list[str] = []
@@ -367,7 +370,24 @@ def plan_migration(
             risks.append(f"activations_trimmed:{len(deactivate)}")
     gone = set(deactivate)
     expected["activations"] = [a for a in expected["activations"] if a["id"] not in gone]
+    caps_before = _caps(snapshot, source_ent)
+    over_cap_before = sorted(
+        lic_id
+        for lic_id, cap in caps_before.items()
+        if cap is not None and _live_seats(snapshot, lic_id, now) > cap
+    )
+    grandfathered: list[dict[str, Any]] = []
+    if rules.seats.activations == "keep_all":
+        grandfathered = _grandfather_seats(expected, caps_before, target_ent, now)
+        if grandfathered:
+            risks.append(f"activations_grandfathered:{len(grandfathered)}")
     converted = _convert_activations(expected["activations"], target_ent, now)
+    changes_licenses = []
+    for lic in expected["licenses"]:
+        before = licenses_before[lic["id"]]
+        after = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
+        if before != after:
+            changes_licenses.append({"license_id": lic["id"], "before": before, "after": after})
 
     # Objects over a quota: copied to the archive tier, the originals superseded (released
     # only at finalize, so rollback has them).
@@ -410,6 +430,7 @@ def plan_migration(
         risks=tuple(risks),
         machine_terms=machine_terms(target_ent),
         convert=tuple(sorted(c["activation_id"] for c in converted)),
+        over_cap_before=tuple(over_cap_before),
     )
     changes = {
         "plan": {"from": plan.source_ref, "to": plan.target_ref},
@@ -417,6 +438,7 @@ def plan_migration(
         "licenses": changes_licenses,
         "activations_deactivated": sorted(deactivate),
         "activations_converted": sorted(converted, key=lambda c: c["activation_id"]),
+        "activations_grandfathered": grandfathered,
         "objects_archived": sorted(archive),
         "counters": [
             {
@@ -499,6 +521,61 @@ def _convert_activations(
             }
         )
     return changed
+
+
+def _caps(snapshot: State, source: Entitlements | None) -> dict[str, int | None]:
+    """Each license's activation cap at the snapshot: its hand-set cap, else the source
+    plan's (None: uncapped), as validation reads it."""
+    plan_cap = source.max_activations if source is not None else None
+    return {
+        lic["id"]: lic["max_activations_override"]
+        if lic["max_activations_override"] is not None
+        else plan_cap
+        for lic in snapshot["licenses"]
+    }
+
+
+def _live_seats(state: State, license_id: str, now: datetime) -> int:
+    return sum(
+        1 for a in state["activations"] if a["license_id"] == license_id and _is_live(a, now)
+    )
+
+
+def _grandfather_seats(
+    expected: State, caps_before: dict[str, int | None], target: Entitlements, now: datetime
+) -> list[dict[str, Any]]:
+    """``keep_all`` keeps every machine; where a license then holds more live seats than its
+    cap on the target (its hand-set cap after the ``[overrides]`` rule, else the plan's), pin
+    its hand-set cap to the seats kept, in place, so it keeps validating and a new machine is
+    refused until it is under the pin. Never above the cap it had: a license already over its
+    cap at the snapshot stays exactly as over it. A revoked license holds no seats that
+    matter. Returns what was pinned, per license."""
+    pinned = []
+    for lic in expected["licenses"]:
+        if lic["status"] == "revoked":
+            continue
+        target_cap = lic["max_activations_override"] or target.max_activations
+        if target_cap is None:
+            continue
+        kept = _live_seats(expected, lic["id"], now)
+        cap_before = caps_before.get(lic["id"])
+        seats = kept if cap_before is None else min(kept, cap_before)
+        if seats <= target_cap:
+            continue
+        lic["max_activations_override"] = seats
+        pinned.append(
+            {
+                "license_id": lic["id"],
+                "kept": kept,
+                "target_cap": target_cap,
+                "pinned_cap": seats,
+                "reason": (
+                    f"seats.activations = keep_all kept {kept} live machine(s) over the"
+                    f" target's cap of {target_cap}: the license's cap is pinned to {seats}"
+                ),
+            }
+        )
+    return pinned
 
 
 def _is_live(activation: dict[str, Any], now: datetime) -> bool:
@@ -703,8 +780,9 @@ def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:
             "does": (
                 f"one transaction: plan → {plan.target_ref}, {len(plan.deactivate)} activation(s)"
                 f" deactivated, {len(plan.convert)} switched to {plan.machine_terms['mode']}"
-                f" mode, {len(plan.counter_moves)} counter move(s), license overrides mapped,"
-                " caches invalidated"
+                f" mode, {len(changes['activations_grandfathered'])} license cap(s) pinned to"
+                f" the seats kept, {len(plan.counter_moves)} counter move(s), license overrides"
+                " mapped, caches invalidated"
             ),
         },
         {
