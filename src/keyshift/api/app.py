@@ -6,10 +6,10 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from keyshift import __version__
-from keyshift.api import errors
+from keyshift.api import errors, inputs
 from keyshift.api.routes import ROUTERS, validation
 from keyshift.api.state import AppState
 from keyshift.config import Settings
@@ -60,6 +60,8 @@ def create_app(
         title="keyshift",
         version=__version__,
         lifespan=lifespan,
+        # Every route's path and query parameters pass the same input rules (api/inputs.py).
+        dependencies=[Depends(inputs.check_parameters)],
     )
     app.state.keyshift = state
     errors.install(app)
@@ -68,5 +70,9 @@ def create_app(
     app.router.routes[:0] = validation.fast_routes()
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=state.settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=state.settings.max_body_bytes,
+        check_body=inputs.body_error,
+    )
     return app

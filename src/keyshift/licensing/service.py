@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift import dates
 from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json, content_hash
 from keyshift.catalog import service as catalog
@@ -259,7 +260,7 @@ def standing(row: _Dated, grace_seconds: int, now: datetime) -> Standing:
         return "revoked"
     if row.expires_at is None or now < row.expires_at:
         return "active"
-    if now < row.expires_at + timedelta(seconds=grace_seconds):
+    if now < dates.plus(row.expires_at, timedelta(seconds=grace_seconds)):
         return "grace"
     return "expired"
 
@@ -382,8 +383,7 @@ async def revoke_license(
 
 
 def _check_future(when: datetime, now: datetime) -> None:
-    if when.tzinfo is None:
-        raise InvalidInput("expires_at needs a timezone (e.g. ...Z)", field="expires_at")
+    dates.checked(when, field="expires_at")
     if when <= now:
         raise InvalidInput("expires_at must be in the future", field="expires_at")
 

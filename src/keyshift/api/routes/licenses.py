@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.api.deps import (
@@ -23,7 +23,7 @@ from keyshift.api.deps import (
     require,
 )
 from keyshift.api.routes.accounts import Grants
-from keyshift.api.schemas import Request
+from keyshift.api.schemas import Request, Timestamp
 from keyshift.context import Actor
 from keyshift.db.tables import License
 from keyshift.errors import LicenseNotFound
@@ -43,7 +43,7 @@ Reason = Annotated[str, Field(max_length=500)]
 
 class LicenseIssue(Request):
     account_id: str = Field(min_length=1, max_length=36)
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Timestamp | None = Field(
         default=None, description="Defaults to the plan's term from now."
     )
     max_activations: int | None = Field(default=None, ge=1, le=100_000)
@@ -62,7 +62,7 @@ class StatusChange(Request):
 
 
 class Renewal(Request):
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Timestamp | None = Field(
         default=None, description="Renew to this date instead of adding the plan's term."
     )
 

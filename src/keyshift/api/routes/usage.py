@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.api.deps import ClientLimited, State, limit_key, request_id, require, require_any
 from keyshift.api.errors import JsonResponse
 from keyshift.api.schemas import Request as RequestModel
+from keyshift.api.schemas import Timestamp
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
 from keyshift.metering import reports, subjects
@@ -31,7 +32,7 @@ class UsageEventIn(RequestModel):
     meter: Annotated[str, Field(pattern=KEY_PATTERN)]
     quantity: Annotated[int, Field(strict=True, ge=0, le=metering.MAX_QUANTITY)]
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)]
-    timestamp: AwareDatetime | None = Field(
+    timestamp: Timestamp | None = Field(
         default=None, description="When it happened (client clock); default: now."
     )
     member: Annotated[str, Field(min_length=1, max_length=metering.MAX_MEMBER)] | None = Field(
