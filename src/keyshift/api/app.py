@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from keyshift import __version__
-from keyshift.api import errors, inputs
+from keyshift.api import errors, inputs, responses
 from keyshift.api.routes import ROUTERS, validation
 from keyshift.api.state import AppState
 from keyshift.config import Settings
@@ -69,6 +69,7 @@ def create_app(
     # through the API's routers (each is also declared on its router, for the schema).
     app.router.routes[:0] = validation.fast_routes()
     for router in ROUTERS:
+        responses.document(router)  # each route's error statuses, in the OpenAPI spec
         app.include_router(router)
     app.add_middleware(
         RequestContextMiddleware,

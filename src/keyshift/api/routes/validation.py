@@ -29,7 +29,7 @@ from keyshift.api.deps import (
 from keyshift.api.errors import domain_error, invalid_request, unparseable_body
 from keyshift.api.inputs import parameter_problems
 from keyshift.api.ratelimit import RateLimited
-from keyshift.api.schemas import Request, Response
+from keyshift.api.schemas import LicenseKey, Request, Response
 from keyshift.api.state import AppState
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
@@ -43,7 +43,7 @@ router = APIRouter(tags=["validation"])
 #: it), so it needs the write scope, not just read.
 Exporter = Annotated[Actor, Depends(require("licenses:write"))]
 
-Key = Annotated[str, Field(min_length=1, max_length=64, description="The license key.")]
+Key = LicenseKey
 Fingerprint = Annotated[
     str, Field(min_length=1, max_length=validation.FINGERPRINT_MAX, description="Machine id.")
 ]
