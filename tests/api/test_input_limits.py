@@ -202,7 +202,10 @@ async def test_an_expiry_at_the_calendars_edge_is_422(
 
 
 async def test_a_stored_expiry_at_the_calendars_end_still_validates(
-    client: httpx.AsyncClient, db: Database, seat: tuple[str, str, str]
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    db: Database,
+    seat: tuple[str, str, str],
 ) -> None:
     """A row written before dates were bounded: its expiry plus the grace is past year 9999,
     and reads still answer."""
@@ -216,6 +219,8 @@ async def test_a_stored_expiry_at_the_calendars_end_still_validates(
     assert validated.status_code == 200 and validated.json()["code"] == "VALID"
     checked_out = await client.post("/v1/licenses/checkout", json={"key": key})
     assert checked_out.status_code == 200, checked_out.text
+    renewed = await client.post(f"/v1/licenses/{license_id}/renew", headers=admin_headers)
+    _refused(renewed, "expires_at")  # by the plan's term: past the range, said so
 
 
 @pytest.mark.parametrize("ttl", ["9999y", "120000mo", "999999w", "999999d", "101y"])

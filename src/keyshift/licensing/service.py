@@ -397,7 +397,12 @@ def renewed_expiry(current: datetime | None, term: str, now: datetime) -> dateti
             field="expires_at",
         )
     start = now if current is None or current < now else current
-    return Duration.parse(term).after(start)
+    try:
+        return dates.checked(Duration.parse(term).after(start), field="expires_at")
+    except ValueError:  # a stored expiry from before dates were bounded, near the calendar's end
+        raise InvalidInput(
+            f"renewing by {term} would pass the date range; give expires_at", field="expires_at"
+        ) from None
 
 
 async def renew_license(
