@@ -1079,13 +1079,13 @@ async def test_account_attributes_postgres_cannot_store_are_422_not_500(
     """Attributes feed migration eligibility; NUL and NaN used to be a 500 on PostgreSQL."""
     rows = await all_rows(db)
     json_headers = {**admin_headers, "content-type": "application/json"}
-    for raw in (
-        b'{"name": "n", "attributes": {"x": "a\\u0000b"}}',
-        b'{"name": "n", "attributes": {"x": NaN}}',
-        b'{"name": "n", "attributes": {"x": [Infinity]}}',
+    for raw, field in (
+        (b'{"name": "n", "attributes": {"x": "a\\u0000b"}}', "attributes.x"),
+        (b'{"name": "n", "attributes": {"x": NaN}}', "attributes"),
+        (b'{"name": "n", "attributes": {"x": [Infinity]}}', "attributes"),
     ):
         response = await client.post("/v1/accounts", content=raw, headers=json_headers)
-        assert error_of(response, 422, "invalid_request")["field"] == "attributes", response.text
+        assert error_of(response, 422, "invalid_request")["field"] == field, response.text
     assert await all_rows(db) == rows
 
 

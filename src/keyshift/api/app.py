@@ -6,10 +6,10 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from keyshift import __version__
-from keyshift.api import errors
+from keyshift.api import errors, inputs, responses
 from keyshift.api.retry import RetryRolledBackRequests
 from keyshift.api.routes import ROUTERS, validation
 from keyshift.api.state import AppState
@@ -63,6 +63,8 @@ def create_app(
         title="keyshift",
         version=__version__,
         lifespan=lifespan,
+        # Every route's path and query parameters pass the same input rules (api/inputs.py).
+        dependencies=[Depends(inputs.check_parameters)],
     )
     app.state.keyshift = state
     errors.install(app)
@@ -70,9 +72,14 @@ def create_app(
     # through the API's routers (each is also declared on its router, for the schema).
     app.router.routes[:0] = validation.fast_routes()
     for router in ROUTERS:
+        responses.document(router)  # each route's error statuses, in the OpenAPI spec
         app.include_router(router)
     # Inside the request middleware: one access-log line and one metric per request, however
     # many times a deadlock's victim ran.
     app.add_middleware(RetryRolledBackRequests)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=state.settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=state.settings.max_body_bytes,
+        check_body=inputs.body_error,
+    )
     return app

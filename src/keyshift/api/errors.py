@@ -113,6 +113,21 @@ def unparseable_body() -> dict[str, Any]:
     }
 
 
+def allowed_methods(routes: Sequence[Any], scope: dict[str, Any]) -> set[str]:
+    """Every method some route serves at the request's path, for a 405's ``Allow`` (routing
+    stops at the first route whose path matches, which knows only its own methods)."""
+    allowed: set[str] = set()
+    for route in routes:
+        included = getattr(route, "original_router", None)  # an included router's routes
+        if included is not None:
+            allowed |= allowed_methods(included.routes, scope)
+            continue
+        regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and methods and regex.match(scope["path"]):
+            allowed |= set(methods)
+    return allowed
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.KeyshiftError)
     async def _domain(_request: Request, exc: e.KeyshiftError) -> JsonResponse:
@@ -124,13 +139,20 @@ def install(app: FastAPI) -> None:
         return error_response(422, invalid_request(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JsonResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JsonResponse:
         if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
             # FastAPI's answer when decoding the body fails other than as bad JSON syntax
             # (e.g. nested deeper than the decoder recurses): the same 422 as invalid JSON.
             return error_response(422, unparseable_body())
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, {"code": code, "message": str(exc.detail)})
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(
+                sorted(allowed_methods(request.app.router.routes, request.scope))
+            )
+        return error_response(
+            exc.status_code, {"code": code, "message": str(exc.detail)}, headers or None
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JsonResponse:

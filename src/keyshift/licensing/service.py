@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift import dates
 from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json, content_hash
 from keyshift.catalog import service as catalog
@@ -262,7 +263,7 @@ def standing(row: _Dated, grace_seconds: int, now: datetime) -> Standing:
         return "revoked"
     if row.expires_at is None or now < row.expires_at:
         return "active"
-    if now < row.expires_at + timedelta(seconds=grace_seconds):
+    if now < dates.plus(row.expires_at, timedelta(seconds=grace_seconds)):
         return "grace"
     return "expired"
 
@@ -385,8 +386,7 @@ async def revoke_license(
 
 
 def _check_future(when: datetime, now: datetime) -> None:
-    if when.tzinfo is None:
-        raise InvalidInput("expires_at needs a timezone (e.g. ...Z)", field="expires_at")
+    dates.checked(when, field="expires_at")
     if when <= now:
         raise InvalidInput("expires_at must be in the future", field="expires_at")
 
@@ -400,7 +400,12 @@ def renewed_expiry(current: datetime | None, term: str, now: datetime) -> dateti
             field="expires_at",
         )
     start = now if current is None or current < now else current
-    return Duration.parse(term).after(start)
+    try:
+        return dates.checked(Duration.parse(term).after(start), field="expires_at")
+    except ValueError:  # a stored expiry from before dates were bounded, near the calendar's end
+        raise InvalidInput(
+            f"renewing by {term} would pass the date range; give expires_at", field="expires_at"
+        ) from None
 
 
 async def renew_license(

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from keyshift import dates
 from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements, FeatureGrant, with_overrides
@@ -140,7 +141,7 @@ class Decision:
 def expiry_of(state: LicenseState, grace_seconds: int, now: datetime) -> Expiry:
     if state.expires_at is None:
         return Expiry(None, None, False)
-    grace_until = state.expires_at + timedelta(seconds=grace_seconds)
+    grace_until = dates.plus(state.expires_at, timedelta(seconds=grace_seconds))
     return Expiry(state.expires_at, grace_until, state.expires_at <= now < grace_until)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift import dates
 from keyshift.db.tables import UsageEvent
 from keyshift.db.types import utcnow
 from keyshift.errors import InvalidInput
@@ -46,7 +47,10 @@ def _reference(selector: str, now: datetime) -> tuple[str, datetime]:
         raise InvalidInput(
             "period is current, previous or an ISO date (2026-05-01)", field="period"
         ) from exc
-    return "date", datetime.combine(day, time(), tzinfo=now.tzinfo)
+    when = datetime.combine(day, time(), tzinfo=now.tzinfo)
+    if not dates.in_range(when):
+        raise InvalidInput(f"period must be a date {dates.RANGE_TEXT}", field="period")
+    return "date", when
 
 
 async def account_usage(

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift import dates
 from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json, sha256_hex
 from keyshift.config import env_number
@@ -131,9 +132,7 @@ def _check(
             f"meter {spec.key!r} aggregates by {spec.aggregation}; member is only for unique",
             field=f"{where}member",
         )
-    occurred = event.timestamp or now
-    if occurred.tzinfo is None:
-        raise InvalidInput("give the timestamp a timezone", field=f"{where}timestamp")
+    occurred = dates.checked(event.timestamp or now, field=f"{where}timestamp")
     # In UTC, as the row stores it: the first answer and a replay (rebuilt from the row)
     # must print the same instant the same way.
     occurred = occurred.astimezone(UTC)

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -49,10 +50,17 @@ def route_label(scope: Scope) -> str:
     return path if isinstance(path, str) else metrics.UNMATCHED
 
 
+#: Looks at a JSON body before any route does: the 422 error body if it is refused, else None.
+BodyCheck = Callable[[bytes], dict[str, Any] | None]
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, check_body: BodyCheck | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.check_body = check_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,8 +129,8 @@ class RequestContextMiddleware:
     async def _check_body(
         self, headers: dict[bytes, bytes], receive: Receive
     ) -> tuple[tuple[Message, Message] | None, Receive]:
-        """Read the whole body (it is small by contract) and refuse it if too large or not JSON;
-        else hand back a ``receive`` that replays it."""
+        """Read the whole body (it is small by contract) and refuse it if too large, not JSON
+        or refused by ``check_body``; else hand back a ``receive`` that replays it."""
         request_id = request_id_var.get() or ""
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
@@ -141,6 +149,10 @@ class RequestContextMiddleware:
                 },
                 request_id,
             ), receive
+        if body and self.check_body is not None:
+            refused = self.check_body(body)
+            if refused is not None:
+                return _error_payload(422, refused, request_id), receive
         return None, _replay(body, receive)
 
     def _too_large(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Depends, Path, Query
 from pydantic import Field, field_validator
 
 from keyshift.api.deps import Session, require
-from keyshift.api.schemas import Request
+from keyshift.api.schemas import Ref, Request
 from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
 from keyshift.context import Actor
 from keyshift.errors import InvalidInput
@@ -22,13 +22,17 @@ router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 Reader = Annotated[Actor, Depends(require("accounts:read"))]
 Writer = Annotated[Actor, Depends(require("accounts:write"))]
 
-PlanRef = Annotated[str, Field(min_length=3, max_length=100, examples=["pro-seat@2025"])]
+PlanRef = Annotated[Ref, Field(examples=["pro-seat@2025"])]
 
 
 class AccountCreate(Request):
     name: str = Field(min_length=1, max_length=200)
     external_ref: str | None = Field(default=None, min_length=1, max_length=200)
-    attributes: dict[str, Any] = Field(default_factory=dict, max_length=50)
+    attributes: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=50,
+        json_schema_extra={"propertyNames": {"minLength": 1, "maxLength": 64}},
+    )
     plan: PlanRef | None = Field(
         default=None, description="Subscribe the new account to this plan version at once."
     )
@@ -173,7 +177,12 @@ async def put_preferences(
     actor: Writer,
     session: Session,
     body: Annotated[
-        dict[str, Any], Body(description="Any JSON object (bounded in size and depth).")
+        dict[str, Any],
+        Body(
+            description="Any JSON object (bounded in size and depth; member names have 1 to 64"
+            " characters).",
+            json_schema_extra={"propertyNames": {"minLength": 1, "maxLength": 64}},
+        ),
     ],
 ) -> dict[str, Any]:
     """Replace the account's preferences. Migrations carry them unchanged."""

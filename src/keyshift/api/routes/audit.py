@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 
 from keyshift.api.deps import Session, require
+from keyshift.api.inputs import INT64_MAX
 from keyshift.api.schemas import Response
 from keyshift.audit import service as audit
 from keyshift.context import Actor
@@ -36,7 +37,7 @@ async def list_events(
     _actor: Reader,
     session: Session,
     account_id: Annotated[str | None, Query(max_length=36)] = None,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[Any]:
     return await audit.list_events(session, account_id=account_id, after_seq=after_seq, limit=limit)

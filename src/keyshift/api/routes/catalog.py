@@ -6,11 +6,11 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import ConfigDict, Field
 
 from keyshift.api.deps import Session, require
-from keyshift.api.schemas import Request, Response
+from keyshift.api.schemas import Ref, Request, Response
 from keyshift.catalog import loader
 from keyshift.catalog import service as catalog
 from keyshift.context import Actor
@@ -93,8 +93,8 @@ async def list_catalog(
 async def diff(
     _actor: Reader,
     session: Session,
-    from_ref: Annotated[str, Query(alias="from", min_length=3, max_length=120)],
-    to_ref: Annotated[str, Query(alias="to", min_length=3, max_length=120)],
+    from_ref: Annotated[Ref, Query(alias="from")],
+    to_ref: Annotated[Ref, Query(alias="to")],
 ) -> dict[str, Any]:
     """Features and quotas gained, lost and changed (and licensing terms, for plans)."""
     return (await catalog.diff(session, from_ref, to_ref)).to_dict()
@@ -102,6 +102,6 @@ async def diff(
 
 @router.get("/{kind}/{ref}", response_model=EntryWithContent)
 async def get_entry(
-    kind: Literal["edition", "plan"], ref: str, _actor: Reader, session: Session
+    kind: Literal["edition", "plan"], ref: Annotated[Ref, Path()], _actor: Reader, session: Session
 ) -> dict[str, Any]:
     return _entry(await catalog.get_entry(session, kind, ref), with_content=True)

@@ -21,7 +21,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={503: {"description": "Not ready: the body's `checks` say which check failed."}},
+)
 async def readyz(state: State) -> JsonResponse:
     """The database answers and its schema is at the code's migration head."""
     checks: dict[str, str] = {}

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import AwareDatetime, Field
+from pydantic import ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.api.deps import (
@@ -23,7 +23,7 @@ from keyshift.api.deps import (
     require,
 )
 from keyshift.api.routes.accounts import Grants
-from keyshift.api.schemas import Request
+from keyshift.api.schemas import LicenseKey, Request, Timestamp
 from keyshift.context import Actor
 from keyshift.db.tables import License
 from keyshift.errors import LicenseNotFound
@@ -35,14 +35,14 @@ Reader = Annotated[Actor, Depends(require("licenses:read"))]
 Writer = Annotated[Actor, Depends(require("licenses:write"))]
 
 # A key is 29 characters grouped; allow spaces and sloppy typing, refuse anything longer.
-Key = Annotated[str, Field(min_length=1, max_length=64)]
+Key = LicenseKey
 Fingerprint = Annotated[str, Field(min_length=1, max_length=activations.MAX_FINGERPRINT)]
 Reason = Annotated[str, Field(max_length=500)]
 
 
 class LicenseIssue(Request):
     account_id: str = Field(min_length=1, max_length=36)
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Timestamp | None = Field(
         default=None, description="Defaults to the plan's term from now."
     )
     max_activations: int | None = Field(default=None, ge=1, le=100_000)
@@ -51,6 +51,8 @@ class LicenseIssue(Request):
 class LicensePatch(Request):
     """Only the fields given change. ``max_activations_override``: null = the plan's cap.
     ``overrides``: replaces the hand-set features and extra quotas (null or {}: none)."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
     max_activations_override: int | None = Field(default=None, strict=True, ge=1, le=100_000)
     overrides: Grants | None = None
@@ -61,7 +63,7 @@ class StatusChange(Request):
 
 
 class Renewal(Request):
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Timestamp | None = Field(
         default=None, description="Renew to this date instead of adding the plan's term."
     )
 

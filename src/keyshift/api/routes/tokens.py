@@ -10,7 +10,7 @@ from pydantic import Field
 
 from keyshift.api.deps import Session, require
 from keyshift.api.schemas import Request, Response
-from keyshift.context import Actor
+from keyshift.context import SCOPES, Actor
 from keyshift.security import tokens
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -19,7 +19,9 @@ Writer = Annotated[Actor, Depends(require("tokens:write"))]
 
 class TokenCreate(Request):
     name: str = Field(min_length=1, max_length=200)
-    scopes: list[str] = Field(min_length=1, max_length=20)
+    scopes: list[Annotated[str, Field(json_schema_extra={"enum": sorted(SCOPES)})]] = Field(
+        min_length=1, max_length=20
+    )
     ttl_seconds: int | None = Field(default=None, ge=60, le=10 * 365 * 86400)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.api.deps import (
@@ -24,6 +24,7 @@ from keyshift.api.deps import (
     require_any,
 )
 from keyshift.api.errors import JsonResponse
+from keyshift.api.schemas import LicenseKey, Timestamp
 from keyshift.api.schemas import Request as RequestModel
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
@@ -39,7 +40,7 @@ class UsageEventIn(RequestModel):
     meter: Annotated[str, Field(pattern=KEY_PATTERN)]
     quantity: Annotated[int, Field(strict=True, ge=0, le=metering.MAX_QUANTITY)]
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)]
-    timestamp: AwareDatetime | None = Field(
+    timestamp: Timestamp | None = Field(
         default=None, description="When it happened (client clock); default: now."
     )
     member: Annotated[str, Field(min_length=1, max_length=metering.MAX_MEMBER)] | None = Field(
@@ -53,7 +54,12 @@ class UsageEventIn(RequestModel):
 
 
 class Credential(RequestModel):
-    key: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    # Exactly one of the two, said in the schema too.
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["key"]}, {"required": ["account_id"]}]}
+    )
+
+    key: LicenseKey | None = None
     account_id: Annotated[str, Field(min_length=1, max_length=36)] | None = None
 
     @model_validator(mode="after")
@@ -137,7 +143,14 @@ async def account_usage(
     account_id: str,
     _actor: Reader,
     state: State,
-    period: Annotated[str, Query(max_length=32)] = "current",
+    period: Annotated[
+        str,
+        Query(
+            max_length=32,
+            description="`current`, `previous` or a date (`2026-05-01`) from 1970-01-01 to"
+            " 9000-12-31.",
+        ),
+    ] = "current",
     history_limit: Annotated[int, Query(ge=0, le=1000)] = reports.HISTORY_LIMIT,
 ) -> dict[str, Any]:
     """Counters and recent events of every meter: ``period`` = current, previous or a date."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Depends
@@ -26,8 +27,9 @@ from keyshift.api.deps import (
     require,
 )
 from keyshift.api.errors import domain_error, invalid_request, unparseable_body
+from keyshift.api.inputs import parameter_problems
 from keyshift.api.ratelimit import RateLimited
-from keyshift.api.schemas import Request, Response
+from keyshift.api.schemas import LicenseKey, Request, Response
 from keyshift.api.state import AppState
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
@@ -41,7 +43,7 @@ router = APIRouter(tags=["validation"])
 #: it), so it needs the write scope, not just read.
 Exporter = Annotated[Actor, Depends(require("licenses:write"))]
 
-Key = Annotated[str, Field(min_length=1, max_length=64, description="The license key.")]
+Key = LicenseKey
 Fingerprint = Annotated[
     str, Field(min_length=1, max_length=validation.FINGERPRINT_MAX, description="Machine id.")
 ]
@@ -182,6 +184,7 @@ class ValidateEndpoint:
                 wait = bucket.take(client[0] if client else "unknown")
                 if wait:
                     raise RateLimited(wait)
+            _check_query(scope["query_string"])
             request = _parse(await _read_body(receive))
             result = await answer(state, request, scope["state"].get("request_id"))
             body, headers = result.body, signed_headers(result)
@@ -207,6 +210,16 @@ class ValidateEndpoint:
 class _Invalid(Exception):
     def __init__(self, body: dict[str, Any]) -> None:
         self.body = body
+
+
+def _check_query(query_string: bytes) -> None:
+    """The route declares no query parameter: any is refused (``api/inputs.py``'s rules, which
+    the request middleware has already applied to the body)."""
+    if query_string:
+        query = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+        problems = parameter_problems((), query, frozenset())
+        if problems:
+            raise _Invalid(invalid_request(problems))
 
 
 def _parse(raw: bytes) -> ValidateRequest:
