@@ -21,9 +21,10 @@ class Response(BaseModel):
 
 
 #: A license key as typed: 25 symbols of Crockford base32 (any case; O, I and L read as 0, 1
-#: and 1), spaces and dashes anywhere. The last symbol is a check character, which no pattern
+#: and 1), ASCII spaces and dashes anywhere (as licensing.keys forgives; a Unicode ``\s``
+#: would let NBSP through the schema). The last symbol is a check character, which no pattern
 #: can express: a key that fits the pattern but not its check is still a 422 (malformed_key).
-KEY_TEXT_PATTERN = r"^[\s-]*(?:[0-9A-TV-Za-tv-z][\s-]*){25}$"
+KEY_TEXT_PATTERN = r"^[ \t\r\n-]*(?:[0-9A-TV-Za-tv-z][ \t\r\n-]*){25}$"
 LicenseKey = Annotated[
     str,
     Field(
