@@ -27,8 +27,8 @@ from keyshift.licensing import service as licensing
 from keyshift.metering.periods import period_containing
 from keyshift.migration.loader import load_rules_text
 from keyshift.migration.rules import MigrationRules
+from keyshift.objects import service as data_objects
 from keyshift.security.secrets_store import Secrets
-from keyshift.storage import service as storage
 
 OLD = "old-seat@1"
 NEW = "new-seat@1"
@@ -194,7 +194,7 @@ async def rich_account(
                 session, SYSTEM, secrets.keyring, keys[0][1], fingerprint=f"machine-{index}"
             )
         for index in range(objects):
-            await storage.put_object(
+            await data_objects.put_object(
                 session,
                 SYSTEM,
                 account.id,

@@ -13,8 +13,8 @@ from keyshift.migration.errors import MigrationInProgress, WrongState
 from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import cancel
 from keyshift.migration.schedule import approve, pending_for_account, run_due
+from keyshift.objects import service as data_objects
 from keyshift.security.secrets_store import Secrets
-from keyshift.storage import service as storage
 from tests.migration import helpers
 
 AT = datetime.now(UTC) + timedelta(days=3)
@@ -119,7 +119,7 @@ async def test_a_changed_outcome_is_held_for_review_then_approved(
     row = await executor.request(SYSTEM, helpers.rules(SCHEDULED), account_id)
     # Meanwhile the account grows: more projects would be archived than previewed.
     async with db.transaction() as session:
-        await storage.put_object(
+        await data_objects.put_object(
             session, SYSTEM, account_id, quota="projects", name="late", units=1, content=b"x"
         )
 

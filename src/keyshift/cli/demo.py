@@ -249,7 +249,7 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     from keyshift.migration.executor import Executor, check_rules, preview
     from keyshift.migration.loader import load_rules
     from keyshift.migration.rollback import finalize, rollback
-    from keyshift.storage import service as storage
+    from keyshift.objects import service as data_objects
 
     actor, signing = cli_actor(), secrets.signing
     _step(f"migration: plan {DEFAULT_RULES} for Acme (keyshift migrate plan)")
@@ -261,7 +261,7 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     async with db.transaction() as session:
         # Acme keeps 300 GB of data: over pro@2025's 250 GB, which the rules resolve with a grace.
         for name, units in (("raw-footage", 180), ("renders", 120)):
-            await storage.put_object(
+            await data_objects.put_object(
                 session,
                 actor,
                 account_id,

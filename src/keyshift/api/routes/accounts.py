@@ -16,7 +16,7 @@ from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
 from keyshift.context import Actor
 from keyshift.errors import InvalidInput
 from keyshift.licensing import service
-from keyshift.storage import service as storage
+from keyshift.objects import service as data_objects
 
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 Reader = Annotated[Actor, Depends(require("accounts:read"))]
@@ -88,9 +88,9 @@ class Grants(Request):
 class ObjectPut(Request):
     quota: Name
     name: str = Field(min_length=1, max_length=200)
-    units: int = Field(strict=True, ge=0, le=storage.MAX_UNITS)
+    units: int = Field(strict=True, ge=0, le=data_objects.MAX_UNITS)
     content_base64: str = Field(
-        max_length=(storage.MAX_CONTENT_BYTES + 2) // 3 * 4,
+        max_length=(data_objects.MAX_CONTENT_BYTES + 2) // 3 * 4,
         description="The object's bytes, base64 (standard alphabet, padded).",
     )
 
@@ -201,7 +201,7 @@ async def put_object(
         content = base64.b64decode(body.content_base64, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidInput("not valid base64", field="content_base64") from exc
-    row = await storage.put_object(
+    row = await data_objects.put_object(
         session,
         actor,
         account_id,
@@ -210,7 +210,7 @@ async def put_object(
         units=body.units,
         content=content,
     )
-    return storage.object_view(row)
+    return data_objects.object_view(row)
 
 
 @router.get("/{account_id}/objects")
@@ -222,5 +222,7 @@ async def list_objects(
 ) -> dict[str, Any]:
     """The account's live objects (``include_superseded``: also the originals a migration keeps
     until it is finalized), oldest first."""
-    rows = await storage.list_objects(session, account_id, include_superseded=include_superseded)
-    return {"items": [storage.object_view(r) for r in rows]}
+    rows = await data_objects.list_objects(
+        session, account_id, include_superseded=include_superseded
+    )
+    return {"items": [data_objects.object_view(r) for r in rows]}

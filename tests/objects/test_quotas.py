@@ -20,9 +20,9 @@ from keyshift.catalog.manifests import Plan
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import AuditEvent, DataObject
+from keyshift.objects import service as storage
+from keyshift.objects.errors import ObjectQuotaExceeded, QuotaReadOnly, UnknownQuota
 from keyshift.security.secrets_store import Secrets
-from keyshift.storage import service as storage
-from keyshift.storage.errors import ObjectQuotaExceeded, QuotaReadOnly, UnknownQuota
 from tests import factories
 from tests.conftest import LiveServer, mint_token
 from tests.migration import helpers

@@ -21,7 +21,7 @@ from keyshift.db.tables import DataObject, Subscription
 from keyshift.db.types import utcnow
 from keyshift.errors import Conflict, InvalidInput, NotFound
 from keyshift.licensing import service as licensing
-from keyshift.storage.errors import ObjectQuotaExceeded, QuotaReadOnly, UnknownQuota
+from keyshift.objects.errors import ObjectQuotaExceeded, QuotaReadOnly, UnknownQuota
 
 #: Objects carry small payloads here; larger data belongs in the vendor's own store.
 MAX_CONTENT_BYTES = 1024 * 1024
