@@ -150,3 +150,11 @@ class LicenseNotActive(Conflict):
 
 class TokenNotFound(NotFound):
     code = "token_not_found"
+
+
+class MigrationInProgress(Conflict):
+    """The account already has a migration holding it (the database refused a second). Shared:
+    every admin change to an account is refused with it while a migration runs, so the
+    domain packages below the migration engine raise it too."""
+
+    code = "migration_in_progress"

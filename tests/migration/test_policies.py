@@ -9,10 +9,11 @@ from sqlalchemy import text
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
+from keyshift.errors import MigrationInProgress
 from keyshift.licensing import service as licensing
 from keyshift.licensing import validation
 from keyshift.migration import repository
-from keyshift.migration.errors import MigrationBlocked, MigrationInProgress
+from keyshift.migration.errors import MigrationBlocked
 from keyshift.migration.executor import Executor
 from keyshift.migration.state import state_hash
 from keyshift.security.secrets_store import Secrets

@@ -9,7 +9,8 @@ import pytest
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
-from keyshift.migration.errors import MigrationInProgress, WrongState
+from keyshift.errors import MigrationInProgress
+from keyshift.migration.errors import WrongState
 from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import cancel
 from keyshift.migration.schedule import approve, pending_for_account, run_due

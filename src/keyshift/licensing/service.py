@@ -31,10 +31,10 @@ from keyshift.errors import (
     LicenseNotActive,
     LicenseNotFound,
     MalformedKey,
+    MigrationInProgress,
     NotFound,
 )
 from keyshift.licensing import cache, keys, repository
-from keyshift.migration.errors import MigrationInProgress
 from keyshift.security.keyring import Keyring, Sealed
 
 

@@ -29,12 +29,6 @@ class MigrationNotFound(NotFound):
     code = "migration_not_found"
 
 
-class MigrationInProgress(Conflict):
-    """The account already has a migration holding it (the database refused a second)."""
-
-    code = "migration_in_progress"
-
-
 class NotEligible(Conflict):
     code = "not_eligible"
 

@@ -33,19 +33,19 @@ from keyshift.db.tables import (
     MigrationRulesVersion,
 )
 from keyshift.db.types import utcnow
-from keyshift.errors import AccountNotFound, InvalidInput, NotFound
+from keyshift.errors import AccountNotFound, InvalidInput, MigrationInProgress, NotFound
 from keyshift.licensing import cache as license_cache
 from keyshift.licensing import validation
 from keyshift.migration import repository
 from keyshift.migration.errors import (
     MigrationBlocked,
-    MigrationInProgress,
     MigrationNotFound,
     NotEligible,
     RulesInvalid,
     RulesVersionConflict,
 )
 from keyshift.migration.planner import CounterMove, MigrationPlan, plan_migration
+from keyshift.migration.rollback import rollback
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
 from keyshift.migration.state import State, differences, iso, parse_iso
 from keyshift.security.signing import SigningKeys
@@ -329,8 +329,6 @@ class Executor:
             if outcome == "stop":
                 break
             if outcome == "verify_failed":
-                from keyshift.migration.rollback import rollback
-
                 await rollback(self, actor, migration_id, reason="verification failed")
                 break
         return await self.get(migration_id)

@@ -10,14 +10,16 @@ plain hash of the restored state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import and_, delete, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.audit import service as audit
 from keyshift.context import Actor
+from keyshift.db.engine import Database
 from keyshift.db.tables import Activation, DataObject, Migration
 from keyshift.licensing import cache as license_cache
 from keyshift.migration import repository
@@ -27,8 +29,18 @@ from keyshift.migration.errors import (
     NothingToRollBack,
     WrongState,
 )
-from keyshift.migration.executor import Executor
 from keyshift.migration.state import State, differences, parse_iso, state_hash
+
+
+class Engine(Protocol):
+    """What rollback, cancel and finalize need of the executor that drives a migration. A
+    protocol, so the executor can call rollback (a failed verification) without the two
+    modules importing each other."""
+
+    db: Database
+    cache: license_cache.LicenseStateCache | None
+    clock: Callable[[], datetime]
+
 
 REVERSIBLE = frozenset({"locked", "snapshotted", "prepared", "cutover", "verified", "completed"})
 SETTLED = frozenset({"rolled_back", "refused", "cancelled", "failed"})
@@ -45,7 +57,7 @@ async def latest_for_account(session: AsyncSession, account_id: str) -> Migratio
 
 
 async def rollback(
-    executor: Executor, actor: Actor, migration_id: str, *, reason: str | None = None
+    executor: Engine, actor: Actor, migration_id: str, *, reason: str | None = None
 ) -> Migration:
     """Restore the account to its snapshot. Idempotent: a rolled-back migration is returned
     as it is. Refused after finalize, and while a later migration of the account stands."""
@@ -262,7 +274,7 @@ def normalise(snapshot: State, restored: State) -> tuple[State, list[dict[str, A
     return normal, usage_kept, kept
 
 
-async def cancel(executor: Executor, actor: Actor, migration_id: str) -> Migration:
+async def cancel(executor: Engine, actor: Actor, migration_id: str) -> Migration:
     """Withdraw a scheduled, held or queued change before it runs."""
     now = executor.clock()
     async with executor.db.transaction() as session:
@@ -284,7 +296,7 @@ async def cancel(executor: Executor, actor: Actor, migration_id: str) -> Migrati
     return row
 
 
-async def finalize(executor: Executor, actor: Actor, migration_id: str) -> Migration:
+async def finalize(executor: Engine, actor: Actor, migration_id: str) -> Migration:
     """Release the old copies and retire the snapshot: the migration can no longer be rolled
     back. Idempotent."""
     now = executor.clock()
