@@ -30,3 +30,9 @@ def test_every_module_with_commands_is_in_the_table_with_exactly_its_commands() 
     for module_name in modules:
         expected = [name for name, owner in COMMANDS.items() if owner == module_name]
         assert sorted(_registered_by(module_name)) == sorted(expected), module_name
+
+
+def test_each_command_lives_in_the_module_named_after_it() -> None:
+    assert {
+        name: module for name, module in COMMANDS.items() if module != name.replace("-", "_")
+    } == {}

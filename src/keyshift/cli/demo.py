@@ -242,7 +242,7 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     """Pro 2023 → Pro 2025 for Acme: plan, apply, validate, supersede its offline file, roll
     back by hash, apply again and finalize."""
     from keyshift.canonical import canonical_json
-    from keyshift.cli.migrate import _plan_text
+    from keyshift.cli.migrate import plan_text
     from keyshift.client.signatures import verify_signature
     from keyshift.migration import repository
     from keyshift.migration.errors import RulesInvalid
@@ -273,7 +273,7 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
         assert not await check_rules(session, rules)
     async with db.transaction() as session:
         plan, _ = await preview(session, rules, account_id, now=utcnow())
-    typer.echo("  " + _plan_text(plan.to_dict()).replace("\n", "\n  "))
+    typer.echo("  " + plan_text(plan.to_dict()).replace("\n", "\n  "))
     async with db.transaction() as session:
         old_file = await license_files.checkout(
             session, secrets.keyring, signing, key=key, fingerprint="laptop-1"

@@ -1,6 +1,7 @@
-"""`keyshift`: the command-line entry point. Each command group lives in its own module, which
-is imported only when one of its commands runs (or `--help` lists them all): a command pays
-for its own imports, not for every group's."""
+"""`keyshift`: the command-line entry point. Each top-level command or group lives in the module
+named after it (`keyshift license-file` in ``license_file.py``), which is imported only when one
+of its commands runs (or `--help` lists them all): a command pays for its own imports, not for
+every group's."""
 
 from __future__ import annotations
 
@@ -15,19 +16,19 @@ from typer.main import get_group
 #: Each top-level command, and the module of ``keyshift.cli`` whose ``register(app)`` adds it,
 #: in `keyshift --help` order (plain commands first, then groups). A new group is one line.
 COMMANDS: dict[str, str] = {
-    "init": "server",
-    "serve": "server",
+    "init": "init",
+    "serve": "serve",
     "demo": "demo",
-    "validate": "validation",
+    "validate": "validate",
     "catalog": "catalog",
     "accounts": "accounts",
     "licenses": "licenses",
-    "license-file": "validation",
-    "keys": "validation",
+    "license-file": "license_file",
+    "keys": "keys",
     "usage": "usage",
-    "rules": "migrate",
+    "rules": "rules",
     "migrate": "migrate",
-    "tokens": "admin",
+    "tokens": "tokens",
     "audit": "audit",
 }
 

@@ -1,5 +1,5 @@
-"""`keyshift rules …` and `keyshift migrate …`: check rules, plan, apply, resume, roll back,
-finalize, and manage scheduled changes for one account."""
+"""`keyshift migrate …`: plan, apply, resume, roll back, finalize, and manage scheduled changes
+for one account."""
 
 from __future__ import annotations
 
@@ -8,58 +8,22 @@ from typing import Any
 
 import typer
 
-from keyshift.cli.output import emit_json, exit_code_for, readable
+from keyshift.cli.output import emit_json, readable
+from keyshift.cli.rules import RULES_HELP, checked
 from keyshift.cli.runtime import run
 from keyshift.config import Settings
 from keyshift.context import cli_actor
 from keyshift.db.engine import Database
-from keyshift.migration.errors import RulesInvalid
-from keyshift.migration.rules import MigrationRules
 
-rules_group = typer.Typer(help="Migration rules manifests.", no_args_is_help=True)
 group = typer.Typer(
     help="Move one account between plans: plan, apply, roll back, finalize.",
     no_args_is_help=True,
 )
 
-RULES_HELP = "A migration rules file (TOML; see docs/migration-rules.md)."
-
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
-    app.add_typer(rules_group, name="rules")
     app.add_typer(group, name="migrate")
-
-
-def _print_problems(error: RulesInvalid, path: Path) -> None:
-    for problem in error.problems:
-        typer.echo(str(problem), err=True)
-    typer.echo(f"{len(error.problems)} problem(s) in {path}", err=True)
-
-
-def _load(path: Path) -> tuple[MigrationRules, str]:
-    from keyshift.migration.loader import load_rules
-
-    try:
-        return load_rules(path)
-    except RulesInvalid as error:
-        _print_problems(error, path)
-        raise typer.Exit(exit_code_for(error)) from None
-
-
-async def _checked(db: Database, path: Path) -> MigrationRules:
-    """The rules, cross-checked with the published catalog (problems on their lines)."""
-    from keyshift.migration.executor import check_rules
-    from keyshift.migration.loader import catalog_problems
-
-    rules, text = _load(path)
-    async with db.transaction() as session:
-        problems = await check_rules(session, rules)
-    if problems:
-        error = RulesInvalid(catalog_problems(str(path), text, problems), source=str(path))
-        _print_problems(error, path)
-        raise typer.Exit(exit_code_for(error))
-    return rules
 
 
 def _executor(settings: Settings, db: Database) -> Any:
@@ -75,28 +39,7 @@ def _view(row: Any, *, with_plan: bool = False) -> dict[str, Any]:
     return migration_view(row, with_plan=with_plan)
 
 
-@rules_group.command("validate")
-def validate(
-    path: Path = typer.Argument(..., help=RULES_HELP),
-    offline: bool = typer.Option(
-        False, "--offline", help="Check the schema only, without the published catalog."
-    ),
-) -> None:
-    """Check a rules file: its schema and, unless --offline, the published plans it names.
-    Every problem is printed as `file:line: field: reason`."""
-    if offline:
-        rules, _ = _load(path)
-        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}  (schema only)")
-        return
-
-    async def work(settings: Settings, db: Database) -> None:
-        rules = await _checked(db, path)
-        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}")
-
-    run(work)
-
-
-def _plan_text(plan: dict[str, Any]) -> str:
+def plan_text(plan: dict[str, Any]) -> str:
     lines = [
         f"account {plan['account_id']}: {plan['from']} → {plan['to']}  (rules {plan['rules']})",
         f"eligible: {'yes' if plan['eligible'] else 'NO'}   can apply: "
@@ -148,7 +91,7 @@ def plan(
         from keyshift.db.types import utcnow
         from keyshift.migration.executor import preview
 
-        rules = await _checked(db, rules_path)
+        rules = await checked(db, rules_path)
         async with db.transaction() as session:
             result, _ = await preview(session, rules, account, now=utcnow())
             # A plan is read-only: make sure of it whatever a future change does.
@@ -156,7 +99,7 @@ def plan(
         if as_json:
             emit_json(result.to_dict())
         else:
-            typer.echo(_plan_text(result.to_dict()))
+            typer.echo(plan_text(result.to_dict()))
 
     run(work)
 
@@ -173,7 +116,7 @@ def apply(
     migration with its receipt. Exit 5 if another migration holds the account."""
 
     async def work(settings: Settings, db: Database) -> None:
-        rules = await _checked(db, rules_path)
+        rules = await checked(db, rules_path)
         executor = _executor(settings, db)
         row = await executor.request(cli_actor(), rules, account, on_pending=on_pending)
         if row.state == "locked":
