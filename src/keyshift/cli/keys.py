@@ -9,7 +9,7 @@ import typer
 
 from keyshift.audit import service as audit
 from keyshift.cli.output import emit_json
-from keyshift.cli.runtime import run
+from keyshift.cli.runtime import load_settings, run
 from keyshift.config import Settings
 from keyshift.context import cli_actor
 from keyshift.db.engine import Database
@@ -38,7 +38,7 @@ def _load_signing(settings: Settings) -> Any:
 @keys_group.command("signing")
 def signing() -> None:
     """Print the public signing keys (the same document as `GET /v1/keys/signing`)."""
-    emit_json({"keys": _load_signing(Settings.from_env()).public_jwks()})
+    emit_json({"keys": _load_signing(load_settings()).public_jwks()})
 
 
 @keys_group.command("rotate-signing")

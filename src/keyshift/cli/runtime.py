@@ -18,12 +18,25 @@ from keyshift.errors import KeyshiftError
 T = TypeVar("T")
 
 
+def load_settings() -> Settings:
+    """Every ``KEYSHIFT_*`` setting, checked: a bad value is one line naming the variable and
+    exit 6, before the command does anything."""
+    try:
+        return Settings.from_env()
+    except KeyshiftError as error:
+        fail(error)
+
+
 def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
     """Run ``work(settings, db)`` to completion and dispose of the engine."""
-    settings = Settings.from_env()
+    settings = load_settings()
 
     async def _main() -> T:
-        db = Database(settings.database_url, report_outages=False)
+        db = Database(
+            settings.database_url,
+            report_outages=False,
+            read_pool_size=settings.db_read_pool_size,
+        )
         try:
             return await work(settings, db)
         finally:
@@ -38,4 +51,4 @@ def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
     except Exception as error:
         # Not a domain error (database unreachable, schema missing, a bug): still one line and
         # a non-zero exit, never a traceback; KEYSHIFT_DEBUG=1 shows it.
-        fail_unexpected(error)
+        fail_unexpected(error, debug=settings.debug)

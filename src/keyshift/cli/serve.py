@@ -9,13 +9,9 @@ import typer
 from sqlalchemy.engine import make_url
 
 from keyshift.cli.output import fail
-from keyshift.config import Settings
+from keyshift.cli.runtime import load_settings
 from keyshift.errors import ConfigurationError
-from keyshift.metering.service import UsagePolicy
-from keyshift.security.abuse import AbuseSettings
 from keyshift.security.secrets_store import load_secrets
-
-_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def register(app: typer.Typer) -> None:
@@ -28,22 +24,10 @@ def serve(
     workers: int = typer.Option(1, min=1, max=64, help="Worker processes."),
 ) -> None:
     """Start the HTTP API (uvicorn) on the configured database."""
-    try:
-        # Every setting the workers will read, checked here: a bad value is one line and a
-        # non-zero exit, not a traceback from each worker.
-        settings = Settings.from_env()
-        AbuseSettings.from_env()
-        UsagePolicy.from_env()
-    except ConfigurationError as error:
-        fail(error)
+    # Every setting the workers will read, checked here: a bad value is one line and a
+    # non-zero exit, not a traceback from each worker.
+    settings = load_settings()
     level = settings.log_level.lower()
-    if level not in _LOG_LEVELS:
-        fail(
-            ConfigurationError(
-                f"KEYSHIFT_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {level!r}",
-                field="KEYSHIFT_LOG_LEVEL",
-            )
-        )
     # Refuse to start without secrets, with a one-line message rather than a worker's traceback.
     try:
         load_secrets(settings.secrets_dir)

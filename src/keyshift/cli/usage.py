@@ -53,7 +53,7 @@ def record(
 
     async def work(settings: Settings, db: Database) -> None:
         event = metering.UsageIn(meter, quantity, idempotency_key, _timestamp(timestamp), member)
-        policy = metering.UsagePolicy.from_env()
+        policy = metering.UsagePolicy.from_settings(settings)
 
         async def once(session: AsyncSession) -> metering.Recorded:
             if key is not None:
