@@ -4,13 +4,15 @@ commands runs, so the table must name every command each module registers, and n
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+from typing import Any
 
 import typer
-from typer.main import get_group
+from typer.main import get_command, get_group
 
 import keyshift.cli
-from keyshift.cli.main import COMMANDS
+from keyshift.cli.main import COMMANDS, app
 
 
 def _registered_by(module_name: str) -> list[str]:
@@ -36,3 +38,30 @@ def test_each_command_lives_in_the_module_named_after_it() -> None:
     assert {
         name: module for name, module in COMMANDS.items() if module != name.replace("-", "_")
     } == {}
+
+
+def _every_command() -> list[tuple[str, Any]]:
+    """Each command and group of the app, by its full name (the root as ``keyshift``)."""
+    found: list[tuple[str, Any]] = []
+
+    def walk(name: str, command: Any) -> None:
+        found.append((name, command))
+        if hasattr(command, "list_commands"):  # a group
+            ctx = typer.Context(command)
+            for sub in command.list_commands(ctx):
+                walk(f"{name} {sub}", command.get_command(ctx, sub))
+
+    walk("keyshift", get_command(app))
+    return found
+
+
+def test_every_command_summary_is_one_complete_line() -> None:
+    """`--help` lists a command by its help's first paragraph, single newlines kept: a
+    summary wrapped in the docstring breaks mid-sentence there. Details go after a blank line."""
+    broken = {}
+    for name, command in _every_command():
+        summary = inspect.cleandoc(command.help or "").split("\n\n")[0]
+        if "\n" in summary or not summary.endswith(".") or not summary[:1].isupper():
+            broken[name] = summary
+    assert broken == {}
+    assert len(_every_command()) > len(COMMANDS)  # the walk reached the groups' commands

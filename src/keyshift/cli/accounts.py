@@ -86,8 +86,9 @@ def update(
         " as null is removed, e.g. '{\"legal_hold\": null}'.",
     ),
 ) -> None:
-    """Change an account's name, status or attributes, as PATCH /v1/accounts/{id} does;
-    refused while a migration runs on the account. Prints the account as JSON."""
+    """Change an account's name, status or attributes, as PATCH /v1/accounts/{id} does.
+
+    Refused while a migration runs on the account. Prints the account as JSON."""
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name

@@ -19,8 +19,10 @@ def register(app: typer.Typer) -> None:
 
 @group.command("verify")
 def verify() -> None:
-    """Walk the chain; name the first row whose content or link is wrong (and any later,
-    independent break). Exits 1 if any."""
+    """Walk the hash chain and name the first broken row; exit 1 if any.
+
+    A row is broken when its content or its link is wrong; any later, independent break is
+    named too."""
 
     async def work(_settings: Settings, db: Database) -> bool:
         async with db.transaction() as session:

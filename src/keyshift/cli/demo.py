@@ -48,9 +48,11 @@ def demo(
         DEFAULT_CATALOG, "--catalog", help="Manifests to publish (the repository's examples)."
     ),
 ) -> None:
-    """Publish the example catalog, create accounts and licenses, activate machines, validate
-    keys (every outcome a client can meet), export and verify an offline license file, and
-    verify the audit chain."""
+    """Run the main job end to end on the configured database, saying what each step did.
+
+    Publishes the example catalog, creates accounts and licenses, activates machines, validates
+    keys (every outcome a client can meet), exports and verifies an offline license file,
+    migrates an account and rolls it back, and verifies the audit chain."""
     if not catalog_dir.is_dir():
         typer.echo(
             f"error: {catalog_dir} is not a directory; run from the repository root or pass "

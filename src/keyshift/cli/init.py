@@ -28,9 +28,10 @@ def init(
         " admin token (null when tokens exist already).",
     ),
 ) -> None:
-    """Create the schema (Alembic), the signing key and the keyring if missing; print a first
-    admin token once. Messages go to stderr and the token alone to stdout, so
-    `TOKEN=$(keyshift init)` captures it."""
+    """Create the schema, the signing key and the keyring if missing; print a first admin token.
+
+    The schema is made by Alembic. The token is printed once, alone on stdout (messages go to
+    stderr), so `TOKEN=$(keyshift init)` captures it."""
 
     async def work(settings: Settings, db: Database) -> None:
         _, created = ensure_secrets(settings.secrets_dir)

@@ -43,8 +43,10 @@ def signing() -> None:
 
 @keys_group.command("rotate-signing")
 def rotate_signing() -> None:
-    """Make a fresh signing key active; older keys stay published so files and responses they
-    signed still verify. Restart the servers to sign with the new key."""
+    """Make a fresh signing key active; older keys stay published.
+
+    Files and responses the older keys signed still verify. Restart the servers to sign with
+    the new key."""
 
     async def work(settings: Settings, db: Database) -> str:
         signing_keys = _load_signing(settings)
@@ -68,9 +70,11 @@ def rotate_signing() -> None:
 
 @keys_group.command("rotate-keyring")
 def rotate_keyring() -> None:
-    """Make a fresh AES-256 data key active for new license keys. Older data keys stay in the
-    keyring, so every stored key still opens. Restart the servers so they hold the new key,
-    then run `keyshift keys reencrypt` to move the stored keys onto it."""
+    """Make a fresh AES-256 data key active for new license keys.
+
+    Older data keys stay in the keyring, so every stored key still opens. Restart the servers
+    so they hold the new key, then run `keyshift keys reencrypt` to move the stored keys onto
+    it."""
 
     async def work(settings: Settings, db: Database) -> str:
         current = load_secrets(settings.secrets_dir).keyring
@@ -95,8 +99,10 @@ def rotate_keyring() -> None:
 def reencrypt(
     batch_size: int = typer.Option(500, min=1, max=10_000, help="License keys per transaction."),
 ) -> None:
-    """Re-encrypt every stored license key under the keyring's active data key, in batches;
-    safe to interrupt and re-run while the server is serving."""
+    """Re-encrypt every stored license key under the keyring's active data key.
+
+    In batches, one transaction each; safe to interrupt and re-run while the server is
+    serving."""
 
     async def work(settings: Settings, db: Database) -> ReencryptReport:
         keyring = load_secrets(settings.secrets_dir).keyring

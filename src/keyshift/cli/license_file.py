@@ -80,8 +80,9 @@ def verify(
     ),
     key: str | None = typer.Option(None, "--key", help="The license key (encrypted files)."),
 ) -> None:
-    """Verify a license file offline, as an application would; print its payload. Exit 1 if it
-    does not verify or has expired."""
+    """Verify a license file offline, as an application would, and print its payload.
+
+    Exit 1 if it does not verify or has expired."""
     try:
         payload = client.verify_license_file(
             file.read_text(), _public_keys(public_key_file), license_key=key

@@ -84,8 +84,9 @@ def plan(
     account: str = typer.Option(..., help="The account id."),
     as_json: bool = typer.Option(False, "--json", help="The whole plan as JSON."),
 ) -> None:
-    """Show what a migration would do to one account — steps, changes, conflicts and risks.
-    Writes nothing."""
+    """Show what a migration would do to one account, writing nothing.
+
+    Steps, changes (entitlements, counters, licenses), conflicts and risks."""
 
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.db.types import utcnow
@@ -112,8 +113,9 @@ def apply(
         "refuse", help="If the account has a scheduled change: refuse, replace or queue."
     ),
 ) -> None:
-    """Migrate one account (or schedule it, if the rules take effect later). Prints the
-    migration with its receipt. Exit 5 if another migration holds the account."""
+    """Migrate one account, or schedule it if the rules take effect later.
+
+    Prints the migration with its receipt. Exit 5 if another migration holds the account."""
 
     async def work(settings: Settings, db: Database) -> None:
         rules = await checked(db, rules_path)

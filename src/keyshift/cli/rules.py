@@ -61,7 +61,8 @@ def validate(
         False, "--offline", help="Check the schema only, without the published catalog."
     ),
 ) -> None:
-    """Check a rules file: its schema and, unless --offline, the published plans it names.
+    """Check a rules file's schema and, unless --offline, the published plans it names.
+
     Every problem is printed as `file:line: field: reason`."""
     if offline:
         rules, _ = load(path)

@@ -101,8 +101,10 @@ def scopes(
         False, "--markdown", help="As the table in docs/security.md, markers included."
     ),
 ) -> None:
-    """What each API route asks of its caller: nothing, the license key, or a token with one
-    of the scopes named (``admin`` holds them all). Read from the routes; needs no database."""
+    """Print what each API route asks of its caller; needs no database.
+
+    Nothing, the license key, or a token with one of the scopes named (``admin`` holds them
+    all), as read from the routes."""
     from keyshift.api import access
 
     table = access.route_table(access.app_routes())

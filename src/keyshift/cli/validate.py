@@ -25,8 +25,9 @@ def validate(
     feature: str | None = typer.Option(None, help="Feature the application wants to use."),
     nonce: str | None = typer.Option(None, help="Echoed inside the signed answer."),
 ) -> None:
-    """Validate a key as an application would; print the signed answer. Exit 0 if VALID, 1 if
-    not (the code says why)."""
+    """Validate a key as an application would and print the signed answer.
+
+    Exit 0 if VALID, 1 if not (the code says why)."""
 
     async def work(settings: Settings, db: Database) -> validation.ValidationResult:
         secrets = load_secrets(settings.secrets_dir)
