@@ -274,3 +274,9 @@ def test_a_setting_that_is_not_a_number_is_checked_too(
         result = real_keyshift({**cli_env(settings), name: value}, *args)
         assert_one_line_error(result)
         assert result.stderr.startswith(f"error: {name}="), result.stderr
+
+
+def test_a_page_larger_than_the_service_allows_is_one_line(settings: Settings) -> None:
+    result = keyshift(cli_env(settings), "accounts", "list", "--limit", "501")
+    assert_one_line_error(result)
+    assert result.returncode == 2 and "[limit]" in result.stderr

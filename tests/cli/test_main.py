@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import pkgutil
+import subprocess
+import sys
 from typing import Any
 
 import typer
@@ -65,3 +68,41 @@ def test_every_command_summary_is_one_complete_line() -> None:
             broken[name] = summary
     assert broken == {}
     assert len(_every_command()) > len(COMMANDS)  # the walk reached the groups' commands
+
+
+#: What a command imports when it runs, never when `--help` lists or describes it.
+HEAVY = ("sqlalchemy", "fastapi", "uvicorn", "asyncpg", "aiosqlite", "pydantic_settings")
+
+_HELP_IMPORTS = """
+import contextlib, json, sys
+from keyshift.cli.main import COMMANDS, app
+found = {}
+for args in [["--help"]] + [[name, "--help"] for name in COMMANDS]:
+    with contextlib.redirect_stdout(None), contextlib.suppress(SystemExit):
+        app(args)
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1:]))
+    if heavy:
+        found[" ".join(args)] = heavy
+        break
+print(json.dumps(found))
+"""
+
+
+def test_help_imports_none_of_the_heavy_libraries() -> None:
+    """`keyshift --help` (and each command's) stays fast: the libraries a command needs are
+    imported inside it. Checked in a fresh interpreter, by what it has imported."""
+    result = subprocess.run(
+        [sys.executable, "-c", _HELP_IMPORTS, *HEAVY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {}
+
+
+def test_license_file_export_defaults_to_the_services_ttl() -> None:
+    from keyshift.cli.license_file import DEFAULT_TTL
+    from keyshift.licensing import license_files
+
+    assert DEFAULT_TTL == license_files.DEFAULT_TTL

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
-from sqlalchemy import func, select
 
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
-from keyshift.db.migrate import upgrade_to_head
-from keyshift.db.tables import ApiToken
-from keyshift.security import tokens
-from keyshift.security.secrets_store import ensure_secrets
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +32,14 @@ def init(
     stderr), so `TOKEN=$(keyshift init)` captures it."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from sqlalchemy import func, select
+
+        from keyshift.context import cli_actor
+        from keyshift.db.migrate import upgrade_to_head
+        from keyshift.db.tables import ApiToken
+        from keyshift.security import tokens
+        from keyshift.security.secrets_store import ensure_secrets
+
         _, created = ensure_secrets(settings.secrets_dir)
         for name in created:
             typer.echo(f"created {settings.secrets_dir / name}", err=True)

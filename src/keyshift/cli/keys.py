@@ -3,19 +3,19 @@ re-encrypt."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
-from keyshift.audit import service as audit
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import load_settings, run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
 from keyshift.errors import ConfigurationError
-from keyshift.security.rotation import ReencryptReport, reencrypt_licenses
-from keyshift.security.secrets_store import load_secrets, save_keyring, save_signing
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+    from keyshift.security.rotation import ReencryptReport
+    from keyshift.security.signing import SigningKeys
 
 keys_group = typer.Typer(
     help="The Ed25519 keys that sign responses and files.", no_args_is_help=True
@@ -27,7 +27,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(keys_group, name="keys")
 
 
-def _load_signing(settings: Settings) -> Any:
+def _load_signing(settings: Settings) -> SigningKeys:
+    from keyshift.security.secrets_store import load_secrets
+
     try:
         return load_secrets(settings.secrets_dir).signing
     except ConfigurationError as exc:
@@ -49,6 +51,10 @@ def rotate_signing() -> None:
     the new key."""
 
     async def work(settings: Settings, db: Database) -> str:
+        from keyshift.audit import service as audit
+        from keyshift.context import cli_actor
+        from keyshift.security.secrets_store import save_signing
+
         signing_keys = _load_signing(settings)
         rotated = signing_keys.rotated()
         async with db.transaction() as session:
@@ -77,6 +83,10 @@ def rotate_keyring() -> None:
     it."""
 
     async def work(settings: Settings, db: Database) -> str:
+        from keyshift.audit import service as audit
+        from keyshift.context import cli_actor
+        from keyshift.security.secrets_store import load_secrets, save_keyring
+
         current = load_secrets(settings.secrets_dir).keyring
         rotated = current.rotated()
         async with db.transaction() as session:
@@ -105,6 +115,10 @@ def reencrypt(
     serving."""
 
     async def work(settings: Settings, db: Database) -> ReencryptReport:
+        from keyshift.context import cli_actor
+        from keyshift.security.rotation import reencrypt_licenses
+        from keyshift.security.secrets_store import load_secrets
+
         keyring = load_secrets(settings.secrets_dir).keyring
         return await reencrypt_licenses(db, keyring, cli_actor(), batch_size=batch_size)
 

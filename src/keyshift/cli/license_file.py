@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from keyshift import client
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
-from keyshift.licensing import license_files
-from keyshift.security.secrets_store import load_secrets
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+    from keyshift.licensing import license_files
+
+#: ``license_files.DEFAULT_TTL``, written out so that listing the commands imports no service
+#: (a test holds the two equal).
+DEFAULT_TTL = "30d"
 
 files = typer.Typer(
     help="Offline license files (signed, optionally encrypted).", no_args_is_help=True
@@ -33,12 +36,16 @@ def export(
     license_id: str = typer.Argument(..., help="The license to export."),
     out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
     encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt with the license key."),
-    ttl: str = typer.Option(license_files.DEFAULT_TTL, help="How long the file is good for."),
+    ttl: str = typer.Option(DEFAULT_TTL, help="How long the file is good for."),
     fingerprint: str | None = typer.Option(None, help="Bind the file to this machine."),
 ) -> None:
     """Write a signed license file for offline use (capped by the plan's offline allowance)."""
 
     async def work(settings: Settings, db: Database) -> license_files.ExportedFile:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import license_files
+        from keyshift.security.secrets_store import load_secrets
+
         secrets = load_secrets(settings.secrets_dir)
         async with db.transaction() as session:
             return await license_files.export_license_file(
@@ -62,6 +69,8 @@ def export(
 
 def _public_keys(path: Path) -> dict[str, str]:
     """Keys from the JSON `keyshift keys signing` prints (or `GET /v1/keys/signing` returns)."""
+    from keyshift import client
+
     try:
         document: Any = json.loads(path.read_text())
         found = client.public_keys_from_jwks(document)
@@ -83,6 +92,8 @@ def verify(
     """Verify a license file offline, as an application would, and print its payload.
 
     Exit 1 if it does not verify or has expired."""
+    from keyshift import client
+
     try:
         payload = client.verify_license_file(
             file.read_text(), _public_keys(public_key_file), license_key=key

@@ -4,16 +4,17 @@ for one account."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from keyshift.cli.output import emit_json, readable
 from keyshift.cli.rules import RULES_HELP, checked
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 group = typer.Typer(
     help="Move one account between plans: plan, apply, roll back, finalize.",
@@ -118,6 +119,8 @@ def apply(
     Prints the migration with its receipt. Exit 5 if another migration holds the account."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+
         rules = await checked(db, rules_path)
         executor = _executor(settings, db)
         row = await executor.request(cli_actor(), rules, account, on_pending=on_pending)
@@ -135,6 +138,8 @@ def resume(migration_id: str = typer.Argument(..., help="The migration id.")) ->
     """Run the steps of a migration that a crash interrupted (safe to repeat)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+
         row = await _executor(settings, db).run(cli_actor(), migration_id)
         emit_json(_view(row))
 
@@ -151,6 +156,7 @@ def rollback_command(
         raise typer.BadParameter("give a migration id or --account, not both")
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration import repository
         from keyshift.migration.rollback import latest_for_account, rollback
 
@@ -173,6 +179,7 @@ def finalize_command(migration_id: str = typer.Argument(..., help="The migration
     """Release the old copies and retire the snapshot (no rollback after this)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.rollback import finalize
 
         emit_json(_view(await finalize(_executor(settings, db), cli_actor(), migration_id)))
@@ -185,6 +192,7 @@ def cancel_command(migration_id: str = typer.Argument(..., help="The migration i
     """Withdraw a scheduled, held or queued change."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.rollback import cancel
 
         emit_json(_view(await cancel(_executor(settings, db), cli_actor(), migration_id)))
@@ -197,6 +205,7 @@ def approve_command(migration_id: str = typer.Argument(..., help="The migration 
     """Apply a change held for review, as it stands now."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.schedule import approve
 
         emit_json(_view(await approve(_executor(settings, db), cli_actor(), migration_id)))
@@ -209,6 +218,7 @@ def run_due_command() -> None:
     """Execute scheduled changes whose time has come (run it from cron or a timer)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.schedule import run_due
 
         rows = await run_due(_executor(settings, db), cli_actor())

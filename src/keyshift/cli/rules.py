@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from keyshift.cli.output import exit_code_for
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.db.engine import Database
-from keyshift.migration.errors import RulesInvalid
-from keyshift.migration.rules import MigrationRules
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+    from keyshift.migration.errors import RulesInvalid
+    from keyshift.migration.rules import MigrationRules
 
 rules_group = typer.Typer(help="Migration rules manifests.", no_args_is_help=True)
 
@@ -30,6 +33,7 @@ def print_problems(error: RulesInvalid, path: Path) -> None:
 
 
 def load(path: Path) -> tuple[MigrationRules, str]:
+    from keyshift.migration.errors import RulesInvalid
     from keyshift.migration.loader import load_rules
 
     try:
@@ -41,6 +45,7 @@ def load(path: Path) -> tuple[MigrationRules, str]:
 
 async def checked(db: Database, path: Path) -> MigrationRules:
     """The rules, cross-checked with the published catalog (problems on their lines)."""
+    from keyshift.migration.errors import RulesInvalid
     from keyshift.migration.executor import check_rules
     from keyshift.migration.loader import catalog_problems
 

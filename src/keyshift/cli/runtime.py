@@ -1,19 +1,22 @@
 """How a command reaches the services: settings from the env, one ``asyncio.run`` per command,
-domain errors turned into messages (never tracebacks)."""
+domain errors turned into messages (never tracebacks). The settings and the database are
+imported when a command runs, not when `--help` lists the commands."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 import typer
 
 from keyshift.cli.output import fail, fail_unexpected
-from keyshift.config import Settings
-from keyshift.db.engine import Database
 from keyshift.errors import KeyshiftError
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 T = TypeVar("T")
 
@@ -21,6 +24,8 @@ T = TypeVar("T")
 def load_settings() -> Settings:
     """Every ``KEYSHIFT_*`` setting, checked: a bad value is one line naming the variable and
     exit 6, before the command does anything."""
+    from keyshift.config import Settings
+
     try:
         return Settings.from_env()
     except KeyshiftError as error:
@@ -29,6 +34,8 @@ def load_settings() -> Settings:
 
 def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
     """Run ``work(settings, db)`` to completion and dispose of the engine."""
+    from keyshift.db.engine import Database
+
     settings = load_settings()
 
     async def _main() -> T:

@@ -6,12 +6,10 @@ import logging
 import os
 
 import typer
-from sqlalchemy.engine import make_url
 
 from keyshift.cli.output import fail
 from keyshift.cli.runtime import load_settings
 from keyshift.errors import ConfigurationError
-from keyshift.security.secrets_store import load_secrets
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +26,8 @@ def serve(
     # non-zero exit, not a traceback from each worker.
     settings = load_settings()
     level = settings.log_level.lower()
+    from keyshift.security.secrets_store import load_secrets
+
     # Refuse to start without secrets, with a one-line message rather than a worker's traceback.
     try:
         load_secrets(settings.secrets_dir)
@@ -39,6 +39,7 @@ def serve(
 
     metrics_dir = prepare_multiprocess_dir(workers)
     import uvicorn
+    from sqlalchemy.engine import make_url
 
     from keyshift.api.protocol import PROTOCOL
     from keyshift.observability.logging import configure_logging, log_config

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.db.engine import Database
-from keyshift.licensing import validation
-from keyshift.security.secrets_store import load_secrets
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +29,8 @@ def validate(
     """Validate a key as an application would and print the signed answer.
 
     Exit 0 if VALID, 1 if not (the code says why)."""
+    from keyshift.licensing import validation
+    from keyshift.security.secrets_store import load_secrets
 
     async def work(settings: Settings, db: Database) -> validation.ValidationResult:
         secrets = load_secrets(settings.secrets_dir)
