@@ -176,8 +176,8 @@ def render_diff(result: CatalogDiff) -> str:
     for f in result.features:
         rows["features"].append((f.change, f.name, describe_grant(f.old), describe_grant(f.new)))
     for q in result.quotas:
-        change = ("lowered" if q.is_lowered else "raised") if q.change == "changed" else q.change
-        rows["quotas"].append((change, q.name, _show(q.old), _show(q.new)))
+        direction = ("lowered" if q.is_lowered else "raised") if q.change == "changed" else q.change
+        rows["quotas"].append((direction, q.name, _show(q.old), _show(q.new)))
     if result.kind == "plan":
         rows["licensing"] = [
             ("changed", c.field, _term(c.field, c.old), _term(c.field, c.new))

@@ -295,7 +295,8 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     _step("migration: apply (lock → snapshot → prepare → cutover → verify → receipt)")
     executor = Executor(db, signing)
     row = await executor.apply(actor, rules, account_id)
-    typer.echo(f"  migration {row.id}: {row.state}; snapshot sha256 {row.snapshot_hash[:16]}…")
+    snapshot = row.snapshot_hash or "none"  # set by the snapshot step, which apply ran
+    typer.echo(f"  migration {row.id}: {row.state}; snapshot sha256 {snapshot[:16]}…")
     receipt = row.receipt or {}
     public = client.public_keys_from_jwks(signing.public_jwks())
     verify_signature(
