@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text, update
 
-from keyshift.config import Settings
+from keyshift.config import Settings, env_name
 from keyshift.db.engine import Database
 from keyshift.db.tables import ApiToken, AuditEvent
 from keyshift.security.tokens import TOKEN_PREFIX, hash_token
 from tests.conftest import cli_env, invoke_keyshift, run_keyshift
+
+#: Every setting that holds a number, as its variable.
+NUMERIC_SETTINGS = sorted(
+    env_name(name) for name, f in Settings.model_fields.items() if f.annotation in (int, float)
+)
 
 keyshift = invoke_keyshift  # in-process
 real_keyshift = run_keyshift  # a real process
@@ -233,3 +238,45 @@ def test_serve_with_a_bad_setting_is_one_line_naming_it(
     result = real_keyshift(env, "serve", "--port", "1")
     assert_one_line_error(result)
     assert name in result.stderr
+
+
+@pytest.mark.parametrize("name", NUMERIC_SETTINGS)
+def test_every_numeric_setting_is_checked_before_serve_starts(tmp_path: Path, name: str) -> None:
+    env = {
+        **os.environ,
+        "KEYSHIFT_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+        "KEYSHIFT_SECRETS_DIR": str(tmp_path / "missing"),
+        name: "abc",
+    }
+    result = real_keyshift(env, "serve", "--port", "1")
+    assert_one_line_error(result)
+    assert result.stderr.startswith(f"error: {name}='abc': ")
+    assert result.returncode == 6
+
+
+@pytest.mark.parametrize("name", NUMERIC_SETTINGS)
+def test_every_numeric_setting_is_checked_before_any_command_runs(
+    settings: Settings, name: str
+) -> None:
+    result = keyshift({**cli_env(settings), name: "-1"}, "accounts", "list")
+    assert_one_line_error(result)
+    assert result.stderr.startswith(f"error: {name}='-1': ")
+    assert result.returncode == 6
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("KEYSHIFT_LOG_LEVEL", "loud"), ("KEYSHIFT_DEBUG", "?")]
+)
+def test_a_setting_that_is_not_a_number_is_checked_too(
+    settings: Settings, name: str, value: str
+) -> None:
+    for args in (("serve", "--port", "1"), ("accounts", "list")):
+        result = real_keyshift({**cli_env(settings), name: value}, *args)
+        assert_one_line_error(result)
+        assert result.stderr.startswith(f"error: {name}="), result.stderr
+
+
+def test_a_page_larger_than_the_service_allows_is_one_line(settings: Settings) -> None:
+    result = keyshift(cli_env(settings), "accounts", "list", "--limit", "501")
+    assert_one_line_error(result)
+    assert result.returncode == 2 and "[limit]" in result.stderr

@@ -13,7 +13,6 @@ import pytest
 from sqlalchemy import func, select
 
 from keyshift.api.app import create_app
-from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.db.tables import UsageCounter, UsageEvent
@@ -272,16 +271,18 @@ async def test_usage_from_the_command_line(
 
 @pytest.mark.parametrize("value", ["soon", "-1", "nan", "1e99"])
 def test_a_bad_usage_window_setting_fails_at_start_naming_the_variable(
-    monkeypatch: pytest.MonkeyPatch, app_state: AppState, value: str
+    monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
+    # The factory as `keyshift serve`'s workers call it: the settings come from the environment
+    # (an app given its state uses that state's settings and reads no environment).
     monkeypatch.setenv("KEYSHIFT_USAGE_LATE_HOURS", value)
     with pytest.raises(ConfigurationError, match="KEYSHIFT_USAGE_LATE_HOURS"):
-        create_app(state=app_state)
+        create_app()
 
 
 def test_the_idempotency_window_cannot_be_set_below_48_hours(
-    monkeypatch: pytest.MonkeyPatch, app_state: AppState
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS", "1")
     with pytest.raises(ConfigurationError, match="KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS"):
-        create_app(state=app_state)
+        create_app()

@@ -642,7 +642,8 @@ async def test_oversized_rules_are_413_by_body_limit_or_422_naming_rules(
     too_big_body = await apply(client, admin_headers, account_id, rules=big)
     assert error_of(too_big_body, 413, "body_too_large")["field"] == "body"
 
-    roomy = replace(app_state, settings=replace(app_state.settings, max_body_bytes=1 << 20))
+    settings = app_state.settings.model_copy(update={"max_body_bytes": 1 << 20})
+    roomy = replace(app_state, settings=settings)
     app = create_app(state=roomy)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://keyshift.test"

@@ -141,7 +141,10 @@ def app_routes() -> list[BaseRoute]:
 
     url = "sqlite+aiosqlite:///:memory:"
     state = AppState(
-        settings=Settings(database_url=url, secrets_dir=Path(tempfile.gettempdir())),
+        # Built without reading the environment: these routes do not depend on it.
+        settings=Settings.model_construct(
+            database_url=url, secrets_dir=Path(tempfile.gettempdir())
+        ),
         db=Database(url),
         secrets=Secrets(keyring=Keyring.generate(), signing=SigningKeys.generate()),
     )

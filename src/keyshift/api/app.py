@@ -16,7 +16,6 @@ from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.licensing import cache
-from keyshift.metering.service import UsagePolicy
 from keyshift.observability.middleware import RequestContextMiddleware
 from keyshift.security.secrets_store import load_secrets
 
@@ -29,16 +28,15 @@ def create_app(
 ) -> FastAPI:
     """Build the app. Tests pass ``state``; `keyshift serve` passes nothing and reads the env."""
     owns_db = state is None and db is None
-    UsagePolicy.from_env()  # fail at start, not per request, on a bad KEYSHIFT_USAGE_* value
     if state is None:
         settings = settings or Settings.from_env()
         state = AppState(
             settings=settings,
-            db=db or Database(settings.database_url),
+            db=db or Database(settings.database_url, read_pool_size=settings.db_read_pool_size),
             secrets=load_secrets(settings.secrets_dir),
         )
 
-    cache.default_cache.stale_seconds = state.settings.validation_cache_stale_seconds
+    cache.default_cache.configure(state.settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -10,7 +10,7 @@ from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.licensing.cache import default_cache
 from keyshift.migration.executor import Executor
-from keyshift.security.abuse import AnomalyDetector
+from keyshift.security.abuse import AbuseSettings, AnomalyDetector
 from keyshift.security.secrets_store import Secrets
 
 
@@ -37,6 +37,6 @@ class AppState:
         if self.token_bucket is None and s.token_rate_per_second > 0:
             self.token_bucket = TokenBucket(s.token_rate_per_second, s.token_rate_burst)
         if self.anomalies is None:
-            self.anomalies = AnomalyDetector(self.db)
+            self.anomalies = AnomalyDetector(self.db, AbuseSettings.from_settings(s))
         if self.executor is None:
             self.executor = Executor(self.db, self.secrets.signing, cache=default_cache)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from keyshift.cli.output import emit_json, fail
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
 from keyshift.errors import InvalidInput
-from keyshift.licensing import service
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 group = typer.Typer(help="Customer accounts and their plan.", no_args_is_help=True)
 
@@ -32,6 +32,9 @@ def create(
     """Create an account (and subscribe it, with --plan); prints it as JSON."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             actor = cli_actor()
             account = await service.create_account(
@@ -47,12 +50,15 @@ def create(
 
 @group.command("list")
 def list_accounts(
-    limit: int = typer.Option(100, min=1, max=service.MAX_PAGE, help="Page size."),
+    # The service refuses a page above its maximum (500), as the API does.
+    limit: int = typer.Option(100, min=1, help="Page size (at most 500)."),
     after: str | None = typer.Option(None, help="The last id of the previous page."),
 ) -> None:
     """List accounts as JSON, one page at a time."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             accounts = await service.list_accounts(session, limit=limit, after=after)
         emit_json([service.account_view(a) for a in accounts])
@@ -65,6 +71,8 @@ def show(account_id: str) -> None:
     """Show an account and its subscription."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             account = await service.get_account(session, account_id)
             subscription = await service.get_subscription(session, account.id)
@@ -86,8 +94,9 @@ def update(
         " as null is removed, e.g. '{\"legal_hold\": null}'.",
     ),
 ) -> None:
-    """Change an account's name, status or attributes, as PATCH /v1/accounts/{id} does;
-    refused while a migration runs on the account. Prints the account as JSON."""
+    """Change an account's name, status or attributes, as PATCH /v1/accounts/{id} does.
+
+    Refused while a migration runs on the account. Prints the account as JSON."""
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name
@@ -100,6 +109,9 @@ def update(
             fail(InvalidInput(f"not JSON: {error}", field="attributes"))
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             account = await service.update_account(session, cli_actor(), account_id, changes)
             subscription = await service.get_subscription(session, account.id)
@@ -113,6 +125,9 @@ def subscribe(account_id: str, plan: str = typer.Argument(..., help="key@version
     """Put an account on a published plan version."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             subscription = await service.subscribe(session, cli_actor(), account_id, plan)
         emit_json(service.subscription_view(subscription))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
-from keyshift.audit import service as audit_service
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.db.engine import Database
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 group = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 
@@ -19,10 +22,14 @@ def register(app: typer.Typer) -> None:
 
 @group.command("verify")
 def verify() -> None:
-    """Walk the chain; name the first row whose content or link is wrong (and any later,
-    independent break). Exits 1 if any."""
+    """Walk the hash chain and name the first broken row; exit 1 if any.
+
+    A row is broken when its content or its link is wrong; any later, independent break is
+    named too."""
 
     async def work(_settings: Settings, db: Database) -> bool:
+        from keyshift.audit import service as audit_service
+
         async with db.transaction() as session:
             report = await audit_service.verify(session)
         for problem in report.problems:
@@ -43,6 +50,8 @@ def list_events(
     """Print events as JSON."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.audit import service as audit_service
+
         async with db.transaction() as session:
             events = await audit_service.list_events(
                 session, account_id=account, after_seq=after, limit=limit

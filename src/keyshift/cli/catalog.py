@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from keyshift.catalog import loader
-from keyshift.catalog import service as catalog
-from keyshift.catalog.diff import CatalogDiff, describe_grant
-from keyshift.catalog.service import Manifest
 from keyshift.cli.output import emit_json, exit_code_for
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
 from keyshift.errors import ManifestError
+
+if TYPE_CHECKING:
+    from keyshift.catalog import service as catalog
+    from keyshift.catalog.diff import CatalogDiff
+    from keyshift.catalog.service import Manifest
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 group = typer.Typer(
     help="Editions and plans: manifests and published versions.", no_args_is_help=True
@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
 def _load_or_exit(path: Path) -> list[Manifest]:
     """Every manifest under ``path``; on any problem, print them all (file:line: field: reason)
     and exit with the invalid-input code."""
+    from keyshift.catalog import loader
+
     try:
         return loader.load(path)
     except ManifestError as error:
@@ -44,6 +46,8 @@ def _load_or_exit(path: Path) -> list[Manifest]:
 
 
 def _note_missing_editions(manifests: list[Manifest], path: Path) -> None:
+    from keyshift.catalog import loader
+
     for manifest, edition in loader.missing_editions(manifests):
         typer.echo(
             f"note: {manifest.source}: plan.edition: {edition} is not in {path}; "
@@ -71,6 +75,9 @@ def publish(path: Path = typer.Argument(..., help=PATH_HELP)) -> None:
     manifests = _load_or_exit(path)
 
     async def work(_settings: Settings, db: Database) -> list[catalog.PublishResult]:
+        from keyshift.catalog import service as catalog
+        from keyshift.context import cli_actor
+
         async with db.transaction() as session:
             return await catalog.publish(session, cli_actor(), manifests)
 
@@ -90,6 +97,8 @@ def list_entries(
     """List published versions."""
 
     async def work(_settings: Settings, db: Database) -> list[dict[str, Any]]:
+        from keyshift.catalog import service as catalog
+
         async with db.transaction() as session:
             return [
                 {
@@ -124,6 +133,8 @@ def show(
     """Print a published version's content and hash as JSON."""
 
     async def work(_settings: Settings, db: Database) -> dict[str, Any]:
+        from keyshift.catalog import service as catalog
+
         async with db.transaction() as session:
             entry = await catalog.get_entry(session, kind, ref)
             return {
@@ -145,6 +156,8 @@ def diff(
     """Features and quotas gained, lost and changed between two published versions."""
 
     async def work(_settings: Settings, db: Database) -> CatalogDiff:
+        from keyshift.catalog import service as catalog
+
         async with db.transaction() as session:
             return await catalog.diff(session, old, new)
 
@@ -157,12 +170,14 @@ def diff(
 
 def render_diff(result: CatalogDiff) -> str:
     """The diff as an aligned table, one section per aspect."""
+    from keyshift.catalog.diff import describe_grant
+
     rows: dict[str, list[tuple[str, str, str, str]]] = {"features": [], "quotas": []}
     for f in result.features:
         rows["features"].append((f.change, f.name, describe_grant(f.old), describe_grant(f.new)))
     for q in result.quotas:
-        change = ("lowered" if q.is_lowered else "raised") if q.change == "changed" else q.change
-        rows["quotas"].append((change, q.name, _show(q.old), _show(q.new)))
+        direction = ("lowered" if q.is_lowered else "raised") if q.change == "changed" else q.change
+        rows["quotas"].append((direction, q.name, _show(q.old), _show(q.new)))
     if result.kind == "plan":
         rows["licensing"] = [
             ("changed", c.field, _term(c.field, c.old), _term(c.field, c.new))

@@ -10,26 +10,16 @@ from __future__ import annotations
 import base64
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from keyshift import client
-from keyshift.audit import service as audit
-from keyshift.catalog import loader
-from keyshift.catalog import service as catalog
-from keyshift.cli.catalog import render_diff
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
-from keyshift.db.migrate import upgrade_to_head
-from keyshift.db.types import utcnow
-from keyshift.errors import ActivationLimitReached, MalformedKey
-from keyshift.licensing import activations, license_files, validation
-from keyshift.licensing import service as licensing
-from keyshift.licensing.cache import LicenseStateCache
-from keyshift.security.secrets_store import Secrets, ensure_secrets
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+    from keyshift.security.secrets_store import Secrets
 
 DEFAULT_CATALOG = Path("examples/catalog")
 DEFAULT_RULES = Path("examples/migrations/pro-2023-to-2025.toml")
@@ -48,9 +38,11 @@ def demo(
         DEFAULT_CATALOG, "--catalog", help="Manifests to publish (the repository's examples)."
     ),
 ) -> None:
-    """Publish the example catalog, create accounts and licenses, activate machines, validate
-    keys (every outcome a client can meet), export and verify an offline license file, and
-    verify the audit chain."""
+    """Run the main job end to end on the configured database, saying what each step did.
+
+    Publishes the example catalog, creates accounts and licenses, activates machines, validates
+    keys (every outcome a client can meet), exports and verifies an offline license file,
+    migrates an account and rolls it back, and verifies the audit chain."""
     if not catalog_dir.is_dir():
         typer.echo(
             f"error: {catalog_dir} is not a directory; run from the repository root or pass "
@@ -60,6 +52,9 @@ def demo(
         raise typer.Exit(2)
 
     async def work(settings: Settings, db: Database) -> bool:
+        from keyshift.db.migrate import upgrade_to_head
+        from keyshift.security.secrets_store import ensure_secrets
+
         secrets, created = ensure_secrets(settings.secrets_dir)
         await upgrade_to_head(db.engine)
         _step(f"database {db.engine.url.render_as_string(hide_password=True)}")
@@ -75,6 +70,11 @@ def demo(
 
 
 async def _catalog(db: Database, catalog_dir: Path) -> None:
+    from keyshift.catalog import loader
+    from keyshift.catalog import service as catalog
+    from keyshift.cli.catalog import render_diff
+    from keyshift.context import cli_actor
+
     _step(f"publish the catalog in {catalog_dir}")
     manifests = loader.load(catalog_dir)
     async with db.transaction() as session:
@@ -88,6 +88,15 @@ async def _catalog(db: Database, catalog_dir: Path) -> None:
 
 
 async def _licensing(db: Database, secrets: Secrets) -> bool:
+    from keyshift import client
+    from keyshift.audit import service as audit
+    from keyshift.context import cli_actor
+    from keyshift.db.types import utcnow
+    from keyshift.errors import ActivationLimitReached, MalformedKey
+    from keyshift.licensing import activations, license_files, validation
+    from keyshift.licensing import service as licensing
+    from keyshift.licensing.cache import LicenseStateCache
+
     actor, keyring, signing = cli_actor(), secrets.keyring, secrets.signing
     stamp = utcnow().strftime("%Y%m%d-%H%M%S")
     cache = LicenseStateCache(ttl_seconds=0)  # the demo reads its own writes at once
@@ -241,9 +250,13 @@ def _unissued_like(key: str) -> str:
 async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, check: Any) -> bool:
     """Pro 2023 → Pro 2025 for Acme: plan, apply, validate, supersede its offline file, roll
     back by hash, apply again and finalize."""
+    from keyshift import client
     from keyshift.canonical import canonical_json
-    from keyshift.cli.migrate import _plan_text
+    from keyshift.cli.migrate import plan_text
     from keyshift.client.signatures import verify_signature
+    from keyshift.context import cli_actor
+    from keyshift.db.types import utcnow
+    from keyshift.licensing import license_files
     from keyshift.migration import repository
     from keyshift.migration.errors import RulesInvalid
     from keyshift.migration.executor import Executor, check_rules, preview
@@ -273,7 +286,7 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
         assert not await check_rules(session, rules)
     async with db.transaction() as session:
         plan, _ = await preview(session, rules, account_id, now=utcnow())
-    typer.echo("  " + _plan_text(plan.to_dict()).replace("\n", "\n  "))
+    typer.echo("  " + plan_text(plan.to_dict()).replace("\n", "\n  "))
     async with db.transaction() as session:
         old_file = await license_files.checkout(
             session, secrets.keyring, signing, key=key, fingerprint="laptop-1"
@@ -282,7 +295,8 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     _step("migration: apply (lock → snapshot → prepare → cutover → verify → receipt)")
     executor = Executor(db, signing)
     row = await executor.apply(actor, rules, account_id)
-    typer.echo(f"  migration {row.id}: {row.state}; snapshot sha256 {row.snapshot_hash[:16]}…")
+    snapshot = row.snapshot_hash or "none"  # set by the snapshot step, which apply ran
+    typer.echo(f"  migration {row.id}: {row.state}; snapshot sha256 {snapshot[:16]}…")
     receipt = row.receipt or {}
     public = client.public_keys_from_jwks(signing.public_jwks())
     verify_signature(

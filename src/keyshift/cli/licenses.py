@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import typer
 
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
 from keyshift.errors import InvalidInput
-from keyshift.licensing import activations, service
-from keyshift.security.secrets_store import load_secrets
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+    from keyshift.licensing.service import StatusChange
 
 group = typer.Typer(help="License keys, their lifecycle and activations.", no_args_is_help=True)
 
@@ -45,6 +46,10 @@ def issue(
     """Issue a key; the plaintext key is printed this once (as JSON with the license)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import service
+        from keyshift.security.secrets_store import load_secrets
+
         keyring = load_secrets(settings.secrets_dir).keyring
         async with db.transaction() as session:
             issued = await service.issue_license(
@@ -66,6 +71,8 @@ def show(license_id: str) -> None:
     """Show a license (never its key; see `reveal`)."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             row = await service.get_license(session, license_id)
             emit_json(await service.describe_license(session, row))
@@ -78,6 +85,8 @@ def list_licenses(account_id: str) -> None:
     """List an account's licenses."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             rows = await service.list_licenses(session, account_id)
             emit_json([await service.describe_license(session, row) for row in rows])
@@ -85,11 +94,26 @@ def list_licenses(account_id: str) -> None:
     run(work)
 
 
-def _status_command(name: str, change: service.StatusChange, help_text: str) -> None:
+def _status_changes() -> dict[str, StatusChange]:
+    """The service behind each status command (imported when one runs)."""
+    from keyshift.licensing import service
+
+    return {
+        "suspend": service.suspend_license,
+        "reinstate": service.reinstate_license,
+        "revoke": service.revoke_license,
+    }
+
+
+def _status_command(name: str, help_text: str) -> None:
     def command(
         license_id: str, reason: str | None = typer.Option(None, help="Recorded in the audit log.")
     ) -> None:
         async def work(_settings: Settings, db: Database) -> None:
+            from keyshift.context import cli_actor
+            from keyshift.licensing import service
+
+            change = _status_changes()[name]
             async with db.transaction() as session:
                 row = await change(session, cli_actor(), license_id, reason=reason)
                 emit_json(await service.describe_license(session, row))
@@ -100,9 +124,9 @@ def _status_command(name: str, change: service.StatusChange, help_text: str) -> 
     group.command(name)(command)
 
 
-_status_command("suspend", service.suspend_license, "Suspend a license (reversible).")
-_status_command("reinstate", service.reinstate_license, "Reinstate a suspended license.")
-_status_command("revoke", service.revoke_license, "Revoke a license for good; frees its seats.")
+_status_command("suspend", "Suspend a license (reversible).")
+_status_command("reinstate", "Reinstate a suspended license.")
+_status_command("revoke", "Revoke a license for good; frees its seats.")
 
 
 @group.command("renew")
@@ -113,6 +137,9 @@ def renew(
     """Extend a license by its plan's term from the later of now and its expiry."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import service
+
         async with db.transaction() as session:
             row = await service.renew_license(
                 session, cli_actor(), license_id, until=_when(until, "until")
@@ -127,6 +154,10 @@ def reveal(license_id: str) -> None:
     """Print a license's key (decrypted; the reveal is audited)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import service
+        from keyshift.security.secrets_store import load_secrets
+
         keyring = load_secrets(settings.secrets_dir).keyring
         async with db.transaction() as session:
             key = await service.reveal(session, cli_actor(), keyring, license_id)
@@ -144,6 +175,10 @@ def activate(
     """Activate a machine on a license, as its client would."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import activations
+        from keyshift.security.secrets_store import load_secrets
+
         keyring = load_secrets(settings.secrets_dir).keyring
         async with db.transaction() as session:
             outcome = await activations.activate(
@@ -163,6 +198,10 @@ def deactivate(
     """Free a seat: by activation --id, or by --key and --fingerprint."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.licensing import activations
+        from keyshift.security.secrets_store import load_secrets
+
         async with db.transaction() as session:
             if activation_id is not None:
                 gone = await activations.deactivate_by_id(session, cli_actor(), activation_id)
@@ -181,6 +220,8 @@ def list_activations(license_id: str) -> None:
     """List a license's activations (a lapsed floating lease shows is_live false)."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.licensing import activations
+
         async with db.transaction() as session:
             rows = await activations.list_activations(session, license_id)
         emit_json([activations.activation_view(a) for a in rows])

@@ -1,65 +1,30 @@
-"""`keyshift rules …` and `keyshift migrate …`: check rules, plan, apply, resume, roll back,
-finalize, and manage scheduled changes for one account."""
+"""`keyshift migrate …`: plan, apply, resume, roll back, finalize, and manage scheduled changes
+for one account."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from keyshift.cli.output import emit_json, exit_code_for, readable
+from keyshift.cli.output import emit_json, readable
+from keyshift.cli.rules import RULES_HELP, checked
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
-from keyshift.migration.errors import RulesInvalid
-from keyshift.migration.rules import MigrationRules
 
-rules_group = typer.Typer(help="Migration rules manifests.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+
 group = typer.Typer(
     help="Move one account between plans: plan, apply, roll back, finalize.",
     no_args_is_help=True,
 )
 
-RULES_HELP = "A migration rules file (TOML; see docs/migration-rules.md)."
-
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
-    app.add_typer(rules_group, name="rules")
     app.add_typer(group, name="migrate")
-
-
-def _print_problems(error: RulesInvalid, path: Path) -> None:
-    for problem in error.problems:
-        typer.echo(str(problem), err=True)
-    typer.echo(f"{len(error.problems)} problem(s) in {path}", err=True)
-
-
-def _load(path: Path) -> tuple[MigrationRules, str]:
-    from keyshift.migration.loader import load_rules
-
-    try:
-        return load_rules(path)
-    except RulesInvalid as error:
-        _print_problems(error, path)
-        raise typer.Exit(exit_code_for(error)) from None
-
-
-async def _checked(db: Database, path: Path) -> MigrationRules:
-    """The rules, cross-checked with the published catalog (problems on their lines)."""
-    from keyshift.migration.executor import check_rules
-    from keyshift.migration.loader import catalog_problems
-
-    rules, text = _load(path)
-    async with db.transaction() as session:
-        problems = await check_rules(session, rules)
-    if problems:
-        error = RulesInvalid(catalog_problems(str(path), text, problems), source=str(path))
-        _print_problems(error, path)
-        raise typer.Exit(exit_code_for(error))
-    return rules
 
 
 def _executor(settings: Settings, db: Database) -> Any:
@@ -75,28 +40,7 @@ def _view(row: Any, *, with_plan: bool = False) -> dict[str, Any]:
     return migration_view(row, with_plan=with_plan)
 
 
-@rules_group.command("validate")
-def validate(
-    path: Path = typer.Argument(..., help=RULES_HELP),
-    offline: bool = typer.Option(
-        False, "--offline", help="Check the schema only, without the published catalog."
-    ),
-) -> None:
-    """Check a rules file: its schema and, unless --offline, the published plans it names.
-    Every problem is printed as `file:line: field: reason`."""
-    if offline:
-        rules, _ = _load(path)
-        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}  (schema only)")
-        return
-
-    async def work(settings: Settings, db: Database) -> None:
-        rules = await _checked(db, path)
-        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}")
-
-    run(work)
-
-
-def _plan_text(plan: dict[str, Any]) -> str:
+def plan_text(plan: dict[str, Any]) -> str:
     lines = [
         f"account {plan['account_id']}: {plan['from']} → {plan['to']}  (rules {plan['rules']})",
         f"eligible: {'yes' if plan['eligible'] else 'NO'}   can apply: "
@@ -141,14 +85,15 @@ def plan(
     account: str = typer.Option(..., help="The account id."),
     as_json: bool = typer.Option(False, "--json", help="The whole plan as JSON."),
 ) -> None:
-    """Show what a migration would do to one account — steps, changes, conflicts and risks.
-    Writes nothing."""
+    """Show what a migration would do to one account, writing nothing.
+
+    Steps, changes (entitlements, counters, licenses), conflicts and risks."""
 
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.db.types import utcnow
         from keyshift.migration.executor import preview
 
-        rules = await _checked(db, rules_path)
+        rules = await checked(db, rules_path)
         async with db.transaction() as session:
             result, _ = await preview(session, rules, account, now=utcnow())
             # A plan is read-only: make sure of it whatever a future change does.
@@ -156,7 +101,7 @@ def plan(
         if as_json:
             emit_json(result.to_dict())
         else:
-            typer.echo(_plan_text(result.to_dict()))
+            typer.echo(plan_text(result.to_dict()))
 
     run(work)
 
@@ -169,11 +114,14 @@ def apply(
         "refuse", help="If the account has a scheduled change: refuse, replace or queue."
     ),
 ) -> None:
-    """Migrate one account (or schedule it, if the rules take effect later). Prints the
-    migration with its receipt. Exit 5 if another migration holds the account."""
+    """Migrate one account, or schedule it if the rules take effect later.
+
+    Prints the migration with its receipt. Exit 5 if another migration holds the account."""
 
     async def work(settings: Settings, db: Database) -> None:
-        rules = await _checked(db, rules_path)
+        from keyshift.context import cli_actor
+
+        rules = await checked(db, rules_path)
         executor = _executor(settings, db)
         row = await executor.request(cli_actor(), rules, account, on_pending=on_pending)
         if row.state == "locked":
@@ -190,6 +138,8 @@ def resume(migration_id: str = typer.Argument(..., help="The migration id.")) ->
     """Run the steps of a migration that a crash interrupted (safe to repeat)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+
         row = await _executor(settings, db).run(cli_actor(), migration_id)
         emit_json(_view(row))
 
@@ -206,6 +156,7 @@ def rollback_command(
         raise typer.BadParameter("give a migration id or --account, not both")
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration import repository
         from keyshift.migration.rollback import latest_for_account, rollback
 
@@ -228,6 +179,7 @@ def finalize_command(migration_id: str = typer.Argument(..., help="The migration
     """Release the old copies and retire the snapshot (no rollback after this)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.rollback import finalize
 
         emit_json(_view(await finalize(_executor(settings, db), cli_actor(), migration_id)))
@@ -240,6 +192,7 @@ def cancel_command(migration_id: str = typer.Argument(..., help="The migration i
     """Withdraw a scheduled, held or queued change."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.rollback import cancel
 
         emit_json(_view(await cancel(_executor(settings, db), cli_actor(), migration_id)))
@@ -252,6 +205,7 @@ def approve_command(migration_id: str = typer.Argument(..., help="The migration 
     """Apply a change held for review, as it stands now."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.schedule import approve
 
         emit_json(_view(await approve(_executor(settings, db), cli_actor(), migration_id)))
@@ -264,6 +218,7 @@ def run_due_command() -> None:
     """Execute scheduled changes whose time has come (run it from cron or a timer)."""
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
         from keyshift.migration.schedule import run_due
 
         rows = await run_due(_executor(settings, db), cli_actor())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -68,8 +67,10 @@ def describe_unexpected(error: BaseException) -> tuple[str, int]:
     return f"unexpected {type(error).__name__}: {first} (KEYSHIFT_DEBUG=1 shows the traceback)", 1
 
 
-def fail_unexpected(error: BaseException) -> NoReturn:
-    if os.environ.get("KEYSHIFT_DEBUG"):
+def fail_unexpected(error: BaseException, *, debug: bool = False) -> NoReturn:
+    """One line and an exit code for ``error``; with ``debug`` (``KEYSHIFT_DEBUG``) its
+    traceback first."""
+    if debug:
         traceback.print_exception(error, file=sys.stderr)
     message, code = describe_unexpected(error)
     typer.echo(f"error: {message}", err=True)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import typer
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
 from keyshift.errors import InvalidInput
-from keyshift.metering import reports, subjects
-from keyshift.metering import service as metering
-from keyshift.security.secrets_store import load_secrets
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+    from keyshift.metering import service as metering
 
 group = typer.Typer(help="Metered usage: record events, show counters.", no_args_is_help=True)
 
@@ -52,8 +53,13 @@ def record(
         raise typer.BadParameter("give exactly one of --key or --account")
 
     async def work(settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.metering import service as metering
+        from keyshift.metering import subjects
+        from keyshift.security.secrets_store import load_secrets
+
         event = metering.UsageIn(meter, quantity, idempotency_key, _timestamp(timestamp), member)
-        policy = metering.UsagePolicy.from_env()
+        policy = metering.UsagePolicy.from_settings(settings)
 
         async def once(session: AsyncSession) -> metering.Recorded:
             if key is not None:
@@ -79,6 +85,8 @@ def show(
     """An account's meters: used / included / remaining and recent events."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.metering import reports
+
         async with db.transaction() as session:
             emit_json(
                 await reports.account_usage(
@@ -94,6 +102,9 @@ def prune() -> None:
     """Release idempotency keys older than their window (events are kept)."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.metering import service as metering
+
         async with db.transaction() as session:
             released = await metering.prune(session, cli_actor())
         emit_json({"released": released})

@@ -7,7 +7,6 @@ aiosqlite on SQLite. The CLI enters it through ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -60,8 +59,9 @@ class HotRead:
         self.names: list[str] = list(getattr(compiled, "positiontup", None) or ())
 
 
-#: Connections per worker for validation's reads on PostgreSQL (``KEYSHIFT_DB_READ_POOL_SIZE``).
-READ_POOL_SIZE = int(os.environ.get("KEYSHIFT_DB_READ_POOL_SIZE", "10"))
+#: Connections per worker for validation's reads on PostgreSQL, unless ``Database`` is given
+#: another number (the app passes ``KEYSHIFT_DB_READ_POOL_SIZE``).
+READ_POOL_SIZE = 10
 #: Connection arguments SQLAlchemy's asyncpg adapter takes for itself (asyncpg would send
 #: them to the server as settings, and the server would refuse them).
 _ADAPTER_ONLY = (
@@ -130,8 +130,16 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 class Database:
     """An engine and its session factory; ``transaction()`` is the unit of work."""
 
-    def __init__(self, url: str, *, report_outages: bool = True, **engine_kwargs: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        report_outages: bool = True,
+        read_pool_size: int = READ_POOL_SIZE,
+        **engine_kwargs: Any,
+    ) -> None:
         self.url = url
+        self.read_pool_size = read_pool_size
         self.engine = create_engine(url, **engine_kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._engine_kwargs = engine_kwargs
@@ -215,7 +223,7 @@ class Database:
                     # and while the database is down it logs a traceback for every attempt.
                     # Connections are made on demand instead (and stay, below).
                     min_size=0,
-                    max_size=READ_POOL_SIZE,
+                    max_size=self.read_pool_size,
                     max_inactive_connection_lifetime=3600,
                     # The pool's default reset on release (advisory unlocks, CLOSE ALL, UNLISTEN,
                     # RESET ALL) is a round trip per read; ``fetch`` runs single statements
@@ -259,7 +267,7 @@ class Database:
             # (measured: ~120 new sessions/s at 1,500 usage validations/s with 5 + 10).
             # No overflow: above ``pool_size`` a read waits for a connection instead of opening
             # and closing one, and the per-worker connection count stays bounded.
-            kwargs.setdefault("pool_size", READ_POOL_SIZE)
+            kwargs.setdefault("pool_size", self.read_pool_size)
             kwargs.setdefault("max_overflow", 0)
             kwargs.setdefault("pool_recycle", 3600)
             self._reader = create_async_engine(self.url, isolation_level="AUTOCOMMIT", **kwargs)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,18 +31,20 @@ from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from keyshift.catalog.entitlements import Entitlements
+    from keyshift.config import Settings
     from keyshift.licensing.validation import LicenseState
 
 log = logging.getLogger("keyshift.cache")
 
 CHANNEL = "keyshift_validation"
-DEFAULT_TTL = float(os.environ.get("KEYSHIFT_VALIDATION_CACHE_TTL", "1.0"))
-DEFAULT_SIZE = int(os.environ.get("KEYSHIFT_VALIDATION_CACHE_SIZE", "100000"))
+# The defaults of the ``KEYSHIFT_VALIDATION_CACHE_*`` settings; ``configure`` applies the
+# settings to the process's cache when the app starts.
+DEFAULT_TTL = 1.0
+DEFAULT_SIZE = 100_000
 #: While the LISTEN connection is up every change is pushed to this process, so an entry can
 #: live much longer: the TTL is only a backstop then.
-LISTENING_TTL = float(os.environ.get("KEYSHIFT_VALIDATION_CACHE_TTL_LISTENING", "300"))
-#: Seconds past its expiry an entry still answers while the database cannot be reached
-#: (``Settings.validation_cache_stale_seconds`` sets the process's cache; 0: never).
+LISTENING_TTL = 300.0
+#: Seconds past its expiry an entry still answers while the database cannot be reached (0: never).
 DEFAULT_STALE = 60.0
 
 
@@ -81,6 +82,13 @@ class LicenseStateCache:
         self.generation = 0
         self.hits = 0
         self.misses = 0
+
+    def configure(self, settings: Settings) -> None:
+        """Apply the ``KEYSHIFT_VALIDATION_CACHE_*`` settings (the app does, as it starts)."""
+        self.ttl_seconds = settings.validation_cache_ttl
+        self.listening_ttl_seconds = settings.validation_cache_ttl_listening
+        self.max_entries = settings.validation_cache_size
+        self.stale_seconds = settings.validation_cache_stale_seconds
 
     def __len__(self) -> int:
         return len(self._entries)

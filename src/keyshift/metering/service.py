@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyshift import dates
 from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json, sha256_hex
-from keyshift.config import env_number
+from keyshift.config import Settings
 from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.db.types import utcnow
@@ -49,20 +49,14 @@ class UsagePolicy:
     late_window: timedelta = timedelta(hours=48)
 
     @classmethod
-    def from_env(cls) -> UsagePolicy:
-        """Read the windows from the environment; a bad value is a ConfigurationError naming
-        the variable (``keyshift serve`` checks this at start, so it never surfaces as a 500)."""
+    def from_settings(cls, settings: Settings) -> UsagePolicy:
+        """The windows ``KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS``, ``KEYSHIFT_USAGE_CLOCK_SKEW_MINUTES``
+        and ``KEYSHIFT_USAGE_LATE_HOURS`` set (checked when the settings were read)."""
         return cls(
-            idempotency_window=timedelta(
-                hours=_env_number("KEYSHIFT_IDEMPOTENCY_WINDOW_HOURS", 72, 48)
-            ),
-            clock_skew=timedelta(minutes=_env_number("KEYSHIFT_USAGE_CLOCK_SKEW_MINUTES", 5, 0)),
-            late_window=timedelta(hours=_env_number("KEYSHIFT_USAGE_LATE_HOURS", 48, 0)),
+            idempotency_window=timedelta(hours=settings.idempotency_window_hours),
+            clock_skew=timedelta(minutes=settings.usage_clock_skew_minutes),
+            late_window=timedelta(hours=settings.usage_late_hours),
         )
-
-
-def _env_number(name: str, default: float, minimum: float) -> float:
-    return env_number(name, default, minimum, 10 * 365 * 24 * 60)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keyshift.audit import service as audit
-from keyshift.config import env_number
+from keyshift.config import Settings
 from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.observability import metrics
@@ -52,13 +52,19 @@ class AbuseSettings:
     migrations_per_window: int = 60
 
     @classmethod
-    def from_env(cls) -> AbuseSettings:
+    def from_settings(cls, settings: Settings) -> AbuseSettings:
         return cls(
-            window_seconds=env_number("KEYSHIFT_ANOMALY_WINDOW", 3600.0, 1),
-            fingerprints_min=int(env_number("KEYSHIFT_ANOMALY_FINGERPRINTS_MIN", 10, 1)),
-            fingerprints_per_seat=int(env_number("KEYSHIFT_ANOMALY_FINGERPRINTS_PER_SEAT", 3, 1)),
-            migrations_per_window=int(env_number("KEYSHIFT_ANOMALY_MIGRATIONS", 60, 1)),
+            window_seconds=settings.anomaly_window,
+            fingerprints_min=settings.anomaly_fingerprints_min,
+            fingerprints_per_seat=settings.anomaly_fingerprints_per_seat,
+            migrations_per_window=settings.anomaly_migrations,
         )
+
+    @classmethod
+    def from_env(cls) -> AbuseSettings:
+        """The thresholds the environment sets, through ``Settings`` (a bad value is a
+        ConfigurationError naming the variable)."""
+        return cls.from_settings(Settings.from_env())
 
     def fingerprint_limit(self, cap: int) -> int:
         return max(self.fingerprints_min, self.fingerprints_per_seat * cap)
@@ -157,7 +163,7 @@ class AnomalyDetector:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
-        self.settings = settings or AbuseSettings.from_env()
+        self.settings = settings or AbuseSettings()
         self.fingerprints = DistinctInWindow(self.settings.window_seconds, clock=clock)
         self.migrations = CountInWindow(self.settings.window_seconds, clock=clock)
         self._writes: set[asyncio.Task[None]] = set()

@@ -101,7 +101,7 @@ async def record_usage(body: UsageRecord, request: Request, state: State) -> Jso
     """Record one event, or replay the first answer to the same idempotency key and body."""
     limit_key(state, body.key)
     bearer = await _writer(request, body)
-    policy = metering.UsagePolicy.from_env()
+    policy = metering.UsagePolicy.from_settings(state.settings)
 
     async def work(session: AsyncSession) -> metering.Recorded:
         subject = await _subject(session, state, body)
@@ -120,7 +120,7 @@ async def record_usage_batch(body: UsageBatch, request: Request, state: State) -
     fixed number of statements whatever the batch size (``metering.service._record``)."""
     limit_key(state, body.key)
     bearer = await _writer(request, body)
-    policy = metering.UsagePolicy.from_env()
+    policy = metering.UsagePolicy.from_settings(state.settings)
     events = [e.to_domain() for e in body.events]
 
     async def work(session: AsyncSession) -> list[metering.Recorded]:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import typer
 
 from keyshift.cli.output import emit_json, fail
 from keyshift.cli.runtime import run
-from keyshift.config import Settings
-from keyshift.context import cli_actor
-from keyshift.db.engine import Database
 from keyshift.errors import InvalidInput
-from keyshift.security import tokens as token_service
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
 
 group = typer.Typer(help="API tokens (bearer secrets with scopes).", no_args_is_help=True)
 
@@ -42,6 +43,9 @@ def create(
     )
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.security import tokens as token_service
+
         async with db.transaction() as session:
             issued = await token_service.create_token(
                 session,
@@ -66,6 +70,8 @@ def list_tokens() -> None:
     """List tokens (never their secrets)."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.security import tokens as token_service
+
         async with db.transaction() as session:
             emit_json(
                 [
@@ -88,6 +94,9 @@ def revoke(token_id: str) -> None:
     """Revoke a token; it fails authentication from now on."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.context import cli_actor
+        from keyshift.security import tokens as token_service
+
         async with db.transaction() as session:
             await token_service.revoke_token(session, cli_actor(), token_id)
         typer.echo(f"revoked {token_id}")
@@ -101,8 +110,10 @@ def scopes(
         False, "--markdown", help="As the table in docs/security.md, markers included."
     ),
 ) -> None:
-    """What each API route asks of its caller: nothing, the license key, or a token with one
-    of the scopes named (``admin`` holds them all). Read from the routes; needs no database."""
+    """Print what each API route asks of its caller; needs no database.
+
+    Nothing, the license key, or a token with one of the scopes named (``admin`` holds them
+    all), as read from the routes."""
     from keyshift.api import access
 
     table = access.route_table(access.app_routes())
