@@ -37,9 +37,14 @@ class Engine(Protocol):
     protocol, so the executor can call rollback (a failed verification) without the two
     modules importing each other."""
 
-    db: Database
-    cache: license_cache.LicenseStateCache | None
-    clock: Callable[[], datetime]
+    @property
+    def db(self) -> Database: ...
+
+    @property
+    def cache(self) -> license_cache.LicenseStateCache | None: ...
+
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
 
 
 REVERSIBLE = frozenset({"locked", "snapshotted", "prepared", "cutover", "verified", "completed"})
