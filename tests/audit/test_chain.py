@@ -178,6 +178,26 @@ async def test_verify_names_an_event_inserted_by_renumbering_the_later_ones(
     assert _kinds(await _verify(db)) == [(3, "inserted")]
 
 
+async def test_an_insert_covered_by_bumping_the_heads_seq_names_the_insert_and_the_head(
+    db: Database,
+) -> None:
+    await _append(db, 4)
+    async with db.transaction() as session:
+        # As above, and the forger also moves the head's seq up by one (its hash unchanged):
+        # the insert is named, and so is the head, not a gap past the chain's end.
+        for seq in (4, 3):
+            await session.execute(
+                update(AuditEvent).where(AuditEvent.seq == seq).values(seq=seq + 1)
+            )
+        await _forge(session, 3, (await _row(session, 2))["hash"])
+        await session.execute(update(AuditHead).values(seq=AuditHead.seq + 1))
+    report = await _verify(db)
+    assert _kinds(report) == [(3, "inserted"), (5, "head_mismatch")]
+    head = report.problems[-1]
+    assert head.details["head_seq"] == 5 and head.details["chain_seq"] == 4
+    assert head.details["head_hash"] == head.details["chain_hash"]
+
+
 async def test_a_consistent_event_inserted_at_seq_0_is_named_at_seq_0(db: Database) -> None:
     await _append(db, 3)
     async with db.transaction() as session:

@@ -278,7 +278,22 @@ class ChainWalk:
         the walk (see ``needs_head_again``)."""
         last = self._recent[-1]
         at_head = self._at_head
-        if at_head is None and last.orig < self.head_seq:
+        if at_head is None and last.orig < self.head_seq and last.hash == self.head_hash:
+            # The head holds the chain's last hash under a later seq: its seq was changed (to
+            # cover events inserted or removed), not events lost past the chain's end.
+            self._report(
+                self.head_seq,
+                ProblemKind.HEAD_MISMATCH,
+                f"the head says the chain ends at seq {self.head_seq}, but its hash is that of"
+                f" the event written as seq {last.orig}: the head's seq was changed",
+                {
+                    "head_seq": self.head_seq,
+                    "head_hash": self.head_hash,
+                    "chain_seq": last.orig,
+                    "chain_hash": last.hash,
+                },
+            )
+        elif at_head is None and last.orig < self.head_seq:
             first = last.orig + 1
             self._report(
                 last.seq + 1,
