@@ -108,6 +108,7 @@ def test_request_schemas_carry_the_enforced_constraints(spec: dict[str, Any]) ->
     usage = _schema(spec, "UsageRecord")
     assert usage["oneOf"] == [{"required": ["key"]}, {"required": ["account_id"]}]
     assert _schema(spec, "LicensePatch")["minProperties"] == 1
+    assert _schema(spec, "AccountPatch")["minProperties"] == 1  # `{}` changes nothing: a 422
     scopes = _schema(spec, "TokenCreate")["properties"]["scopes"]["items"]
     assert "admin" in scopes["enum"] and "audit:read" in scopes["enum"]
 

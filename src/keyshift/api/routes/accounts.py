@@ -8,7 +8,7 @@ import binascii
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from keyshift.api.deps import Session, require
 from keyshift.api.schemas import Ref, Request
@@ -55,7 +55,9 @@ class AccountCreate(Request):
 
 
 class AccountPatch(Request):
-    """Only the fields given change."""
+    """Only the fields given change; at least one is given (said in the schema too)."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     attributes: dict[str, Any] | None = Field(
