@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
-from keyshift.db.tables import Activation
+from keyshift.db.tables import Activation, AuditEvent
 from keyshift.db.types import utcnow
 from keyshift.licensing import activations, validation
 from keyshift.migration import repository
@@ -247,6 +247,98 @@ async def test_a_machine_activated_between_snapshot_and_cutover_takes_the_new_mo
     assert machines["laptop"] == ("node", None)
     later = utcnow() + timedelta(hours=3)
     assert await _code(db, secrets, other_key, "laptop", at=later) == "VALID"
+
+
+async def _second_license(db: Database, secrets: Secrets, plan: str) -> tuple[str, str]:
+    """An account on ``plan`` and the key of its second license, whose hand-set cap of 5 has
+    room for machines activated after the cutover."""
+    await helpers.publish(db)
+    account_id, keys = await helpers.rich_account(db, secrets, plan=plan)
+    return account_id, keys[1][1]
+
+
+async def _rollback_event(db: Database, migration_id: str) -> dict[str, Any]:
+    async with db.transaction() as session:
+        event = (
+            await session.execute(
+                select(AuditEvent).where(
+                    AuditEvent.action == "migration.rollback", AuditEvent.target_id == migration_id
+                )
+            )
+        ).scalar_one()
+    return event.details
+
+
+async def test_rollback_converts_a_machine_activated_after_the_cutover_to_node_locked(
+    db: Database, secrets: Secrets, executor: Executor
+) -> None:
+    """node → floating, a machine activated under the floating plan, rollback: the machine is
+    node-locked again (no lease) and validates long after its floating lease would have
+    lapsed, with no heartbeat."""
+    account_id, key = await _second_license(db, secrets, helpers.OLD)
+    row = await executor.apply(
+        SYSTEM, helpers.rules(helpers.mode_rules_text(*TO_FLOATING)), account_id
+    )
+    assert row.state == "completed", row.error
+    async with db.transaction() as session:
+        late = await activations.activate(session, SYSTEM, secrets.keyring, key, "machine-d")
+    assert late.activation.mode == "floating" and late.activation.lease_expires_at is not None
+
+    rolled = await rollback(executor, SYSTEM, row.id)
+
+    assert rolled.state == "rolled_back"
+    machines = _machines(await helpers.state_of(db, account_id))
+    assert machines["machine-d"] == ("node", None)
+    later = utcnow() + helpers.LEASE * 3
+    assert await _code(db, secrets, key, "machine-d", at=later) == "VALID"
+    async with db.transaction() as session:
+        steps = await repository.steps_done(session, row.id)
+    details = steps["rollback"].details
+    assert details["exact"] is True
+    assert late.activation.id in details["activations_kept"]
+    [back] = details["activations_converted_back"]
+    assert back["id"] == late.activation.id and back["fingerprint"] == "machine-d"
+    assert back["from"]["mode"] == "floating" and back["from"]["lease_expires_at"]
+    assert back["to"] == {"mode": "node", "lease_expires_at": None}
+    assert (await _rollback_event(db, row.id))["activations_converted_back"] == [back]
+
+
+async def test_rollback_gives_a_machine_activated_after_the_cutover_a_floating_lease(
+    db: Database, secrets: Secrets, executor: Executor
+) -> None:
+    """floating → node, a machine activated under the node-locked plan, rollback: the machine
+    is floating again with a lease from the rollback, which a heartbeat extends and which
+    lapses without one (never a node-locked seat that never lapses on a floating plan)."""
+    account_id, key = await _second_license(db, secrets, helpers.OLD_FLOAT)
+    row = await executor.apply(SYSTEM, helpers.rules(helpers.mode_rules_text(*TO_NODE)), account_id)
+    assert row.state == "completed", row.error
+    async with db.transaction() as session:
+        late = await activations.activate(session, SYSTEM, secrets.keyring, key, "machine-d")
+    assert (late.activation.mode, late.activation.lease_expires_at) == ("node", None)
+
+    rolled = await rollback(executor, SYSTEM, row.id)
+
+    assert rolled.state == "rolled_back" and rolled.finished_at is not None
+    mode, lease = _machines(await helpers.state_of(db, account_id))["machine-d"]
+    assert mode == "floating" and parse_iso(lease) == rolled.finished_at + helpers.LEASE
+    async with db.transaction() as session:
+        steps = await repository.steps_done(session, row.id)
+    details = steps["rollback"].details
+    assert details["exact"] is True
+    [back] = details["activations_converted_back"]
+    assert back["from"] == {"mode": "node", "lease_expires_at": None}
+    assert back["to"] == {"mode": "floating", "lease_expires_at": lease}
+    # 50 minutes on, a heartbeat extends the lease past the one from the rollback.
+    await helpers.leases_age(db, account_id, timedelta(minutes=50))
+    beat = await _heartbeat(db, secrets, key, "machine-d")
+    assert beat.mode == "floating" and beat.lease_expires_at is not None
+    assert beat.lease_expires_at > rolled.finished_at + helpers.LEASE
+    assert await _code(db, secrets, key, "machine-d", at=utcnow() + timedelta(minutes=15)) == (
+        "VALID"
+    )
+    # With no more heartbeats, the seat lapses when the lease ends (the license's only one).
+    lapsed = await _code(db, secrets, key, "machine-d", at=beat.lease_expires_at)
+    assert lapsed == "NO_ACTIVATION"
 
 
 # -- a real server ------------------------------------------------------------------------------

@@ -64,6 +64,32 @@ async def test_plan_prints_steps_conflicts_and_risks_and_writes_nothing(
     assert plan["can_apply"] is True and len(plan["archive"]) == 2
     assert await dump(db) == before
 
+    # A plan that switches the activation mode lists each machine switched, and the seat
+    # pins keep_all sets, one line each.
+    other_id, _ = await helpers.rich_account(db, secrets)
+    modes = tmp_path / "modes.toml"
+    modes.write_text(helpers.mode_rules_text(helpers.OLD, helpers.NEW_FLOAT, "keep_all"))
+    args = ("migrate", "plan", "--rules", str(modes), "--account", other_id)
+    before = await dump(db)
+    switching = run_keyshift(cli_env(settings), *args)
+    switching_plan = json.loads(run_keyshift(cli_env(settings), *args, "--json").stdout)
+
+    assert switching.returncode == 0, switching.stderr
+    changes = switching_plan["changes"]
+    assert len(changes["activations_converted"]) == 3
+    for change in changes["activations_converted"]:
+        assert (
+            f"  activation switched: {change['activation_id']} ({change['fingerprint']}) on"
+            f" license {change['license_id']}: node, no lease → floating, a lease of 3600 s"
+            " from the cutover\n"
+        ) in switching.stdout
+    [pin] = changes["activations_grandfathered"]
+    assert (
+        f"  license {pin['license_id']} seats pinned: 3 kept > the target's cap of 2 → cap 3\n"
+    ) in switching.stdout
+    assert "{'" not in switching.stdout
+    assert await dump(db) == before
+
 
 async def test_rules_validate_names_file_line_and_field(
     db: Database, settings: Settings, tmp_path: Path

@@ -63,6 +63,17 @@ def plan_text(plan: dict[str, Any]) -> str:
         )
     for activation in plan["deactivate"]:
         lines.append(f"  activation deactivated: {activation}")
+    for change in plan["changes"].get("activations_converted", []):
+        lines.append(
+            f"  activation switched: {change['activation_id']} ({change['fingerprint']}) on"
+            f" license {change['license_id']}: {_machine_from(change['from'])} →"
+            f" {_machine_to(change['to'])}"
+        )
+    for pin in plan["changes"].get("activations_grandfathered", []):
+        lines.append(
+            f"  license {pin['license_id']} seats pinned: {pin['kept']} kept > the target's cap"
+            f" of {pin['target_cap']} → cap {pin['pinned_cap']}"
+        )
     for obj in plan["archive"]:
         lines.append(f"  object archived: {obj}")
     for lic in plan["changes"]["licenses"]:
@@ -77,6 +88,18 @@ def plan_text(plan: dict[str, Any]) -> str:
     ]
     lines.append("risks: " + (", ".join(plan["risks"]) if plan["risks"] else "none"))
     return "\n".join(lines)
+
+
+def _machine_from(before: dict[str, Any]) -> str:
+    lease = before.get("lease_expires_at")
+    return f"{before['mode']}, lease until {lease}" if lease else f"{before['mode']}, no lease"
+
+
+def _machine_to(after: dict[str, Any]) -> str:
+    seconds = after.get("lease_seconds")
+    if seconds:
+        return f"{after['mode']}, a lease of {seconds} s from the cutover"
+    return f"{after['mode']}, no lease"
 
 
 @group.command("plan")

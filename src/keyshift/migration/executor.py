@@ -701,43 +701,9 @@ async def _convert_machines(
         return []  # a plan stored before activation modes were converted
     floating = terms["mode"] == "floating"
     lease = now + timedelta(seconds=int(terms["lease_seconds"])) if floating else None
-    planned = set(plan.get("convert", []))
-    rows = (
-        await session.execute(
-            select(
-                Activation.id,
-                Activation.license_id,
-                Activation.fingerprint,
-                Activation.mode,
-                Activation.lease_expires_at,
-            )
-            .where(Activation.account_id == account_id)
-            .order_by(Activation.id)
-        )
-    ).all()
-    changed = [
-        r
-        for r in rows
-        if (r.mode == "floating") != floating
-        and (r.id in planned or r.lease_expires_at is None or r.lease_expires_at > now)
-    ]
-    if not changed:
-        return []
-    await session.execute(
-        update(Activation)
-        .where(Activation.id.in_([r.id for r in changed]))
-        .values(mode=terms["mode"], lease_expires_at=lease)
+    return await repository.convert_machines(
+        session, account_id, terms["mode"], lease, now, also=set(plan.get("convert", []))
     )
-    return [
-        {
-            "id": r.id,
-            "license_id": r.license_id,
-            "fingerprint": r.fingerprint,
-            "from": {"mode": r.mode, "lease_expires_at": iso(r.lease_expires_at)},
-            "to": {"mode": terms["mode"], "lease_expires_at": iso(lease)},
-        }
-        for r in changed
-    ]
 
 
 def _derived(migration_id: str, object_id: str) -> str:

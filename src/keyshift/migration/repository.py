@@ -380,3 +380,58 @@ async def put_license_overrides(
             changed.append(row.id)
     await session.flush()
     return changed
+
+
+async def convert_machines(
+    session: AsyncSession,
+    account_id: str,
+    mode: str,
+    lease: datetime | None,
+    now: datetime,
+    *,
+    also: set[str] | frozenset[str] = frozenset(),
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    """Put every machine of the account that holds a seat (no lease, or a lease running past
+    ``now``; plus the ids in ``also``) and is not in ``mode`` into it, with ``lease`` (None for
+    node-locked). Ids in ``skip`` are left as they are. A lapsed lease is a free seat, not a
+    machine: left as it is. The caller holds the account's license locks (every seat change
+    takes them first). Returns each change with the values before and after, per machine."""
+    floating = mode == "floating"
+    rows = (
+        await session.execute(
+            select(
+                Activation.id,
+                Activation.license_id,
+                Activation.fingerprint,
+                Activation.mode,
+                Activation.lease_expires_at,
+            )
+            .where(Activation.account_id == account_id)
+            .order_by(Activation.id)
+        )
+    ).all()
+    changed = [
+        r
+        for r in rows
+        if (r.mode == "floating") != floating
+        and r.id not in skip
+        and (r.id in also or r.lease_expires_at is None or r.lease_expires_at > now)
+    ]
+    if not changed:
+        return []
+    await session.execute(
+        update(Activation)
+        .where(Activation.id.in_([r.id for r in changed]))
+        .values(mode=mode, lease_expires_at=lease)
+    )
+    return [
+        {
+            "id": r.id,
+            "license_id": r.license_id,
+            "fingerprint": r.fingerprint,
+            "from": {"mode": r.mode, "lease_expires_at": iso(r.lease_expires_at)},
+            "to": {"mode": mode, "lease_expires_at": iso(lease)},
+        }
+        for r in changed
+    ]

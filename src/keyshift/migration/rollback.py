@@ -5,7 +5,9 @@ except what must never be lost: usage recorded while the migration ran (counters
 by inverse deltas, so concurrent events stay counted) and machines activated meanwhile. The
 proof re-hashes the restored state with exactly those two kinds of growth taken out, and
 records them (``usage_kept``, ``activations_kept``): with no concurrent traffic it is the
-plain hash of the restored state.
+plain hash of the restored state. A machine activated after the cutover, under the target's
+activation mode, is kept in the restored plan's mode (``activations_converted_back``): it is
+one of ``activations_kept``, so ``exact`` speaks for the snapshot's machines, not for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy import and_, delete, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.audit import service as audit
+from keyshift.catalog import service as catalog
 from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.db.tables import Activation, DataObject, Migration
@@ -137,6 +140,7 @@ async def rollback(
                 "snapshot_hash": row.snapshot_hash,
                 "restored_hash": details.get("restored_hash"),
                 "exact": details.get("exact"),
+                "activations_converted_back": details.get("activations_converted_back", []),
             },
         )
     return row
@@ -192,6 +196,11 @@ async def _restore(
         if result.rowcount:  # type: ignore[attr-defined]
             reverted.append(change["id"])
 
+    # Machines activated since the snapshot and not put back above (activated after the
+    # cutover, under the target's mode) take the restored plan's mode, by the cutover's own
+    # rule: node-locked without a lease, or floating with a lease from now.
+    converted_back = await _convert_to_restored_mode(session, row, snapshot, reverted, now)
+
     await session.execute(
         delete(DataObject).where(DataObject.migration_id == row.id, DataObject.tier == "archive")
     )
@@ -223,8 +232,29 @@ async def _restore(
     return {
         "activations_restored": restored_activations,
         "activations_reverted": reverted,
+        "activations_converted_back": converted_back,
         "counters_restored": counters,
     }
+
+
+async def _convert_to_restored_mode(
+    session: AsyncSession, row: Migration, snapshot: State, reverted: list[str], now: datetime
+) -> list[dict[str, Any]]:
+    """Every machine holding a seat that the snapshot did not have is put into the restored
+    plan's activation mode (the machines of the snapshot are restored as they were)."""
+    sub = snapshot.get("subscription") or {}
+    if not sub.get("plan"):
+        return []
+    plan = await catalog.entitlements_for(session, sub["plan"], sub["plan_hash"])
+    known = {a["id"] for a in snapshot.get("activations", [])}
+    return await repository.convert_machines(
+        session,
+        row.account_id,
+        plan.machine_mode,
+        plan.lease_until(now),
+        now,
+        skip=known | set(reverted),
+    )
 
 
 async def prove(session: AsyncSession, row: Migration, now: datetime) -> dict[str, Any]:
