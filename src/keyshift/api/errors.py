@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -113,7 +113,7 @@ def unparseable_body() -> dict[str, Any]:
     }
 
 
-def allowed_methods(routes: Sequence[Any], scope: dict[str, Any]) -> set[str]:
+def allowed_methods(routes: Sequence[Any], scope: Mapping[str, Any]) -> set[str]:
     """Every method some route serves at the request's path, for a 405's ``Allow`` (routing
     stops at the first route whose path matches, which knows only its own methods)."""
     allowed: set[str] = set()

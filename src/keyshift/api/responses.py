@@ -123,7 +123,7 @@ def _body_fields(route: APIRoute) -> set[str]:
     return names
 
 
-def documented_errors(route: APIRoute) -> dict[int, dict[str, Any]]:
+def documented_errors(route: APIRoute) -> dict[int | str, dict[str, Any]]:
     """The error statuses ``route`` can answer, each with the error body's schema."""
     path, methods = route.path, set(route.methods or ())
     statuses = {422}  # any route: an unknown or malformed query parameter

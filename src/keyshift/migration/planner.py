@@ -259,11 +259,18 @@ def plan_migration(
     lost = []
     if source_ent is not None:
         for name, grant in sorted(source_ent.features.items()):
-            rule = rules.features.get(name)
-            to = (rule.to or name) if rule and rule.action == "rename" else name
-            after = target_ent.features.get(to)
+            feature_rule = rules.features.get(name)
+            to = (
+                (feature_rule.to or name)
+                if feature_rule and feature_rule.action == "rename"
+                else name
+            )
+            target_grant = target_ent.features.get(to)
             if grant.is_usable and (
-                rule is None or rule.action == "drop" or after is None or not after.is_usable
+                feature_rule is None
+                or feature_rule.action == "drop"
+                or target_grant is None
+                or not target_grant.is_usable
             ):
                 lost.append(name)
     risks += [f"loses_feature:{name}" for name in lost]

@@ -7,6 +7,7 @@ is its shape; ``check_against_catalog`` is the cross-check with the plans and ed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -91,9 +92,11 @@ class AttributePredicate(Strict):
             case "ne":
                 return actual != self.value
             case "in":
-                return present and actual in (self.value or [])
+                assert isinstance(self.value, list)
+                return present and actual in self.value
             case "not_in":
-                return actual not in (self.value or [])
+                assert isinstance(self.value, list)
+                return actual not in self.value
             case "gte" | "lte":
                 if isinstance(actual, bool) or not isinstance(actual, int | float):
                     return False
@@ -102,10 +105,15 @@ class AttributePredicate(Strict):
         raise AssertionError(self.op)
 
 
+AccountStatus = Literal["active", "suspended"]
+
+
+def _active_only() -> list[AccountStatus]:
+    return ["active"]
+
+
 class Eligibility(Strict):
-    account_status: list[Literal["active", "suspended"]] = Field(
-        default_factory=lambda: ["active"], min_length=1
-    )
+    account_status: list[AccountStatus] = Field(default_factory=_active_only, min_length=1)
     attributes: list[AttributePredicate] = Field(default_factory=list, max_length=50)
 
 
@@ -287,7 +295,10 @@ def check_against_catalog(
     scaled).
     """
     problems: list[RuleProblem] = []
-    add = lambda field, reason: problems.append(RuleProblem(field, reason))  # noqa: E731
+
+    def add(field: str, reason: str) -> None:
+        problems.append(RuleProblem(field, reason))
+
     for index, ref in enumerate(rules.rules.from_plans):
         if sources.get(ref) is None:
             add(f"rules.from.{index}", f"no published plan {ref}")
@@ -304,7 +315,7 @@ def check_against_catalog(
 
     def mapping_problems(
         section: str,
-        mapping: dict[str, FeatureRule] | dict[str, QuotaRule],
+        mapping: Mapping[str, FeatureRule | QuotaRule],
         source_names: set[str],
         target_names: set[str],
     ) -> None:

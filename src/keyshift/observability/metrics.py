@@ -154,6 +154,7 @@ def render() -> tuple[bytes, str]:
     """The exposition text and its content type; in multiprocess mode, summed over workers."""
     if is_multiprocess():
         registry = CollectorRegistry()
-        _multiprocess.MultiProcessCollector(registry)
+        # prometheus_client ships no annotation for this constructor (its __init__ is untyped).
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
