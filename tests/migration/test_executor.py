@@ -193,7 +193,7 @@ async def test_block_policy_refuses_and_writes_nothing(
 async def test_cached_entitlements_are_invalidated_at_cutover(
     db: Database, secrets: Secrets
 ) -> None:
-    from keyshift.licensing.cache import LicenseStateCache
+    from keyshift.validation.cache import LicenseStateCache
 
     await helpers.publish(db)
     account_id, keys = await helpers.rich_account(db, secrets)

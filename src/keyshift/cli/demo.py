@@ -95,7 +95,7 @@ async def _licensing(db: Database, secrets: Secrets) -> bool:
     from keyshift.errors import ActivationLimitReached, MalformedKey
     from keyshift.licensing import activations, license_files, validation
     from keyshift.licensing import service as licensing
-    from keyshift.licensing.cache import LicenseStateCache
+    from keyshift.validation.cache import LicenseStateCache
 
     actor, keyring, signing = cli_actor(), secrets.keyring, secrets.signing
     stamp = utcnow().strftime("%Y%m%d-%H%M%S")

@@ -22,6 +22,7 @@ from keyshift.catalog.durations import Duration
 from keyshift.catalog.entitlements import Entitlements
 from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
 from keyshift.context import Actor
+from keyshift.db import changes
 from keyshift.db.tables import Account, License, Migration, Subscription
 from keyshift.db.types import utcnow
 from keyshift.errors import (
@@ -34,7 +35,7 @@ from keyshift.errors import (
     MigrationInProgress,
     NotFound,
 )
-from keyshift.licensing import cache, keys, repository
+from keyshift.licensing import keys, repository
 from keyshift.security.keyring import Keyring, Sealed
 
 
@@ -101,7 +102,7 @@ async def subscribe(
         current.plan_key, current.plan_version, current.plan_hash = key, version, plan_hash
         current.entitlements_version += 1
         # Every validation of this account's licenses must see the new plan from the commit on.
-        await cache.invalidate_on_commit(session, account_id=account.id)
+        await changes.announce(session, account_id=account.id)
     await session.flush()
     await audit.record(
         session,
@@ -319,7 +320,7 @@ async def _changed(
     row.version += 1
     row.updated_at = utcnow()
     await session.flush()
-    await cache.invalidate_on_commit(session, lookup=row.key_lookup)
+    await changes.announce(session, lookup=row.key_lookup)
     await audit.record(
         session,
         actor,
@@ -623,7 +624,7 @@ async def _account_changed(
     subscription.entitlements_version += 1
     subscription.updated_at = utcnow()
     await session.flush()
-    await cache.invalidate_on_commit(session, account_id=subscription.account_id)
+    await changes.announce(session, account_id=subscription.account_id)
     await audit.record(
         session,
         actor,

@@ -30,12 +30,12 @@ from keyshift.db.engine import HotRead
 from keyshift.db.tables import Activation, License, Subscription, UsageCounter
 from keyshift.db.types import utcnow
 from keyshift.errors import DatabaseUnavailable, InvalidInput
-from keyshift.licensing.cache import CachedLicense, LicenseStateCache
 from keyshift.licensing.service import lookup_for
 from keyshift.metering import reports, subjects
 from keyshift.metering.meters import MeterState, meter_specs
 from keyshift.security.keyring import Keyring
 from keyshift.security.signing import ALGORITHM, SigningKeys
+from keyshift.validation.cache import CachedLicense, LicenseStateCache
 
 SIGNATURE_HEADER = "Keyshift-Signature"
 NONCE_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"

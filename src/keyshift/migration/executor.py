@@ -24,6 +24,7 @@ from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
 from keyshift.context import Actor
+from keyshift.db import changes
 from keyshift.db.engine import Database
 from keyshift.db.tables import (
     Activation,
@@ -34,7 +35,6 @@ from keyshift.db.tables import (
 )
 from keyshift.db.types import utcnow
 from keyshift.errors import AccountNotFound, InvalidInput, MigrationInProgress, NotFound
-from keyshift.licensing import cache as license_cache
 from keyshift.licensing import validation
 from keyshift.migration import repository
 from keyshift.migration.errors import (
@@ -49,6 +49,7 @@ from keyshift.migration.rollback import rollback
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
 from keyshift.migration.state import State, differences, iso, parse_iso
 from keyshift.security.signing import SigningKeys
+from keyshift.validation import cache as license_cache
 
 #: A migration holds its account (``lock_account_id`` set) in these states.
 HOLDING = frozenset(
@@ -491,8 +492,10 @@ class Executor:
             )
         moves = [CounterMove(**m) for m in plan.get("counter_moves", [])]
         counters = await _move_counters(session, row.account_id, moves)
-        await license_cache.invalidate_on_commit(
-            session, account_id=row.account_id, cache=self.cache
+        await changes.announce(
+            session,
+            account_id=row.account_id,
+            to=self.cache.apply if self.cache is not None else None,
         )
         row.state, row.cutover_at = "cutover", now
         # keep_all over a lower cap: the pins were written with the license overrides above.

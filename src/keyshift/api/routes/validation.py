@@ -35,8 +35,8 @@ from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
 from keyshift.errors import KeyshiftError
 from keyshift.licensing import license_files, validation
-from keyshift.licensing.cache import default_cache
 from keyshift.observability import metrics
+from keyshift.validation.cache import default_cache
 
 router = APIRouter(tags=["validation"])
 #: Exporting a file hands out an offline grant (and may decrypt the stored key to encrypt
