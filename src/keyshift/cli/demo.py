@@ -89,6 +89,7 @@ async def _catalog(db: Database, catalog_dir: Path) -> None:
 
 async def _licensing(db: Database, secrets: Secrets) -> bool:
     from keyshift import client
+    from keyshift.accounts import service as accounts
     from keyshift.audit import service as audit
     from keyshift.context import cli_actor
     from keyshift.db.types import utcnow
@@ -123,10 +124,10 @@ async def _licensing(db: Database, secrets: Secrets) -> bool:
 
     _step("accounts, subscriptions and licenses")
     async with db.transaction() as session:
-        acme = await licensing.create_account(session, actor, name=f"Acme {stamp}")
-        await licensing.subscribe(session, actor, acme.id, "pro-seat@2023")
-        globex = await licensing.create_account(session, actor, name=f"Globex {stamp}")
-        await licensing.subscribe(session, actor, globex.id, "pro-usage@2025")
+        acme = await accounts.create_account(session, actor, name=f"Acme {stamp}")
+        await accounts.subscribe(session, actor, acme.id, "pro-seat@2023")
+        globex = await accounts.create_account(session, actor, name=f"Globex {stamp}")
+        await accounts.subscribe(session, actor, globex.id, "pro-usage@2025")
         acme_key = await licensing.issue_license(session, actor, keyring, account_id=acme.id)
         globex_key = await licensing.issue_license(session, actor, keyring, account_id=globex.id)
         spare_key = await licensing.issue_license(session, actor, keyring, account_id=acme.id)

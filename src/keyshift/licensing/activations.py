@@ -14,6 +14,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift.accounts import service as accounts
 from keyshift.audit import service as audit
 from keyshift.catalog.entitlements import Entitlements
 from keyshift.context import Actor
@@ -88,7 +89,7 @@ async def _lock_usable(
     row = await repository.lock_license(session, license_id)
     if row is None:
         raise LicenseNotFound(f"no license {license_id}", field="key")
-    plan = await service.entitlements_of(session, row.account_id)
+    plan = await accounts.entitlements_of(session, row.account_id)
     state = service.standing(row, plan.grace_seconds, now)
     if not service.is_usable(state):
         raise LicenseNotActive(f"the license is {state}; it cannot activate machines")
