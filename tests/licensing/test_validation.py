@@ -18,10 +18,10 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import License
 from keyshift.errors import InvalidInput, MalformedKey
 from keyshift.licensing import activations, service
-from keyshift.licensing import validation as v
-from keyshift.licensing.validation import ActivationState, Code, LicenseState, decide
 from keyshift.security.secrets_store import Secrets
 from keyshift.validation import cache
+from keyshift.validation import service as v
+from keyshift.validation.decide import ActivationState, Code, LicenseState, decide
 from tests import factories
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -17,9 +17,9 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import Activation, License, Subscription
 from keyshift.db.types import utcnow
 from keyshift.licensing import activations, keys, service
-from keyshift.licensing.validation import Code
 from keyshift.security.secrets_store import Secrets
 from keyshift.validation import cache
+from keyshift.validation.decide import Code
 from tests import factories
 from tests.conftest import LiveServer
 

@@ -94,8 +94,10 @@ async def _licensing(db: Database, secrets: Secrets) -> bool:
     from keyshift.context import cli_actor
     from keyshift.db.types import utcnow
     from keyshift.errors import ActivationLimitReached, MalformedKey
-    from keyshift.licensing import activations, license_files, validation
+    from keyshift.licensing import activations
     from keyshift.licensing import service as licensing
+    from keyshift.validation import license_files
+    from keyshift.validation import service as validation
     from keyshift.validation.cache import LicenseStateCache
 
     actor, keyring, signing = cli_actor(), secrets.keyring, secrets.signing
@@ -257,13 +259,13 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     from keyshift.client.signatures import verify_signature
     from keyshift.context import cli_actor
     from keyshift.db.types import utcnow
-    from keyshift.licensing import license_files
     from keyshift.migration import repository
     from keyshift.migration.errors import RulesInvalid
     from keyshift.migration.executor import Executor, check_rules, preview
     from keyshift.migration.loader import load_rules
     from keyshift.migration.rollback import finalize, rollback
     from keyshift.objects import service as data_objects
+    from keyshift.validation import license_files
 
     actor, signing = cli_actor(), secrets.signing
     _step(f"migration: plan {DEFAULT_RULES} for Acme (keyshift migrate plan)")

@@ -31,7 +31,7 @@ from keyshift.db.changes import CHANNEL
 if TYPE_CHECKING:
     from keyshift.catalog.entitlements import Entitlements
     from keyshift.config import Settings
-    from keyshift.licensing.validation import LicenseState
+    from keyshift.validation.decide import LicenseState
 
 log = logging.getLogger("keyshift.cache")
 
