@@ -132,6 +132,7 @@ async def seed_licenses(
     """Migrate, publish ``catalog/``, issue ``count`` licenses on ``plan_ref`` (one account
     each, ``batch`` per transaction); returns their plaintext keys. With ``activate`` each is
     activated on one machine, and the line is ``KEY<TAB>FINGERPRINT``."""
+    from keyshift.accounts import service as accounts
     from keyshift.catalog.loader import load
     from keyshift.catalog.service import publish
     from keyshift.context import SYSTEM
@@ -151,10 +152,10 @@ async def seed_licenses(
         while len(keys) < count:
             async with db.transaction() as session:
                 for _ in range(min(batch, count - len(keys))):
-                    account = await licensing.create_account(
+                    account = await accounts.create_account(
                         session, SYSTEM, name=f"bench account {len(keys)}"
                     )
-                    await licensing.subscribe(session, SYSTEM, account.id, plan_ref)
+                    await accounts.subscribe(session, SYSTEM, account.id, plan_ref)
                     issued = await licensing.issue_license(
                         session, SYSTEM, secrets.keyring, account_id=account.id
                     )

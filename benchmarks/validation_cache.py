@@ -98,7 +98,7 @@ def keep_warm(
         return
     if time.monotonic() - warmth.filled_at + args.duration + 30 < warmth.ttl:
         return
-    from keyshift.licensing.cache import CHANNEL
+    from keyshift.db.changes import CHANNEL
 
     progress("cache entries would expire during the next measurement: clearing, warming again")
     harness.pg(bench.plain_url, "SELECT pg_notify($1, 'clear')", CHANNEL)

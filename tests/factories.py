@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from keyshift.accounts import service as accounts
 from keyshift.catalog import service as catalog
 from keyshift.catalog.manifests import Edition, Plan
 from keyshift.context import SYSTEM
@@ -72,9 +73,9 @@ async def create_account(
 ) -> Account:
     """An account, subscribed to ``plan_ref`` (publish the sample catalog first)."""
     async with db.transaction() as session:
-        account = await service.create_account(session, SYSTEM, name=name)
+        account = await accounts.create_account(session, SYSTEM, name=name)
         if plan_ref is not None:
-            await service.subscribe(session, SYSTEM, account.id, plan_ref)
+            await accounts.subscribe(session, SYSTEM, account.id, plan_ref)
     return account
 
 

@@ -131,8 +131,8 @@ def test_the_app_applies_the_cache_and_pool_settings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from keyshift.api.app import create_app
-    from keyshift.licensing.cache import default_cache
     from keyshift.security.secrets_store import ensure_secrets
+    from keyshift.validation.cache import default_cache
 
     ensure_secrets(tmp_path / "secrets")
     monkeypatch.setenv("KEYSHIFT_HOME", str(tmp_path))

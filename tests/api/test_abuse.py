@@ -17,7 +17,7 @@ from keyshift.api.state import AppState
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import AuditEvent
-from keyshift.licensing import activations, cache
+from keyshift.licensing import activations
 from keyshift.security.abuse import (
     AbuseSettings,
     AnomalyDetector,
@@ -25,6 +25,7 @@ from keyshift.security.abuse import (
     DistinctInWindow,
 )
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import cache
 from tests import factories
 from tests.api.test_operations import sample
 from tests.conftest import LiveServer, mint_token

@@ -22,6 +22,7 @@ import httpx
 import orjson
 import pytest
 
+from keyshift.accounts import service as accounts
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.migrate import upgrade_to_head
@@ -121,8 +122,8 @@ async def _seed(url: str, secrets: Secrets) -> tuple[str, str, str, str]:
         await upgrade_to_head(db.engine)
         await helpers.publish(db)
         async with db.transaction() as session:
-            account = await licensing.create_account(session, SYSTEM, name="Outage Co")
-            await licensing.subscribe(session, SYSTEM, account.id, helpers.NEW)
+            account = await accounts.create_account(session, SYSTEM, name="Outage Co")
+            await accounts.subscribe(session, SYSTEM, account.id, helpers.NEW)
             keys = [
                 (
                     await licensing.issue_license(

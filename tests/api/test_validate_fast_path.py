@@ -18,8 +18,9 @@ from keyshift.api.routes.validation import ValidateEndpoint
 from keyshift.api.state import AppState
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
-from keyshift.licensing import activations, cache
+from keyshift.licensing import activations
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import cache
 from tests import factories
 from tests.api.test_operations import sample
 

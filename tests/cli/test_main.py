@@ -103,6 +103,6 @@ def test_help_imports_none_of_the_heavy_libraries() -> None:
 
 def test_license_file_export_defaults_to_the_services_ttl() -> None:
     from keyshift.cli.license_file import DEFAULT_TTL
-    from keyshift.licensing import license_files
+    from keyshift.validation import license_files
 
     assert DEFAULT_TTL == license_files.DEFAULT_TTL

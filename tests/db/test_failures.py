@@ -18,7 +18,7 @@ from keyshift.config import Settings
 from keyshift.db import failures
 from keyshift.db.engine import Database, HotRead
 from keyshift.errors import ConfigurationError, DatabaseBusy, DatabaseUnavailable
-from keyshift.licensing.cache import default_cache
+from keyshift.validation.cache import default_cache
 from tests.conftest import free_port
 
 

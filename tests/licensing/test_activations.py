@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
+from keyshift.accounts import service as accounts
 from keyshift.audit import service as audit
 from keyshift.context import Actor
 from keyshift.db.engine import Database
@@ -169,7 +170,7 @@ async def _change_plan(db: Database, license_id: str, plan: str) -> None:
     """Move the license's account to ``plan`` (its machines stay as they were activated)."""
     async with db.transaction() as session:
         row = await service.get_license(session, license_id)
-        await service.subscribe(session, ACTOR, row.account_id, plan)
+        await accounts.subscribe(session, ACTOR, row.account_id, plan)
 
 
 async def _lease_ends(db: Database, activation_id: str, at: datetime) -> None:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select, text, update
 
+from keyshift.accounts import service as accounts
 from keyshift.audit import service as audit
 from keyshift.context import Actor
 from keyshift.db.engine import Database
@@ -52,9 +53,9 @@ async def test_create_account_subscribe_and_list_pages(db: Database) -> None:
     await factories.publish_sample_catalog(db)
     created = [await factories.create_account(db, name=f"a{i}") for i in range(5)]
     async with db.transaction() as session:
-        first = await service.list_accounts(session, limit=3)
-        second = await service.list_accounts(session, limit=3, after=first[-1].id)
-        subscription = await service.get_subscription(session, created[0].id)
+        first = await accounts.list_accounts(session, limit=3)
+        second = await accounts.list_accounts(session, limit=3, after=first[-1].id)
+        subscription = await accounts.get_subscription(session, created[0].id)
     assert len(first) == 3 and len(second) == 2
     assert {a.id for a in first + second} == {a.id for a in created}
     assert subscription is not None and subscription.plan_key == "seat-node"
@@ -68,13 +69,13 @@ async def test_subscribing_to_an_unknown_plan_writes_nothing(db: Database) -> No
     before = await _actions(db)
     with pytest.raises(PlanNotFound):
         async with db.transaction() as session:
-            await service.subscribe(session, ACTOR, account.id, "nope@1")
+            await accounts.subscribe(session, ACTOR, account.id, "nope@1")
     with pytest.raises(InvalidInput) as bad:
         async with db.transaction() as session:
-            await service.subscribe(session, ACTOR, account.id, "not a ref")
+            await accounts.subscribe(session, ACTOR, account.id, "not a ref")
     assert bad.value.field == "plan"
     async with db.transaction() as session:
-        assert await service.get_subscription(session, account.id) is None
+        assert await accounts.get_subscription(session, account.id) is None
     assert await _actions(db) == before
 
 
@@ -82,7 +83,7 @@ async def test_changing_plan_bumps_entitlements_version(db: Database) -> None:
     await factories.publish_sample_catalog(db)
     account = await factories.create_account(db)
     async with db.transaction() as session:
-        changed = await service.subscribe(session, ACTOR, account.id, factories.SEAT_FLOATING)
+        changed = await accounts.subscribe(session, ACTOR, account.id, factories.SEAT_FLOATING)
     assert changed.entitlements_version == 2 and changed.plan_key == "seat-floating"
 
 

@@ -18,8 +18,8 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import UsageCounter, UsageEvent
 from keyshift.db.types import utcnow
 from keyshift.errors import ConfigurationError
-from keyshift.licensing import cache
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import cache
 from tests.conftest import LiveServer, cli_env, mint_token, run_keyshift
 from tests.metering.helpers import HYBRID, metered_license, used
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from keyshift.accounts import service as accounts
 from keyshift.catalog import service as catalog
 from keyshift.catalog.manifests import Edition, Plan
 from keyshift.context import SYSTEM
@@ -173,10 +174,10 @@ async def rich_account(
     and ``exports`` units counted this month. Returns (account id, [(license id, key)])."""
     now = datetime.now(UTC)
     async with db.transaction() as session:
-        account = await licensing.create_account(session, SYSTEM, name="Migrating Co")
+        account = await accounts.create_account(session, SYSTEM, name="Migrating Co")
         account.attributes = {"region": "eu", "tier": 2}
         account.preferences = {"theme": "dark", "locale": "de"}
-        sub = await licensing.subscribe(session, SYSTEM, account.id, plan)
+        sub = await accounts.subscribe(session, SYSTEM, account.id, plan)
         sub.overrides = {"addons": {"extra": {"quotas": {"storage": 50}, "features": {}}}}
         keys = []
         for _ in range(2):

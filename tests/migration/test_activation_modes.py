@@ -18,12 +18,13 @@ from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import Activation, AuditEvent
 from keyshift.db.types import utcnow
-from keyshift.licensing import activations, validation
+from keyshift.licensing import activations
 from keyshift.migration import repository
 from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import rollback
 from keyshift.migration.state import parse_iso, state_hash
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import service as validation
 from tests.conftest import LiveServer, mint_token
 from tests.migration import helpers
 

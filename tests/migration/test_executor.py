@@ -13,7 +13,6 @@ from keyshift.canonical import canonical_json
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import DataObject, MigrationStep
-from keyshift.licensing import validation
 from keyshift.migration import repository
 from keyshift.migration.errors import (
     MigrationBlocked,
@@ -24,6 +23,8 @@ from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import finalize, rollback
 from keyshift.migration.state import state_hash
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import decide as policy
+from keyshift.validation import service as validation
 from tests.migration import helpers
 
 
@@ -89,13 +90,13 @@ async def test_the_key_validates_under_the_new_plan_without_reactivation(
         fingerprint="machine-2",
         feature="d",
     )
-    assert result.code is validation.Code.VALID
+    assert result.code is policy.Code.VALID
     assert result.payload["entitlements"]["plan"] == helpers.NEW
     # The second license's hand-set feature "b" was carried, over the new edition's "disabled".
     other = await validation.validate(
         db.transaction, secrets.keyring, secrets.signing, key=keys[1][1], feature="b"
     )
-    assert other.code is validation.Code.VALID
+    assert other.code is policy.Code.VALID
     assert other.payload["entitlements"]["addons"] == ["extra"]
     assert other.payload["entitlements"]["quotas"]["storage"] == 150
 
@@ -193,7 +194,7 @@ async def test_block_policy_refuses_and_writes_nothing(
 async def test_cached_entitlements_are_invalidated_at_cutover(
     db: Database, secrets: Secrets
 ) -> None:
-    from keyshift.licensing.cache import LicenseStateCache
+    from keyshift.validation.cache import LicenseStateCache
 
     await helpers.publish(db)
     account_id, keys = await helpers.rich_account(db, secrets)

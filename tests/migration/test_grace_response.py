@@ -18,9 +18,10 @@ from keyshift.api.state import AppState
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import Subscription
-from keyshift.licensing import cache, validation
 from keyshift.migration.executor import Executor
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import cache
+from keyshift.validation import service as validation
 from tests.migration import helpers
 
 VALIDATE = "/v1/licenses/validate"

@@ -15,12 +15,13 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import Activation, License
 from keyshift.db.types import utcnow
 from keyshift.errors import ActivationLimitReached
-from keyshift.licensing import activations, validation
+from keyshift.licensing import activations
 from keyshift.migration import repository
 from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import rollback
 from keyshift.migration.state import state_hash
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import service as validation
 from tests.conftest import LiveServer, mint_token
 from tests.migration import helpers
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
+from keyshift.accounts import service as accounts
 from keyshift.context import SYSTEM
 from keyshift.db import failures
 from keyshift.db.engine import Database
@@ -31,8 +32,8 @@ async def accounts_on_old_plan(db: Database, secrets: Secrets, count: int) -> li
     made = []
     async with db.transaction() as session:
         for index in range(count):
-            account = await licensing.create_account(session, SYSTEM, name=f"Racer {index}")
-            await licensing.subscribe(session, SYSTEM, account.id, helpers.OLD)
+            account = await accounts.create_account(session, SYSTEM, name=f"Racer {index}")
+            await accounts.subscribe(session, SYSTEM, account.id, helpers.OLD)
             issued = await licensing.issue_license(
                 session, SYSTEM, secrets.keyring, account_id=account.id
             )

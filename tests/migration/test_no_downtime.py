@@ -13,11 +13,12 @@ from sqlalchemy import select
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import UsageCounter
-from keyshift.licensing import validation
 from keyshift.metering import service as metering
 from keyshift.metering import subjects
 from keyshift.migration.executor import Executor
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import decide as policy
+from keyshift.validation import service as validation
 from tests.migration import helpers
 
 
@@ -25,7 +26,7 @@ async def _entitlements(db: Database, secrets: Secrets, key: str) -> dict:
     result = await validation.validate(
         db.transaction, secrets.keyring, secrets.signing, key=key, fingerprint="machine-2"
     )
-    assert result.code is validation.Code.VALID
+    assert result.code is policy.Code.VALID
     return result.payload["entitlements"]
 
 

@@ -17,11 +17,11 @@ from keyshift.canonical import content_hash
 from keyshift.catalog.entitlements import resolve, with_overrides
 from keyshift.catalog.loader import load as load_catalog
 from keyshift.catalog.manifests import Edition, Plan
-from keyshift.licensing.validation import ActivationState, Code, LicenseState, decide
 from keyshift.migration.loader import load_rules
 from keyshift.migration.planner import MigrationPlan, plan_migration, quota_usage
 from keyshift.migration.rules import AttributePredicate, MigrationRules, PlanPair
 from keyshift.migration.state import derived_id, iso, parse_iso
+from keyshift.validation.decide import ActivationState, Code, LicenseState, decide
 from tests.migration import helpers
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)

@@ -11,12 +11,12 @@ from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.errors import MigrationInProgress
 from keyshift.licensing import service as licensing
-from keyshift.licensing import validation
 from keyshift.migration import repository
 from keyshift.migration.errors import MigrationBlocked
 from keyshift.migration.executor import Executor
 from keyshift.migration.state import state_hash
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import service as validation
 from tests.migration import helpers
 
 

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
-from keyshift.licensing import validation
 from keyshift.migration.executor import Executor
 from keyshift.migration.rollback import rollback
 from keyshift.migration.state import differences, state_hash
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import service as validation
 from tests.conftest import reset
 from tests.migration import helpers
 

@@ -65,7 +65,7 @@ async def test_catalog_is_untouched_by_rotation(db: Database) -> None:
     assert before == after
 
 
-_cli = invoke_keyshift  # in-process; tests/licensing/test_license_files.py runs `keys` for real
+_cli = invoke_keyshift  # in-process; tests/validation/test_license_files.py runs `keys` for real
 
 
 async def test_rotate_then_reencrypt_from_the_command_line(

@@ -15,9 +15,9 @@ from keyshift.api.routes import ROUTERS, validation
 from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
-from keyshift.licensing import cache
 from keyshift.observability.middleware import RequestContextMiddleware
 from keyshift.security.secrets_store import load_secrets
+from keyshift.validation import cache
 
 
 def create_app(

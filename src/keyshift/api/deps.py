@@ -14,9 +14,9 @@ from keyshift.api.retry import RetryRequest
 from keyshift.api.state import AppState
 from keyshift.context import Actor
 from keyshift.errors import AuthenticationFailed, DatabaseBusy, KeyshiftError, PermissionDenied
-from keyshift.licensing import validation
 from keyshift.migration.executor import Executor
 from keyshift.security import tokens
+from keyshift.validation import service as validation
 
 # Dependencies that never block are ``async def``: FastAPI runs a plain ``def`` dependency in a
 # worker thread, which on the validation hot path cost two thread hand-offs per request.

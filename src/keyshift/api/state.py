@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from keyshift.api.ratelimit import TokenBucket
 from keyshift.config import Settings
 from keyshift.db.engine import Database
-from keyshift.licensing.cache import default_cache
 from keyshift.migration.executor import Executor
 from keyshift.security.abuse import AbuseSettings, AnomalyDetector
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation.cache import default_cache
 
 
 @dataclass

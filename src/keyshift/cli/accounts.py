@@ -32,8 +32,8 @@ def create(
     """Create an account (and subscribe it, with --plan); prints it as JSON."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.accounts import service
         from keyshift.context import cli_actor
-        from keyshift.licensing import service
 
         async with db.transaction() as session:
             actor = cli_actor()
@@ -57,7 +57,7 @@ def list_accounts(
     """List accounts as JSON, one page at a time."""
 
     async def work(_settings: Settings, db: Database) -> None:
-        from keyshift.licensing import service
+        from keyshift.accounts import service
 
         async with db.transaction() as session:
             accounts = await service.list_accounts(session, limit=limit, after=after)
@@ -71,7 +71,7 @@ def show(account_id: str) -> None:
     """Show an account and its subscription."""
 
     async def work(_settings: Settings, db: Database) -> None:
-        from keyshift.licensing import service
+        from keyshift.accounts import service
 
         async with db.transaction() as session:
             account = await service.get_account(session, account_id)
@@ -109,8 +109,8 @@ def update(
             fail(InvalidInput(f"not JSON: {error}", field="attributes"))
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.accounts import service
         from keyshift.context import cli_actor
-        from keyshift.licensing import service
 
         async with db.transaction() as session:
             account = await service.update_account(session, cli_actor(), account_id, changes)
@@ -125,8 +125,8 @@ def subscribe(account_id: str, plan: str = typer.Argument(..., help="key@version
     """Put an account on a published plan version."""
 
     async def work(_settings: Settings, db: Database) -> None:
+        from keyshift.accounts import service
         from keyshift.context import cli_actor
-        from keyshift.licensing import service
 
         async with db.transaction() as session:
             subscription = await service.subscribe(session, cli_actor(), account_id, plan)

@@ -89,13 +89,16 @@ async def _catalog(db: Database, catalog_dir: Path) -> None:
 
 async def _licensing(db: Database, secrets: Secrets) -> bool:
     from keyshift import client
+    from keyshift.accounts import service as accounts
     from keyshift.audit import service as audit
     from keyshift.context import cli_actor
     from keyshift.db.types import utcnow
     from keyshift.errors import ActivationLimitReached, MalformedKey
-    from keyshift.licensing import activations, license_files, validation
+    from keyshift.licensing import activations
     from keyshift.licensing import service as licensing
-    from keyshift.licensing.cache import LicenseStateCache
+    from keyshift.validation import license_files
+    from keyshift.validation import service as validation
+    from keyshift.validation.cache import LicenseStateCache
 
     actor, keyring, signing = cli_actor(), secrets.keyring, secrets.signing
     stamp = utcnow().strftime("%Y%m%d-%H%M%S")
@@ -123,10 +126,10 @@ async def _licensing(db: Database, secrets: Secrets) -> bool:
 
     _step("accounts, subscriptions and licenses")
     async with db.transaction() as session:
-        acme = await licensing.create_account(session, actor, name=f"Acme {stamp}")
-        await licensing.subscribe(session, actor, acme.id, "pro-seat@2023")
-        globex = await licensing.create_account(session, actor, name=f"Globex {stamp}")
-        await licensing.subscribe(session, actor, globex.id, "pro-usage@2025")
+        acme = await accounts.create_account(session, actor, name=f"Acme {stamp}")
+        await accounts.subscribe(session, actor, acme.id, "pro-seat@2023")
+        globex = await accounts.create_account(session, actor, name=f"Globex {stamp}")
+        await accounts.subscribe(session, actor, globex.id, "pro-usage@2025")
         acme_key = await licensing.issue_license(session, actor, keyring, account_id=acme.id)
         globex_key = await licensing.issue_license(session, actor, keyring, account_id=globex.id)
         spare_key = await licensing.issue_license(session, actor, keyring, account_id=acme.id)
@@ -256,13 +259,13 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     from keyshift.client.signatures import verify_signature
     from keyshift.context import cli_actor
     from keyshift.db.types import utcnow
-    from keyshift.licensing import license_files
     from keyshift.migration import repository
     from keyshift.migration.errors import RulesInvalid
     from keyshift.migration.executor import Executor, check_rules, preview
     from keyshift.migration.loader import load_rules
     from keyshift.migration.rollback import finalize, rollback
     from keyshift.objects import service as data_objects
+    from keyshift.validation import license_files
 
     actor, signing = cli_actor(), secrets.signing
     _step(f"migration: plan {DEFAULT_RULES} for Acme (keyshift migrate plan)")

@@ -15,7 +15,7 @@ from keyshift.cli.runtime import run
 if TYPE_CHECKING:
     from keyshift.config import Settings
     from keyshift.db.engine import Database
-    from keyshift.licensing import license_files
+    from keyshift.validation import license_files
 
 #: ``license_files.DEFAULT_TTL``, written out so that listing the commands imports no service
 #: (a test holds the two equal).
@@ -43,8 +43,8 @@ def export(
 
     async def work(settings: Settings, db: Database) -> license_files.ExportedFile:
         from keyshift.context import cli_actor
-        from keyshift.licensing import license_files
         from keyshift.security.secrets_store import load_secrets
+        from keyshift.validation import license_files
 
         secrets = load_secrets(settings.secrets_dir)
         async with db.transaction() as session:

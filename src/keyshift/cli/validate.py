@@ -29,8 +29,9 @@ def validate(
     """Validate a key as an application would and print the signed answer.
 
     Exit 0 if VALID, 1 if not (the code says why)."""
-    from keyshift.licensing import validation
     from keyshift.security.secrets_store import load_secrets
+    from keyshift.validation import decide as policy
+    from keyshift.validation import service as validation
 
     async def work(settings: Settings, db: Database) -> validation.ValidationResult:
         secrets = load_secrets(settings.secrets_dir)
@@ -46,5 +47,5 @@ def validate(
 
     result = run(work)
     emit_json(json.loads(result.body))
-    typer.echo(f"{validation.SIGNATURE_HEADER}: {result.signature_header}", err=True)
+    typer.echo(f"{policy.SIGNATURE_HEADER}: {result.signature_header}", err=True)
     raise typer.Exit(0 if result.valid else 1)

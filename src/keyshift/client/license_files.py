@@ -6,7 +6,7 @@ envelope ``{"alg", "enc", "kid", "lid", "payload", "sig"}``. ``sig`` is Ed25519 
 is ``nonce || AES-256-GCM ciphertext`` under HKDF-SHA256(license key, salt=license id), and
 the signature covers the ciphertext so it is checked before anything is decrypted.
 
-The server builds files with these same functions (``keyshift.licensing.license_files``).
+The server builds files with these same functions (``keyshift.validation.license_files``).
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Licensing: accounts, subscriptions, license keys, activations, validation, license files."""
+"""Licensing: license keys, licenses and activations. Accounts are in ``keyshift.accounts``;
+validation and offline license files in ``keyshift.validation``."""

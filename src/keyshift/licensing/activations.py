@@ -14,9 +14,11 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift.accounts import service as accounts
 from keyshift.audit import service as audit
 from keyshift.catalog.entitlements import Entitlements
 from keyshift.context import Actor
+from keyshift.db import changes
 from keyshift.db.tables import Activation, License
 from keyshift.db.types import utcnow
 from keyshift.errors import (
@@ -26,7 +28,7 @@ from keyshift.errors import (
     LicenseNotActive,
     LicenseNotFound,
 )
-from keyshift.licensing import cache, repository, service
+from keyshift.licensing import repository, service
 from keyshift.security.keyring import Keyring
 
 MAX_FINGERPRINT = 255
@@ -87,7 +89,7 @@ async def _lock_usable(
     row = await repository.lock_license(session, license_id)
     if row is None:
         raise LicenseNotFound(f"no license {license_id}", field="key")
-    plan = await service.entitlements_of(session, row.account_id)
+    plan = await accounts.entitlements_of(session, row.account_id)
     state = service.standing(row, plan.grace_seconds, now)
     if not service.is_usable(state):
         raise LicenseNotActive(f"the license is {state}; it cannot activate machines")
@@ -102,7 +104,7 @@ async def _reclaim_lapsed(
     if not lapsed:
         return
     await repository.delete_activations(session, [a.id for a in lapsed])
-    await cache.invalidate_on_commit(session, lookup=row.key_lookup)
+    await changes.announce(session, lookup=row.key_lookup)
     await audit.record_many(
         session,
         actor,
@@ -144,7 +146,7 @@ async def activate(
     ):
         _take_plan_terms(existing, plan, now)
         await session.flush()
-        await cache.invalidate_on_commit(session, lookup=row.key_lookup)
+        await changes.announce(session, lookup=row.key_lookup)
         return Activated(existing, created=False)
 
     await _reclaim_lapsed(session, actor, row, now, keep=existing.id if existing else None)
@@ -176,7 +178,7 @@ async def activate(
         )
         session.add(activation)
     await session.flush()
-    await cache.invalidate_on_commit(session, lookup=row.key_lookup)
+    await changes.announce(session, lookup=row.key_lookup)
     await audit.record(
         session,
         actor,
@@ -223,7 +225,7 @@ async def heartbeat(
         return (await activate(session, actor, keyring, row, fingerprint)).activation
     _take_plan_terms(existing, plan, now)
     await session.flush()
-    await cache.invalidate_on_commit(session, lookup=row.key_lookup)
+    await changes.announce(session, lookup=row.key_lookup)
     return existing
 
 
@@ -231,7 +233,7 @@ async def _release(
     session: AsyncSession, actor: Actor, activation: Activation, lookup: str
 ) -> Activation:
     await repository.delete_activations(session, [activation.id])
-    await cache.invalidate_on_commit(session, lookup=lookup)
+    await changes.announce(session, lookup=lookup)
     await audit.record(
         session,
         actor,

@@ -1,4 +1,4 @@
-"""Queries over accounts, licenses and activations. No domain decisions here: the service and
+"""Queries over licenses and activations. No domain decisions here: the service and
 activation modules decide, these functions read, lock and delete."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyshift.db.tables import Account, Activation, License
+from keyshift.db.tables import Activation, License
 
 
 async def lock_license(session: AsyncSession, license_id: str) -> License | None:
@@ -26,16 +26,6 @@ async def lock_license(session: AsyncSession, license_id: str) -> License | None
         .execution_options(populate_existing=True)
     )
     return (await session.execute(query)).scalar_one_or_none()
-
-
-async def list_accounts(
-    session: AsyncSession, *, limit: int, after: str | None = None
-) -> list[Account]:
-    """Accounts in id order; ``after`` is the last id of the previous page (keyset paging)."""
-    query = select(Account).order_by(Account.id).limit(limit)
-    if after is not None:
-        query = query.where(Account.id > after)
-    return list((await session.execute(query)).scalars())
 
 
 async def list_licenses(session: AsyncSession, account_id: str) -> list[License]:

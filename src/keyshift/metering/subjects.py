@@ -10,6 +10,7 @@ from functools import cached_property
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift.accounts import service as accounts
 from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements, with_overrides
 from keyshift.context import Actor
@@ -55,7 +56,7 @@ class Subject:
 async def _subject_of_account(
     session: AsyncSession, account_id: str, license_id: str | None
 ) -> Subject:
-    await licensing.get_account(session, account_id)
+    await accounts.get_account(session, account_id)
     subscription = await session.get(Subscription, account_id)
     if subscription is None:
         raise Conflict("the account has no plan; subscribe it first", field="account_id")

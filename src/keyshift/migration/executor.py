@@ -24,6 +24,7 @@ from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
 from keyshift.context import Actor
+from keyshift.db import changes
 from keyshift.db.engine import Database
 from keyshift.db.tables import (
     Activation,
@@ -34,8 +35,6 @@ from keyshift.db.tables import (
 )
 from keyshift.db.types import utcnow
 from keyshift.errors import AccountNotFound, InvalidInput, MigrationInProgress, NotFound
-from keyshift.licensing import cache as license_cache
-from keyshift.licensing import validation
 from keyshift.migration import repository
 from keyshift.migration.errors import (
     MigrationBlocked,
@@ -49,6 +48,9 @@ from keyshift.migration.rollback import rollback
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
 from keyshift.migration.state import State, differences, iso, parse_iso
 from keyshift.security.signing import SigningKeys
+from keyshift.validation import cache as license_cache
+from keyshift.validation import decide as policy
+from keyshift.validation import service as validation
 
 #: A migration holds its account (``lock_account_id`` set) in these states.
 HOLDING = frozenset(
@@ -491,8 +493,10 @@ class Executor:
             )
         moves = [CounterMove(**m) for m in plan.get("counter_moves", [])]
         counters = await _move_counters(session, row.account_id, moves)
-        await license_cache.invalidate_on_commit(
-            session, account_id=row.account_id, cache=self.cache
+        await changes.announce(
+            session,
+            account_id=row.account_id,
+            to=self.cache.apply if self.cache is not None else None,
         )
         row.state, row.cutover_at = "cutover", now
         # keep_all over a lower cap: the pins were written with the license overrides above.
@@ -554,7 +558,7 @@ class Executor:
             if lic["status"] != "active":
                 continue
             for fingerprint in [None, *machines.get(lic["id"], [])]:
-                decision = validation.decide(
+                decision = policy.decide(
                     loaded.state,
                     loaded.entitlements,
                     fingerprint=fingerprint,
@@ -565,7 +569,7 @@ class Executor:
                 # keep_all pins the cap to the seats kept, so no migration makes a license
                 # over its cap: one that is now is a regression, rolled back.
                 over = (
-                    decision.code is validation.Code.TOO_MANY_ACTIVATIONS
+                    decision.code is policy.Code.TOO_MANY_ACTIVATIONS
                     and lic["id"] not in over_cap_before
                 )
                 if lost or over:
@@ -629,10 +633,10 @@ class Executor:
 #: Validation answers that mean the license, or a machine kept on it, lost its hold.
 _LOST_SEAT = frozenset(
     {
-        validation.Code.NOT_FOUND,
-        validation.Code.NO_PLAN,
-        validation.Code.NO_ACTIVATION,
-        validation.Code.FINGERPRINT_MISMATCH,
+        policy.Code.NOT_FOUND,
+        policy.Code.NO_PLAN,
+        policy.Code.NO_ACTIVATION,
+        policy.Code.FINGERPRINT_MISMATCH,
     }
 )
 

@@ -22,9 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from keyshift.audit import service as audit
 from keyshift.catalog import service as catalog
 from keyshift.context import Actor
+from keyshift.db import changes
 from keyshift.db.engine import Database
 from keyshift.db.tables import Activation, DataObject, Migration
-from keyshift.licensing import cache as license_cache
 from keyshift.migration import repository
 from keyshift.migration.errors import (
     MigrationFinalized,
@@ -33,6 +33,7 @@ from keyshift.migration.errors import (
     WrongState,
 )
 from keyshift.migration.state import State, differences, parse_iso, state_hash
+from keyshift.validation import cache as license_cache
 
 
 class Engine(Protocol):
@@ -105,8 +106,10 @@ async def rollback(
         if cutover is not None and cutover.outcome == "done":
             details.update(await _restore(session, row, cutover.details, now))
             details["after_cutover"] = True
-            await license_cache.invalidate_on_commit(
-                session, account_id=row.account_id, cache=executor.cache
+            await changes.announce(
+                session,
+                account_id=row.account_id,
+                to=executor.cache.apply if executor.cache is not None else None,
             )
         else:
             await session.execute(

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift.accounts import service as accounts
 from keyshift.audit import service as audit
 from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements, with_overrides
@@ -20,7 +21,6 @@ from keyshift.context import Actor
 from keyshift.db.tables import DataObject, Subscription
 from keyshift.db.types import utcnow
 from keyshift.errors import Conflict, InvalidInput, NotFound
-from keyshift.licensing import service as licensing
 from keyshift.objects.errors import ObjectQuotaExceeded, QuotaReadOnly, UnknownQuota
 
 #: Objects carry small payloads here; larger data belongs in the vendor's own store.
@@ -105,7 +105,7 @@ async def put_object(
     # Refused while a migration holds the account: its plan counted the objects there were.
     # The subscription's row lock also serialises writers, so two cannot both fit in the room
     # one of them leaves: the use is read after it is taken.
-    subscription = await licensing.lock_for_change(session, account_id)
+    subscription = await accounts.lock_for_change(session, account_id)
     if subscription is None:
         raise Conflict("the account has no plan; subscribe it first", field="account_id")
     entitlements = await account_entitlements(session, subscription)
@@ -139,7 +139,7 @@ async def list_objects(
 ) -> list[DataObject]:
     """The account's live objects (and, if asked, the originals a migration superseded and
     keeps until it is finalized), oldest first."""
-    await licensing.get_account(session, account_id)
+    await accounts.get_account(session, account_id)
     query = select(DataObject).where(DataObject.account_id == account_id)
     if not include_superseded:
         query = query.where(DataObject.state == "active")

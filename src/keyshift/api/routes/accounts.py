@@ -10,12 +10,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Path, Query
 from pydantic import ConfigDict, Field, field_validator
 
+from keyshift.accounts import service
 from keyshift.api.deps import Session, require
 from keyshift.api.schemas import Ref, Request
 from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
 from keyshift.context import Actor
 from keyshift.errors import InvalidInput
-from keyshift.licensing import service
 from keyshift.objects import service as data_objects
 
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])

@@ -15,13 +15,13 @@ from fastapi import Request as HttpRequest
 from pydantic import ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift.accounts import service as accounts
 from keyshift.api.deps import Migrations, State, get_state, require, require_any
 from keyshift.api.schemas import Request
 from keyshift.catalog.loader import MAX_FILE_BYTES
 from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.db.tables import Migration
-from keyshift.licensing import service as licensing
 from keyshift.migration import loader, repository, rollback, schedule
 from keyshift.migration.errors import RulesInvalid
 from keyshift.migration.executor import Executor, check_rules, preview
@@ -254,7 +254,7 @@ async def rollback_account(
 ) -> dict[str, Any]:
     """Roll back the account's latest migration (409 if it never migrated)."""
     async with state.db.transaction() as session:
-        await licensing.get_account(session, account_id)
+        await accounts.get_account(session, account_id)
         latest = await rollback.latest_for_account(session, account_id)
     return await _rolled_back(state.db, engine, actor, latest.id, body.reason if body else None)
 
@@ -298,7 +298,7 @@ async def list_account_migrations(
     """``state=pending``: the changes not yet run (scheduled, held for review, queued), in the
     order they will run. ``state=all``: the latest migrations, newest first."""
     async with state.db.transaction() as session:
-        await licensing.get_account(session, account_id)
+        await accounts.get_account(session, account_id)
         if which == "all":
             rows = await repository.latest_migrations(session, account_id, limit=limit)
     if which == "pending":

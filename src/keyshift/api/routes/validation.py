@@ -34,9 +34,11 @@ from keyshift.api.state import AppState
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
 from keyshift.errors import KeyshiftError
-from keyshift.licensing import license_files, validation
-from keyshift.licensing.cache import default_cache
 from keyshift.observability import metrics
+from keyshift.validation import decide as policy
+from keyshift.validation import license_files
+from keyshift.validation import service as validation
+from keyshift.validation.cache import default_cache
 
 router = APIRouter(tags=["validation"])
 #: Exporting a file hands out an offline grant (and may decrypt the stored key to encrypt
@@ -45,7 +47,7 @@ Exporter = Annotated[Actor, Depends(require("licenses:write"))]
 
 Key = LicenseKey
 Fingerprint = Annotated[
-    str, Field(min_length=1, max_length=validation.FINGERPRINT_MAX, description="Machine id.")
+    str, Field(min_length=1, max_length=policy.FINGERPRINT_MAX, description="Machine id.")
 ]
 Ttl = Annotated[str, Field(min_length=2, max_length=16, description="e.g. 30d, 12h, 1y")]
 
@@ -62,7 +64,7 @@ class ValidateRequest(Request):
         Annotated[
             str,
             Field(
-                pattern=validation.NONCE_PATTERN,
+                pattern=policy.NONCE_PATTERN,
                 description="Echoed inside the signed body; defeats replay.",
             ),
         ]
@@ -143,7 +145,7 @@ async def answer(
     metrics.record_validation(result.code.value)
     metrics.record_cache(result.cached)
     activation = result.payload["activation"]
-    if activation is not None and result.code is not validation.Code.NOT_FOUND:
+    if activation is not None and result.code is not policy.Code.NOT_FOUND:
         state.anomalies.key_presented(
             result.lookup,
             body.fingerprint,
@@ -158,7 +160,7 @@ async def answer(
 def signed_headers(result: validation.ValidationResult) -> dict[str, str]:
     return {
         "content-type": "application/json",
-        validation.SIGNATURE_HEADER: result.signature_header,
+        policy.SIGNATURE_HEADER: result.signature_header,
         "cache-control": "no-store",
     }
 

@@ -13,13 +13,15 @@ from sqlalchemy import update
 
 from keyshift.catalog.entitlements import Entitlements, FeatureGrant
 from keyshift.context import SYSTEM
+from keyshift.db import changes
 from keyshift.db.engine import Database
 from keyshift.db.tables import License
 from keyshift.errors import InvalidInput, MalformedKey
-from keyshift.licensing import activations, cache, service
-from keyshift.licensing import validation as v
-from keyshift.licensing.validation import ActivationState, Code, LicenseState, decide
+from keyshift.licensing import activations, service
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import cache
+from keyshift.validation import service as v
+from keyshift.validation.decide import ActivationState, Code, LicenseState, decide
 from tests import factories
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -322,7 +324,7 @@ async def test_suspension_is_visible_at_once_after_invalidation(
     assert (await run_validate(db, secrets, key, cache=lru)).code is Code.VALID
     async with db.transaction() as session:
         await service.suspend_license(session, SYSTEM, row.id)
-        await cache.invalidate_on_commit(session, lookup=row.key_lookup, cache=lru)
+        await changes.announce(session, lookup=row.key_lookup, to=lru.apply)
         assert len(lru) == 1  # not before the commit: a reader could re-cache the old state
     assert len(lru) == 0
     assert (await run_validate(db, secrets, key, cache=lru)).code is Code.SUSPENDED
@@ -336,7 +338,7 @@ async def test_account_invalidation_drops_all_its_licenses(db: Database, secrets
     await run_validate(db, secrets, key2, cache=lru)
     assert len(lru) == 2
     async with db.transaction() as session:
-        await cache.invalidate_on_commit(session, account_id=account.id, cache=lru)
+        await changes.announce(session, account_id=account.id, to=lru.apply)
     assert len(lru) == 0
 
 
@@ -346,7 +348,7 @@ async def test_rolled_back_invalidation_is_forgotten(db: Database, secrets: Secr
     await run_validate(db, secrets, key, cache=lru)
     with pytest.raises(RuntimeError):
         async with db.transaction() as session:
-            await cache.invalidate_on_commit(session, lookup=row.key_lookup, cache=lru)
+            await changes.announce(session, lookup=row.key_lookup, to=lru.apply)
             raise RuntimeError("abort")
     assert len(lru) == 1
     async with db.transaction():
@@ -376,7 +378,7 @@ async def test_new_activation_is_seen_after_invalidation(db: Database, secrets: 
     )
     async with db.transaction() as session:
         await activations.activate(session, SYSTEM, secrets.keyring, key, "m1")
-        await cache.invalidate_on_commit(session, lookup=row.key_lookup, cache=lru)
+        await changes.announce(session, lookup=row.key_lookup, to=lru.apply)
     assert (await run_validate(db, secrets, key, cache=lru, fingerprint="m1")).code is Code.VALID
 
 
@@ -402,8 +404,8 @@ async def test_notify_reaches_another_process_cache(db: Database, secrets: Secre
         async with db.transaction() as session:
             await service.suspend_license(session, SYSTEM, row.id)
             # This process's cache is a different object: only the NOTIFY can reach `other`.
-            await cache.invalidate_on_commit(
-                session, lookup=row.key_lookup, cache=cache.LicenseStateCache()
+            await changes.announce(
+                session, lookup=row.key_lookup, to=cache.LicenseStateCache().apply
             )
         for _ in range(100):
             if len(other) == 0:

@@ -12,12 +12,14 @@ from sqlalchemy import delete, update
 
 from keyshift import client as sdk
 from keyshift.context import SYSTEM
+from keyshift.db import changes
 from keyshift.db.engine import Database
 from keyshift.db.tables import Activation, License, Subscription
 from keyshift.db.types import utcnow
-from keyshift.licensing import activations, cache, keys, service
-from keyshift.licensing.validation import Code
+from keyshift.licensing import activations, keys, service
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import cache
+from keyshift.validation.decide import Code
 from tests import factories
 from tests.conftest import LiveServer
 
@@ -300,7 +302,7 @@ async def test_endpoint_sees_a_suspension_once_invalidated(
     assert (await _validate(client, key=key))["code"] == Code.VALID
     async with db.transaction() as session:
         await service.suspend_license(session, SYSTEM, row.id)
-        await cache.invalidate_on_commit(session, lookup=row.key_lookup)
+        await changes.announce(session, lookup=row.key_lookup)
     assert (await _validate(client, key=key))["code"] == Code.SUSPENDED
 
 

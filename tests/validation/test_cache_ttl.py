@@ -10,9 +10,9 @@ import pytest
 
 from keyshift.config import Settings
 from keyshift.db.engine import Database
-from keyshift.licensing import cache
-from keyshift.licensing.validation import LicenseState
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation import cache
+from keyshift.validation.decide import LicenseState
 from tests import factories
 from tests.conftest import LiveServer, cli_env, invoke_keyshift
 

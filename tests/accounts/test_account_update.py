@@ -13,6 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from keyshift.accounts import service as accounts
 from keyshift.config import Settings
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
@@ -281,10 +282,10 @@ async def test_admin_changes_are_accepted_while_a_scheduled_change_waits_and_it_
     assert row.state == "scheduled"
 
     async with db.transaction() as session:
-        await licensing.update_account(
+        await accounts.update_account(
             session, SYSTEM, account_id, {"attributes": {"legal_hold": True}}
         )
-        await licensing.set_preferences(session, SYSTEM, account_id, {"theme": "light"})
+        await accounts.set_preferences(session, SYSTEM, account_id, {"theme": "light"})
         suspended = await licensing.suspend_license(session, SYSTEM, keys[1][0])
     assert suspended.status == "suspended"
 

@@ -24,8 +24,8 @@ from keyshift.db.tables import AuditEvent, License
 from keyshift.db.types import utcnow
 from keyshift.errors import ActivationNotFound, InvalidInput, LicenseNotActive
 from keyshift.licensing import activations, keys, service
-from keyshift.licensing.license_files import export_license_file
 from keyshift.security.secrets_store import Secrets
+from keyshift.validation.license_files import export_license_file
 from tests import factories
 from tests.conftest import cli_env, mint_token, run_keyshift
 
@@ -287,7 +287,7 @@ async def test_client_checkout_with_the_key(
 
 
 def test_file_expiry_never_runs_past_now_plus_ttl() -> None:
-    from keyshift.licensing.license_files import file_expiry
+    from keyshift.validation.license_files import file_expiry
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     asked = now + timedelta(days=30)

@@ -3,9 +3,9 @@
 Correctness first. An entry lives at most ``ttl_seconds`` (default 1 s, env
 ``KEYSHIFT_VALIDATION_CACHE_TTL``; 0 disables the cache): that is the staleness bound when
 nobody invalidates. Services that change a license, its activations or its account's plan
-call ``invalidate_on_commit`` in their transaction: the local cache drops the entry when the
-transaction commits, and on PostgreSQL a ``NOTIFY`` in the same transaction reaches every
-other process's ``InvalidationListener``. Entitlements are immutable per plan hash, so an
+call ``keyshift.db.changes.announce`` in their transaction: ``default_cache`` (subscribed to
+those announcements) drops the entry when the transaction commits, and on PostgreSQL a
+``NOTIFY`` in the same transaction reaches every other process's ``InvalidationListener``. Entitlements are immutable per plan hash, so an
 entry carries them too.
 
 While the database cannot be reached, validation answers from an entry up to
@@ -25,18 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from keyshift.db import changes
+from keyshift.db.changes import CHANNEL
 
 if TYPE_CHECKING:
     from keyshift.catalog.entitlements import Entitlements
     from keyshift.config import Settings
-    from keyshift.licensing.validation import LicenseState
+    from keyshift.validation.decide import LicenseState
 
 log = logging.getLogger("keyshift.cache")
 
-CHANNEL = "keyshift_validation"
 # The defaults of the ``KEYSHIFT_VALIDATION_CACHE_*`` settings; ``configure`` applies the
 # settings to the process's cache when the app starts.
 DEFAULT_TTL = 1.0
@@ -175,54 +173,10 @@ class LicenseStateCache:
             self.clear()  # unknown or "clear": the safe answer is to forget everything
 
 
-#: The process's cache; the validation routes use it.
+#: The process's cache; the validation routes use it. It hears every change announced in this
+#: process (``keyshift.db.changes``) when the announcing transaction commits.
 default_cache = LicenseStateCache()
-
-# -- invalidation on commit ------------------------------------------------------------------
-
-_PENDING = "keyshift.cache.pending"
-
-
-def _message(lookup: str | None, account_id: str | None) -> str:
-    if lookup is not None:
-        return f"license:{lookup}"
-    if account_id is not None:
-        return f"account:{account_id}"
-    return "clear"
-
-
-async def invalidate_on_commit(
-    session: AsyncSession,
-    *,
-    lookup: str | None = None,
-    account_id: str | None = None,
-    cache: LicenseStateCache | None = None,
-) -> None:
-    """Invalidate when the caller's transaction commits (not before: a reader in between would
-    re-cache the old state). Give ``lookup`` for one license, ``account_id`` for all of an
-    account's, neither for everything. On PostgreSQL also ``pg_notify`` in the same
-    transaction, so other processes hear of it exactly when it commits."""
-    message = _message(lookup, account_id)
-    pending: list[tuple[LicenseStateCache, str]] = session.sync_session.info.setdefault(
-        _PENDING, []
-    )
-    pending.append((cache if cache is not None else default_cache, message))
-    if session.get_bind().dialect.name == "postgresql":
-        await session.execute(
-            text("SELECT pg_notify(:channel, :message)"), {"channel": CHANNEL, "message": message}
-        )
-
-
-@event.listens_for(Session, "after_commit")
-def _after_commit(session: Session) -> None:
-    for cache, message in session.info.pop(_PENDING, []):
-        cache.apply(message)
-
-
-@event.listens_for(Session, "after_rollback")
-def _after_rollback(session: Session) -> None:
-    session.info.pop(_PENDING, None)
-
+changes.subscribe(default_cache.apply)
 
 # -- cross-process: PostgreSQL LISTEN --------------------------------------------------------
 

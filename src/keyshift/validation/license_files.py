@@ -33,9 +33,10 @@ from keyshift.errors import (
     LicenseNotFound,
 )
 from keyshift.licensing import service as licensing
-from keyshift.licensing import validation
 from keyshift.security.keyring import Keyring
 from keyshift.security.signing import ALGORITHM, SigningKeys
+from keyshift.validation import decide as policy
+from keyshift.validation import service as validation
 
 MIN_TTL = timedelta(minutes=1)
 MAX_TTL = timedelta(days=3650)
@@ -139,10 +140,8 @@ async def export_license_file(
             raise ActivationNotFound(
                 "this fingerprint has no live activation on the license", field="fingerprint"
             )
-    expiry = validation.expiry_of(
-        validation.LicenseState(
-            row.id, row.account_id, row.status, row.expires_at, None, row.version
-        ),
+    expiry = policy.expiry_of(
+        policy.LicenseState(row.id, row.account_id, row.status, row.expires_at, None, row.version),
         entitlements.grace_seconds,
         now,
     )
@@ -226,12 +225,12 @@ async def checkout(
     """A client checks out a file for itself, proving possession of the key. The license must
     validate (fresh from the database, not the cache) for the fingerprint given."""
     lookup = licensing.lookup_for(keyring, key)
-    validation.check_inputs(fingerprint, None, None)
+    policy.check_inputs(fingerprint, None, None)
     now = utcnow()
     loaded = await validation.load(session, lookup)
     if loaded is None:
         raise LicenseNotFound("no license has this key", field="key")
-    decision = validation.decide(
+    decision = policy.decide(
         loaded.state, loaded.entitlements, fingerprint=fingerprint, feature=None, now=now
     )
     if not decision.valid:

@@ -1,0 +1,1 @@
+"""Accounts: accounts, subscriptions, add-ons and preferences."""

@@ -1,0 +1,1 @@
+"""Validation: the pure decision, its reads, the cache it answers from, offline license files."""
