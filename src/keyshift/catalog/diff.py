@@ -53,10 +53,6 @@ class QuotaChange:
     def is_lowered(self) -> bool:
         return self.old is not None and self.new is not None and self.new < self.old
 
-    @property
-    def is_raised(self) -> bool:
-        return self.old is not None and self.new is not None and self.new > self.old
-
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "name": self.name,

@@ -20,7 +20,7 @@ from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
 from keyshift.db.tables import DataObject, Subscription
 from keyshift.db.types import utcnow
-from keyshift.errors import Conflict, InvalidInput, NotFound
+from keyshift.errors import Conflict, InvalidInput
 from keyshift.objects.errors import ObjectQuotaExceeded, QuotaReadOnly, UnknownQuota
 
 #: Objects carry small payloads here; larger data belongs in the vendor's own store.
@@ -165,13 +165,6 @@ async def quota_used(session: AsyncSession, account_id: str, quota: str) -> int:
         )
     )
     return int(total or 0)
-
-
-async def get_object(session: AsyncSession, account_id: str, object_id: str) -> DataObject:
-    row = await session.get(DataObject, object_id)
-    if row is None or row.account_id != account_id:
-        raise NotFound(f"no object {object_id}", field="object_id")
-    return row
 
 
 def object_view(row: DataObject) -> dict[str, Any]:

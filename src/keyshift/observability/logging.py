@@ -22,10 +22,6 @@ REQUEST_FIELDS = ("method", "route", "status", "duration_ms")
 _OPTIONAL_FIELDS = (*REQUEST_FIELDS, "path", "error_code")
 
 
-def current_request_id() -> str | None:
-    return request_id_var.get()
-
-
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object: ts, level, logger, message, request_id and, when
     given, method, route, status, duration_ms. A traceback goes into ``exc`` (server side only)."""
