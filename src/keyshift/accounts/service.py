@@ -30,6 +30,7 @@ from keyshift.errors import (
     MigrationInProgress,
     NotFound,
 )
+from keyshift.states import IN_FLIGHT
 
 
 async def create_account(
@@ -134,10 +135,6 @@ async def entitlements_of(session: AsyncSession, account_id: str) -> Entitlement
     return await catalog.entitlements_for(session, ref, subscription.plan_hash)
 
 
-#: Migration states in which the account's licenses and plan belong to the migration.
-_MIGRATING = ("locked", "snapshotted", "prepared", "cutover", "verified")
-
-
 async def ensure_not_migrating(session: AsyncSession, account_id: str) -> None:
     """Refuse an admin change to an account while a migration runs on it. Checked under the
     license's (or subscription's) row lock, which the snapshot step also takes: a change
@@ -145,7 +142,7 @@ async def ensure_not_migrating(session: AsyncSession, account_id: str) -> None:
     holder = (
         await session.execute(
             select(Migration.id, Migration.state).where(
-                Migration.lock_account_id == account_id, Migration.state.in_(_MIGRATING)
+                Migration.lock_account_id == account_id, Migration.state.in_(IN_FLIGHT)
             )
         )
     ).first()

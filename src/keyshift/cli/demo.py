@@ -265,6 +265,7 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     from keyshift.migration.loader import load_rules
     from keyshift.migration.rollback import finalize, rollback
     from keyshift.objects import service as data_objects
+    from keyshift.states import MigrationState, Step
     from keyshift.validation import license_files
 
     actor, signing = cli_actor(), secrets.signing
@@ -334,7 +335,7 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     _step("migration: roll back, prove it by hash, apply again, finalize")
     rolled = await rollback(executor, actor, row.id, reason="demo")
     async with db.transaction() as session:
-        proof = (await repository.steps_done(session, rolled.id))["rollback"].details
+        proof = (await repository.steps_done(session, rolled.id))[Step.ROLLBACK].details
     typer.echo(
         f"  restored sha256 {proof['restored_hash'][:16]}… == snapshot "
         f"{proof['snapshot_hash'][:16]}…: {proof['exact']}"
@@ -343,4 +344,4 @@ async def _migration(db: Database, secrets: Secrets, account_id: str, key: str, 
     again = await executor.apply(actor, rules, account_id)
     done = await finalize(executor, actor, again.id)
     typer.echo(f"  migration {done.id}: {done.state} (old copies released, snapshot retired)")
-    return bool(proof["exact"]) and answer.superseded and done.state == "finalized"
+    return bool(proof["exact"]) and answer.superseded and done.state == MigrationState.FINALIZED

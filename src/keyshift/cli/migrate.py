@@ -11,6 +11,7 @@ import typer
 from keyshift.cli.output import emit_json, readable
 from keyshift.cli.rules import RULES_HELP, checked
 from keyshift.cli.runtime import run
+from keyshift.states import MigrationState, Step
 
 if TYPE_CHECKING:
     from keyshift.config import Settings
@@ -147,10 +148,14 @@ def apply(
         rules = await checked(db, rules_path)
         executor = _executor(settings, db)
         row = await executor.request(cli_actor(), rules, account, on_pending=on_pending)
-        if row.state == "locked":
+        if row.state == MigrationState.LOCKED:
             row = await executor.run(cli_actor(), row.id)
         emit_json(_view(row))
-        if row.state not in ("completed", "scheduled", "queued"):
+        if row.state not in (
+            MigrationState.COMPLETED,
+            MigrationState.SCHEDULED,
+            MigrationState.QUEUED,
+        ):
             raise typer.Exit(5)
 
     run(work)
@@ -191,7 +196,7 @@ def rollback_command(
                 target = (await latest_for_account(session, account)).id
         row = await rollback(executor, cli_actor(), target, reason="requested")
         async with db.transaction() as session:
-            step = (await repository.steps_done(session, row.id)).get("rollback")
+            step = (await repository.steps_done(session, row.id)).get(Step.ROLLBACK)
         emit_json({**_view(row), "rollback": step.details if step else None})
 
     run(work)

@@ -22,6 +22,7 @@ from keyshift.metering.errors import UnknownMeter
 from keyshift.metering.meters import MeterSpec, meter_specs
 from keyshift.metering.periods import Period
 from keyshift.security.keyring import Keyring
+from keyshift.states import CUT_OVER
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ async def as_of(session: AsyncSession, subject: Subject, when: datetime) -> Subj
             .where(
                 Migration.account_id == subject.account_id,
                 Migration.cutover_at > when,
-                Migration.state.in_(("cutover", "verified", "completed", "finalized")),
+                Migration.state.in_(CUT_OVER),
             )
             .order_by(Migration.cutover_at)
             .limit(1)

@@ -11,9 +11,10 @@ import hashlib
 import os
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -48,24 +49,25 @@ from keyshift.migration.rollback import rollback
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
 from keyshift.migration.state import State, differences, iso, parse_iso
 from keyshift.security.signing import SigningKeys
+from keyshift.states import IN_FLIGHT, REPLACEABLE, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
 from keyshift.validation import decide as policy
 from keyshift.validation import service as validation
 
-#: A migration holds its account (``lock_account_id`` set) in these states.
-HOLDING = frozenset(
-    {"scheduled", "held", "locked", "snapshotted", "prepared", "cutover", "verified"}
-)
-#: States in which the steps still have work to do.
-IN_FLIGHT = frozenset({"locked", "snapshotted", "prepared", "cutover", "verified"})
-RUN_STEPS = ("snapshot", "prepare", "cutover", "verify", "receipt")
-STATE_AFTER = {
-    "snapshot": "snapshotted",
-    "prepare": "prepared",
-    "cutover": "cutover",
-    "verify": "verified",
-    "receipt": "completed",
-}
+RUN_STEPS = (Step.SNAPSHOT, Step.PREPARE, Step.CUTOVER, Step.VERIFY, Step.RECEIPT)
+
+
+class Flow(StrEnum):
+    """What a step's handler tells ``run`` to do next."""
+
+    NEXT = "next"
+    STOP = "stop"
+    VERIFY_FAILED = "verify_failed"
+
+
+#: One step's work, given the locked migration row; it writes the step's ledger row.
+StepHandler = Callable[[AsyncSession, Actor, Migration, datetime], Awaitable[Flow]]
+
 
 #: Test hook: ``KEYSHIFT_FAULT_POINT=inside:cutover`` makes the process SIGKILL itself there.
 #: Points: ``before:<step>``, ``inside:<step>`` (effects written, not committed), ``after:<step>``.
@@ -234,14 +236,14 @@ class Executor:
             effective_at = parse_iso(plan.effective_at)
             scheduled = effective_at is not None and effective_at > now
             if holder is not None:
-                if holder.state not in ("scheduled", "held") or on_pending == "refuse":
+                if holder.state not in REPLACEABLE or on_pending == "refuse":
                     raise MigrationInProgress(
                         f"account {account_id} already has migration {holder.id} ({holder.state})",
                         field="account_id",
                         migration_id=holder.id,
                     )
                 if on_pending == "replace":
-                    holder.state, holder.lock_account_id = "cancelled", None
+                    holder.state, holder.lock_account_id = MigrationState.CANCELLED, None
                     holder.finished_at = now
                     holder.error = f"replaced by migration {migration_id}"
                     await session.flush()
@@ -258,7 +260,13 @@ class Executor:
                 id=migration_id,
                 account_id=account_id,
                 lock_account_id=None if queued else account_id,
-                state="queued" if queued else "scheduled" if scheduled else "locked",
+                state=(
+                    MigrationState.QUEUED
+                    if queued
+                    else MigrationState.SCHEDULED
+                    if scheduled
+                    else MigrationState.LOCKED
+                ),
                 rules_ref=rules.ref,
                 rules_hash=rules.content_hash(),
                 source_ref=plan.source_ref,
@@ -277,13 +285,13 @@ class Executor:
             registered = await register_rules(session, actor, rules)
             if registered is not None:
                 events.insert(0, registered)
-            if row.state == "locked":
+            if row.state == MigrationState.LOCKED:
                 await repository.write_step(
-                    session, row, "lock", details={"rules": rules.ref}, now=now
+                    session, row, Step.LOCK, details={"rules": rules.ref}, now=now
                 )
             events.append(
                 audit.EventIn(
-                    f"migration.{row.state if row.state != 'locked' else 'start'}",
+                    f"migration.{row.state if row.state != MigrationState.LOCKED else 'start'}",
                     "migration",
                     row.id,
                     account_id,
@@ -317,7 +325,7 @@ class Executor:
     async def apply(self, actor: Actor, rules: MigrationRules, account_id: str) -> Migration:
         """Request and, unless it is scheduled for later, run to the end."""
         row = await self.request(actor, rules, account_id)
-        if row.state != "locked":
+        if row.state != MigrationState.LOCKED:
             return row
         return await self.run(actor, row.id)
 
@@ -328,9 +336,9 @@ class Executor:
             fault_point(f"before:{step}")
             outcome = await self._step(actor, migration_id, step)
             fault_point(f"after:{step}")
-            if outcome == "stop":
+            if outcome == Flow.STOP:
                 break
-            if outcome == "verify_failed":
+            if outcome == Flow.VERIFY_FAILED:
                 await rollback(self, actor, migration_id, reason="verification failed")
                 break
         return await self.get(migration_id)
@@ -342,22 +350,32 @@ class Executor:
                 raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
             return row
 
-    async def _step(self, actor: Actor, migration_id: str, step: str) -> str:
+    @property
+    def _handlers(self) -> dict[Step, StepHandler]:
+        """The step table: each step ``run`` drives, and the method that does it."""
+        return {
+            Step.SNAPSHOT: self._snapshot,
+            Step.PREPARE: self._prepare,
+            Step.CUTOVER: self._cutover,
+            Step.VERIFY: self._verify,
+            Step.RECEIPT: self._receipt,
+        }
+
+    async def _step(self, actor: Actor, migration_id: str, step: Step) -> Flow:
         """One step in one transaction with its ledger row; run again whole if the database
         rolls it back to break a deadlock (a step is idempotent, and nothing of it was kept)."""
 
-        async def work(session: AsyncSession) -> str:
+        async def work(session: AsyncSession) -> Flow:
             row = await repository.lock_migration(session, migration_id)
             if row is None:
                 raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
             done = await repository.steps_done(session, migration_id)
             if step in done:
-                return "next"
+                return Flow.NEXT
             if row.state not in IN_FLIGHT:
-                return "stop"
+                return Flow.STOP
             now = self.clock()
-            handler = getattr(self, f"_{step}")
-            outcome: str = await handler(session, actor, row, now)
+            outcome = await self._handlers[step](session, actor, row, now)
             await session.flush()  # every effect is in the database, only the commit is left
             fault_point(f"inside:{step}")
             return outcome
@@ -368,7 +386,7 @@ class Executor:
 
     async def _snapshot(
         self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
-    ) -> str:
+    ) -> Flow:
         # Lock what admin changes go through (the subscription and the licenses), so the
         # snapshot is a consistent cut: a concurrent admin change lands before it or is
         # refused after it (the account is held).
@@ -380,13 +398,13 @@ class Executor:
         plan, snapshot = await preview(session, rules, row.account_id, now=now, migration_id=row.id)
         snapshot_hash = content_hash_of(snapshot)
         if not plan.can_apply:
-            row.state, row.lock_account_id, row.finished_at = "refused", None, now
+            row.state, row.lock_account_id, row.finished_at = MigrationState.REFUSED, None, now
             row.error = "; ".join(plan.reasons)
             await repository.write_step(
                 session,
                 row,
-                "snapshot",
-                outcome="refused",
+                Step.SNAPSHOT,
+                outcome=StepOutcome.REFUSED,
                 details={"reasons": list(plan.reasons)},
                 now=now,
             )
@@ -399,25 +417,25 @@ class Executor:
                 account_id=row.account_id,
                 details={"reasons": list(plan.reasons)},
             )
-            return "stop"
+            return Flow.STOP
         row.snapshot, row.snapshot_hash, row.plan = snapshot, snapshot_hash, plan.to_dict()
         row.source_ref = plan.source_ref
         sub = snapshot.get("subscription") or {}
         row.source_hash = sub.get("plan_hash")
-        row.state = "snapshotted"
+        row.state = MigrationState.SNAPSHOTTED
         await repository.write_step(
             session,
             row,
-            "snapshot",
+            Step.SNAPSHOT,
             snapshot_hash=snapshot_hash,
             details={"taken_at": snapshot["taken_at"], "risks": list(plan.risks)},
             now=now,
         )
-        return "next"
+        return Flow.NEXT
 
     async def _prepare(
         self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
-    ) -> str:
+    ) -> Flow:
         """Stage archive copies beside the originals, each verified by hash. Nothing the app
         reads changes."""
         plan = row.plan or {}
@@ -449,13 +467,13 @@ class Executor:
             if hashlib.sha256(copied).hexdigest() != original.content_hash:
                 raise NotFound(f"the archive copy of {object_id} does not match its hash")
             staged.append(copy_id)
-        row.state = "prepared"
-        await repository.write_step(session, row, "prepare", details={"staged": staged}, now=now)
-        return "next"
+        row.state = MigrationState.PREPARED
+        await repository.write_step(session, row, Step.PREPARE, details={"staged": staged}, now=now)
+        return Flow.NEXT
 
     async def _cutover(
         self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
-    ) -> str:
+    ) -> Flow:
         """ONE transaction: the plan, overrides, activations, objects and counters flip."""
         plan = row.plan or {}
         expected: State = plan["expected"]
@@ -463,12 +481,17 @@ class Executor:
         sub = await repository.lock_subscription(session, row.account_id)
         before = snapshot.get("subscription") or {}
         if sub is None or sub.plan_hash != before.get("plan_hash"):
-            row.state, row.lock_account_id, row.finished_at = "failed", None, now
+            row.state, row.lock_account_id, row.finished_at = MigrationState.FAILED, None, now
             row.error = "the account's plan changed after the snapshot"
             await repository.write_step(
-                session, row, "cutover", outcome="failed", details={"error": row.error}, now=now
+                session,
+                row,
+                Step.CUTOVER,
+                outcome=StepOutcome.FAILED,
+                details={"error": row.error},
+                now=now,
             )
-            return "stop"
+            return Flow.STOP
         repository.put_subscription(sub, expected["subscription"], now)
         license_changes = await repository.put_license_overrides(
             session, row.account_id, expected["licenses"], now
@@ -498,7 +521,7 @@ class Executor:
             account_id=row.account_id,
             to=self.cache.apply if self.cache is not None else None,
         )
-        row.state, row.cutover_at = "cutover", now
+        row.state, row.cutover_at = MigrationState.CUTOVER, now
         # keep_all over a lower cap: the pins were written with the license overrides above.
         grandfathered = list((plan.get("changes") or {}).get("activations_grandfathered", []))
         details = {
@@ -511,7 +534,7 @@ class Executor:
             "objects_archived": archived,
             "counters": counters,
         }
-        await repository.write_step(session, row, "cutover", details=details, now=now)
+        await repository.write_step(session, row, Step.CUTOVER, details=details, now=now)
         await audit.record(
             session,
             actor,
@@ -528,11 +551,11 @@ class Executor:
                 "objects_archived": archived,
             },
         )
-        return "next"
+        return Flow.NEXT
 
     async def _verify(
         self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
-    ) -> str:
+    ) -> Flow:
         """Actual == expected (counters: nothing below what the plan expected; activations:
         every expected one present, new ones allowed, each machine holding a seat in the
         target's mode), and every active license validates under the new plan with its key
@@ -579,17 +602,22 @@ class Executor:
                     )
         if problems:
             await repository.write_step(
-                session, row, "verify", outcome="failed", details={"problems": problems}, now=now
+                session,
+                row,
+                Step.VERIFY,
+                outcome=StepOutcome.FAILED,
+                details={"problems": problems},
+                now=now,
             )
             row.error = "verification failed: " + "; ".join(problems[:5])
-            return "verify_failed"
-        row.state = "verified"
-        await repository.write_step(session, row, "verify", details={"checked": True}, now=now)
-        return "next"
+            return Flow.VERIFY_FAILED
+        row.state = MigrationState.VERIFIED
+        await repository.write_step(session, row, Step.VERIFY, details={"checked": True}, now=now)
+        return Flow.NEXT
 
     async def _receipt(
         self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
-    ) -> str:
+    ) -> Flow:
         body = {
             "migration_id": row.id,
             "account_id": row.account_id,
@@ -612,8 +640,8 @@ class Executor:
             "keyid": kid,
             "algorithm": "ed25519",
         }
-        row.state, row.lock_account_id, row.finished_at = "completed", None, now
-        await repository.write_step(session, row, "receipt", details={"keyid": kid}, now=now)
+        row.state, row.lock_account_id, row.finished_at = MigrationState.COMPLETED, None, now
+        await repository.write_step(session, row, Step.RECEIPT, details={"keyid": kid}, now=now)
         await audit.record(
             session,
             actor,
@@ -627,7 +655,7 @@ class Executor:
                 "snapshot_hash": row.snapshot_hash,
             },
         )
-        return "next"
+        return Flow.NEXT
 
 
 #: Validation answers that mean the license, or a machine kept on it, lost its hold.

@@ -20,8 +20,10 @@ from keyshift.catalog.manifests import Meter
 from keyshift.metering.periods import period_containing
 from keyshift.migration.rules import MigrationRules, PlanPair
 from keyshift.migration.state import State, deep_copy, derived_id, iso, parse_iso, sort_state
+from keyshift.states import STEPS as FORWARD_STEPS
+from keyshift.states import Step
 
-STEPS = ("lock", "snapshot", "prepare", "cutover", "verify", "receipt")
+STEPS = FORWARD_STEPS  # the steps a plan lists, in order
 
 
 @dataclass(frozen=True)
@@ -776,14 +778,14 @@ def _entitlement_changes(
 
 def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:
     steps = (
-        {"step": "lock", "does": "mark the account as migrating (one migration at a time)"},
-        {"step": "snapshot", "does": "record the account's state and its SHA-256 in the ledger"},
+        {"step": Step.LOCK, "does": "mark the account as migrating (one migration at a time)"},
+        {"step": Step.SNAPSHOT, "does": "record the account's state and its SHA-256 in the ledger"},
         {
-            "step": "prepare",
+            "step": Step.PREPARE,
             "does": f"stage {len(plan.archive)} archive copies and the new entitlement set",
         },
         {
-            "step": "cutover",
+            "step": Step.CUTOVER,
             "does": (
                 f"one transaction: plan → {plan.target_ref}, {len(plan.deactivate)} activation(s)"
                 f" deactivated, {len(plan.convert)} switched to {plan.machine_terms['mode']}"
@@ -793,10 +795,10 @@ def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:
             ),
         },
         {
-            "step": "verify",
+            "step": Step.VERIFY,
             "does": "actual state == expected; every license validates with its key and with"
             " each kept machine's fingerprint",
         },
-        {"step": "receipt", "does": "issue a signed receipt (account, from, to, time, hash)"},
+        {"step": Step.RECEIPT, "does": "issue a signed receipt (account, from, to, time, hash)"},
     )
     return MigrationPlan(**{**plan.__dict__, "steps": steps, "changes": changes})

@@ -24,6 +24,7 @@ from keyshift.db.tables import (
     UsageCounter,
 )
 from keyshift.migration.state import State, iso, parse_iso, sort_state
+from keyshift.states import Step, StepOutcome
 
 
 async def read_state(
@@ -191,9 +192,9 @@ async def steps_done(session: AsyncSession, migration_id: str) -> dict[str, Migr
 async def write_step(
     session: AsyncSession,
     migration: Migration,
-    step: str,
+    step: Step,
     *,
-    outcome: str = "done",
+    outcome: StepOutcome = StepOutcome.DONE,
     snapshot_hash: str | None = None,
     details: dict[str, Any] | None = None,
     now: datetime,

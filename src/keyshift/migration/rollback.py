@@ -33,6 +33,7 @@ from keyshift.migration.errors import (
     WrongState,
 )
 from keyshift.migration.state import State, differences, parse_iso, state_hash
+from keyshift.states import REVERSIBLE, SETTLED, WAITING, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
 
 
@@ -51,14 +52,13 @@ class Engine(Protocol):
     def clock(self) -> Callable[[], datetime]: ...
 
 
-REVERSIBLE = frozenset({"locked", "snapshotted", "prepared", "cutover", "verified", "completed"})
-SETTLED = frozenset({"rolled_back", "refused", "cancelled", "failed"})
-
-
 async def latest_for_account(session: AsyncSession, account_id: str) -> Migration:
     """The account's most recent migration that could be rolled back."""
     for row in await repository.latest_migrations(session, account_id):
-        if row.state in REVERSIBLE or row.state in ("rolled_back", "finalized"):
+        if row.state in REVERSIBLE or row.state in (
+            MigrationState.ROLLED_BACK,
+            MigrationState.FINALIZED,
+        ):
             return row
     raise NothingToRollBack(
         f"account {account_id} has no migration to roll back", field="account_id"
@@ -75,13 +75,13 @@ async def rollback(
         row = await repository.lock_migration(session, migration_id)
         if row is None:
             raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == "rolled_back":
+        if row.state == MigrationState.ROLLED_BACK:
             return row
-        if row.state == "finalized":
+        if row.state == MigrationState.FINALIZED:
             raise MigrationFinalized(
                 f"migration {row.id} was finalized: its snapshot is retired", field="migration_id"
             )
-        if row.state in ("scheduled", "held", "queued"):
+        if row.state in WAITING:
             raise WrongState(
                 f"migration {row.id} has not run ({row.state}); cancel it instead",
                 field="migration_id",
@@ -101,9 +101,9 @@ async def rollback(
                 field="migration_id",
             )
         done = await repository.steps_done(session, row.id)
-        cutover = done.get("cutover")
+        cutover = done.get(Step.CUTOVER)
         details: dict[str, Any] = {"reason": reason, "after_cutover": False}
-        if cutover is not None and cutover.outcome == "done":
+        if cutover is not None and cutover.outcome == StepOutcome.DONE:
             details.update(await _restore(session, row, cutover.details, now))
             details["after_cutover"] = True
             await changes.announce(
@@ -119,14 +119,14 @@ async def rollback(
             )
         if row.snapshot is not None:
             details.update(await prove(session, row, now))
-        row.state, row.lock_account_id, row.finished_at = "rolled_back", None, now
+        row.state, row.lock_account_id, row.finished_at = MigrationState.ROLLED_BACK, None, now
         if reason and not row.error:
             row.error = reason
         await repository.write_step(
             session,
             row,
-            "rollback",
-            outcome="done" if details.get("exact", True) else "inexact",
+            Step.ROLLBACK,
+            outcome=StepOutcome.DONE if details.get("exact", True) else StepOutcome.INEXACT,
             snapshot_hash=row.snapshot_hash,
             details=details,
             now=now,
@@ -319,15 +319,15 @@ async def cancel(executor: Engine, actor: Actor, migration_id: str) -> Migration
         row = await repository.lock_migration(session, migration_id)
         if row is None:
             raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == "cancelled":
+        if row.state == MigrationState.CANCELLED:
             return row
-        if row.state not in ("scheduled", "held", "queued"):
+        if row.state not in WAITING:
             raise WrongState(
                 f"migration {row.id} is {row.state}; only a change that has not run can be"
                 " cancelled (roll back one that has)",
                 field="migration_id",
             )
-        row.state, row.lock_account_id, row.finished_at = "cancelled", None, now
+        row.state, row.lock_account_id, row.finished_at = MigrationState.CANCELLED, None, now
         await audit.record(
             session, actor, "migration.cancel", "migration", row.id, account_id=row.account_id
         )
@@ -342,9 +342,9 @@ async def finalize(executor: Engine, actor: Actor, migration_id: str) -> Migrati
         row = await repository.lock_migration(session, migration_id)
         if row is None:
             raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == "finalized":
+        if row.state == MigrationState.FINALIZED:
             return row
-        if row.state != "completed":
+        if row.state != MigrationState.COMPLETED:
             raise WrongState(
                 f"migration {row.id} is {row.state}; only a completed migration is finalized",
                 field="migration_id",
@@ -354,11 +354,11 @@ async def finalize(executor: Engine, actor: Actor, migration_id: str) -> Migrati
                 DataObject.migration_id == row.id, DataObject.state == "superseded"
             )
         )
-        row.state, row.snapshot = "finalized", None
+        row.state, row.snapshot = MigrationState.FINALIZED, None
         await repository.write_step(
             session,
             row,
-            "finalize",
+            Step.FINALIZE,
             snapshot_hash=row.snapshot_hash,
             details={"objects_released": int(released.rowcount or 0)},  # type: ignore[attr-defined]
             now=now,

@@ -22,6 +22,7 @@ from keyshift.db.tables import Migration
 from keyshift.migration import repository
 from keyshift.migration.errors import MigrationNotFound, WrongState
 from keyshift.migration.executor import Executor, preview, rules_by_hash
+from keyshift.states import WAITING, MigrationState, Step
 
 MAX_BATCH = 100
 
@@ -36,7 +37,9 @@ async def run_due(executor: Executor, actor: Actor, *, limit: int = MAX_BATCH) -
             (
                 await session.execute(
                     select(Migration.id)
-                    .where(Migration.state == "scheduled", Migration.effective_at <= now)
+                    .where(
+                        Migration.state == MigrationState.SCHEDULED, Migration.effective_at <= now
+                    )
                     .order_by(Migration.effective_at, Migration.id)
                     .limit(limit)
                 )
@@ -49,7 +52,7 @@ async def run_due(executor: Executor, actor: Actor, *, limit: int = MAX_BATCH) -
                 await session.execute(
                     select(Migration.id)
                     .where(
-                        Migration.state == "queued",
+                        Migration.state == MigrationState.QUEUED,
                         or_(Migration.effective_at.is_(None), Migration.effective_at <= now),
                     )
                     .order_by(Migration.created_at, Migration.id)
@@ -76,11 +79,11 @@ async def _promote_queued(
     """A queued change takes its account once nothing else holds it."""
     async with executor.db.transaction() as session:
         row = await repository.lock_migration(session, migration_id)
-        if row is None or row.state != "queued":
+        if row is None or row.state != MigrationState.QUEUED:
             return False
         if await repository.active_migration(session, row.account_id) is not None:
             return False
-        row.state, row.lock_account_id = "scheduled", row.account_id
+        row.state, row.lock_account_id = MigrationState.SCHEDULED, row.account_id
         row.effective_at = row.effective_at or now
         await audit.record(
             session, actor, "migration.dequeue", "migration", row.id, account_id=row.account_id
@@ -92,13 +95,13 @@ async def _start_due(executor: Executor, actor: Actor, migration_id: str, now: d
     """Re-plan a due change; start it if the outcome is the one previewed, else hold it."""
     async with executor.db.transaction() as session:
         row = await repository.lock_migration(session, migration_id)
-        if row is None or row.state != "scheduled":
+        if row is None or row.state != MigrationState.SCHEDULED:
             return False
         rules = await rules_by_hash(session, row.rules_hash)
         plan, _ = await preview(session, rules, row.account_id, now=now, migration_id=row.id)
         previewed = row.outcome_digest or plan.outcome_digest()  # None: queued, planned now
         if not plan.can_apply or plan.outcome_digest() != previewed:
-            row.state = "held"
+            row.state = MigrationState.HELD
             row.plan = plan.to_dict()
             row.error = (
                 "held for review: " + "; ".join(plan.reasons)
@@ -115,8 +118,8 @@ async def _start_due(executor: Executor, actor: Actor, migration_id: str, now: d
                 details={"reason": row.error, "risks": list(plan.risks)},
             )
             return False
-        row.state = "locked"
-        await repository.write_step(session, row, "lock", details={"scheduled": True}, now=now)
+        row.state = MigrationState.LOCKED
+        await repository.write_step(session, row, Step.LOCK, details={"scheduled": True}, now=now)
         await audit.record(
             session, actor, "migration.start", "migration", row.id, account_id=row.account_id
         )
@@ -130,14 +133,14 @@ async def approve(executor: Executor, actor: Actor, migration_id: str) -> Migrat
         row = await repository.lock_migration(session, migration_id)
         if row is None:
             raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state != "held":
+        if row.state != MigrationState.HELD:
             raise WrongState(f"migration {row.id} is {row.state}, not held", field="migration_id")
         rules = await rules_by_hash(session, row.rules_hash)
         plan, _ = await preview(session, rules, row.account_id, now=now, migration_id=row.id)
         row.outcome_digest, row.plan, row.error = plan.outcome_digest(), plan.to_dict(), None
-        row.state = "locked"
+        row.state = MigrationState.LOCKED
         await repository.write_step(
-            session, row, "lock", details={"approved_by": actor.id}, now=now
+            session, row, Step.LOCK, details={"approved_by": actor.id}, now=now
         )
         await audit.record(
             session,
@@ -158,7 +161,7 @@ async def pending_for_account(executor: Executor, account_id: str) -> list[Migra
             select(Migration)
             .where(
                 Migration.account_id == account_id,
-                Migration.state.in_(("scheduled", "held", "queued")),
+                Migration.state.in_(WAITING),
             )
             # The change holding the account first, then the queue in request order.
             .order_by(Migration.lock_account_id.is_(None), Migration.created_at, Migration.id)

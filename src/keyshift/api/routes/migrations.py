@@ -27,6 +27,7 @@ from keyshift.migration.errors import RulesInvalid
 from keyshift.migration.executor import Executor, check_rules, preview
 from keyshift.migration.rules import MigrationRules
 from keyshift.migration.views import migration_view, step_view
+from keyshift.states import MigrationState, Step
 
 router = APIRouter(tags=["migrations"])
 _can_run = require("migrations:run")
@@ -188,7 +189,7 @@ async def apply_migration(
     except RulesInvalid as error:
         _about_rules(error)
         raise
-    if row.state == "locked":
+    if row.state == MigrationState.LOCKED:
         row = await engine.run(actor, row.id)
     return await _detail(state.db, row)
 
@@ -227,7 +228,7 @@ async def _rolled_back(
 ) -> dict[str, Any]:
     row = await rollback.rollback(engine, actor, migration_id, reason=reason or "requested")
     detail = await _detail(db, row)
-    proof = next((s["details"] for s in detail["ledger"] if s["step"] == "rollback"), None)
+    proof = next((s["details"] for s in detail["ledger"] if s["step"] == Step.ROLLBACK), None)
     return {**detail, "rollback": proof}
 
 
