@@ -149,6 +149,7 @@ class Database:
         #: Logs an outage once (``failures.OutageLog``), not per failed request; a CLI command
         #: says it in its own one-line error instead (``report_outages=False``).
         self.outage = failures.OutageLog(report=report_outages)
+        self._translated = _Translated(self)
 
     @property
     def dialect(self) -> str:
@@ -163,7 +164,7 @@ class Database:
         SQLAlchemy then invalidates it and the pool, and the read is retried once on a fresh
         connection: reads are idempotent, so this is safe. ``query`` must only read."""
         reader = self._reader or self._make_reader()
-        try:
+        with self._translated:
             for attempt in (1, 2):
                 try:
                     async with reader.connect() as conn:
@@ -172,13 +173,6 @@ class Database:
                 except DBAPIError as exc:
                     if attempt == 2 or not exc.connection_invalidated:
                         raise
-        except Exception as exc:
-            translated = self._failed(exc)
-            if translated is None:
-                raise
-            raise translated from exc
-        if self.outage.active:
-            self.outage.recovered()
         return result
 
     async def fetch(self, query: HotRead, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -196,7 +190,7 @@ class Database:
 
             return await self.read(run)
         args = [params[name] for name in query.names]
-        try:
+        with self._translated:
             pool = self._native or await self._make_native()
             for attempt in (1, 2):
                 try:
@@ -205,13 +199,6 @@ class Database:
                 except _DEAD_CONNECTION:
                     if attempt == 2:
                         raise
-        except Exception as exc:
-            translated = self._failed(exc)
-            if translated is None:
-                raise
-            raise translated from exc
-        if self.outage.active:
-            self.outage.recovered()
         return rows
 
     async def _make_native(self) -> Any:
@@ -278,16 +265,9 @@ class Database:
         """One transaction: commits when the block ends, rolls back if it raises. A deadlock
         or serialization failure comes out as ``DatabaseBusy`` (``run`` retries it), an
         unreachable database as ``DatabaseUnavailable``; both are answered 503."""
-        try:
+        with self._translated:
             async with self.sessions() as session, session.begin():
                 yield session
-        except Exception as exc:
-            translated = self._failed(exc)
-            if translated is None:
-                raise
-            raise translated from exc
-        if self.outage.active:
-            self.outage.recovered()
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run ``work`` in one transaction, and run the whole of it again when the database
@@ -317,3 +297,31 @@ class Database:
             await self._reader.dispose()
         self._reader = None
         await self.engine.dispose()
+
+
+class _Translated:
+    """``with db._translated:`` around database work: a failure inside comes out as the domain
+    error it means (``Database._failed``; other errors pass as they are), and a success while
+    an outage is on ends it. One object per database, so the hot reads pay two method calls."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any
+    ) -> None:
+        if error is None:
+            if self._db.outage.active:
+                self._db.outage.recovered()
+            return None
+        if not isinstance(error, Exception):
+            return None  # cancellation, GeneratorExit: not a database failure
+        translated = self._db._failed(error)
+        if translated is None:
+            return None
+        raise translated from error
