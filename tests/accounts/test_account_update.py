@@ -24,8 +24,8 @@ from keyshift.migration.schedule import run_due
 from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import LiveServer, cli_env, invoke_keyshift, mint_token
 from tests.migration import helpers
+from tests.support import LiveServer, cli_env, invoke_keyshift, mint_token
 
 Headers = dict[str, str]
 

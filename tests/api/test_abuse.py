@@ -28,7 +28,7 @@ from keyshift.security.secrets_store import Secrets
 from keyshift.validation import cache
 from tests import factories
 from tests.api.test_operations import sample
-from tests.conftest import LiveServer, mint_token
+from tests.support import LiveServer, mint_token
 
 VALIDATE = "/v1/licenses/validate"
 

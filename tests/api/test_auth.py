@@ -13,7 +13,7 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import ApiToken, AuditEvent
 from keyshift.db.types import utcnow
 from keyshift.security.tokens import hash_token
-from tests.conftest import mint_token
+from tests.support import mint_token
 
 
 def _bearer(token: str) -> dict[str, str]:

@@ -29,8 +29,8 @@ from keyshift.db.migrate import upgrade_to_head
 from keyshift.licensing import service as licensing
 from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import free_port, serving
 from tests.migration import helpers
+from tests.support import free_port, serving
 
 pytestmark = pytest.mark.server
 

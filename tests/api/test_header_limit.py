@@ -8,7 +8,7 @@ import socket
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from tests.support import LiveServer
 
 pytestmark = pytest.mark.server
 

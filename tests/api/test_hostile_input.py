@@ -41,7 +41,7 @@ from keyshift.licensing import activations
 from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import LiveServer
+from tests.support import LiveServer
 
 pytestmark = pytest.mark.server
 

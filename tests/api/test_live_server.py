@@ -16,7 +16,7 @@ import pytest
 from keyshift.config import Settings
 from keyshift.security.secrets_store import Secrets
 from tests.api.test_operations import sample
-from tests.conftest import LiveServer, cli_env, free_port
+from tests.support import LiveServer, cli_env, free_port
 
 pytestmark = pytest.mark.server
 

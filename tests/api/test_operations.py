@@ -19,7 +19,7 @@ from keyshift.db.tables import AuditEvent
 from keyshift.licensing import keys
 from keyshift.observability import metrics
 from keyshift.observability.logging import JsonFormatter, request_id_var
-from tests.conftest import mint_token
+from tests.support import mint_token
 
 
 def sample(exposition: str, name: str, **labels: str) -> float:

@@ -17,7 +17,7 @@ from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.context import SCOPES
 from keyshift.db.engine import Database
-from tests.conftest import cli_env, invoke_keyshift, mint_token
+from tests.support import cli_env, invoke_keyshift, mint_token
 
 SECURITY_MD = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 NOBODY = "00000000-0000-4000-8000-000000000000"

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from keyshift.audit import service as audit
 from keyshift.db.engine import Database
 from keyshift.db.tables import AuditEvent
-from tests.conftest import LiveServer, mint_token
+from tests.support import LiveServer, mint_token
 
 
 async def test_verify_endpoint_reports_an_edited_event(

@@ -6,7 +6,7 @@ import httpx
 
 from keyshift.db.engine import Database
 from tests.catalog.helpers import count_rows, example_files, example_text
-from tests.conftest import mint_token
+from tests.support import mint_token
 
 PUBLISH = "/v1/catalog/publish"
 

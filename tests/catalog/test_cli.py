@@ -11,7 +11,7 @@ from pathlib import Path
 
 from keyshift.config import Settings
 from tests.catalog.helpers import EXAMPLES, REPO
-from tests.conftest import cli_env, invoke_keyshift, run_keyshift
+from tests.support import cli_env, invoke_keyshift, run_keyshift
 
 
 def keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ import pytest
 
 from keyshift.db.engine import Database
 from tests.catalog.helpers import example_files
-from tests.conftest import LiveServer, mint_token
+from tests.support import LiveServer, mint_token
 
 
 @pytest.mark.server

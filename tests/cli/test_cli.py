@@ -17,7 +17,7 @@ from keyshift.config import Settings, env_name
 from keyshift.db.engine import Database
 from keyshift.db.tables import ApiToken, AuditEvent
 from keyshift.security.tokens import TOKEN_PREFIX, hash_token
-from tests.conftest import cli_env, invoke_keyshift, run_keyshift
+from tests.support import cli_env, invoke_keyshift, run_keyshift
 
 #: Every setting that holds a number, as its variable.
 NUMERIC_SETTINGS = sorted(

@@ -9,7 +9,7 @@ from pathlib import Path
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import cli_env, invoke_keyshift, run_keyshift
+from tests.support import cli_env, invoke_keyshift, run_keyshift
 
 REPO = Path(__file__).resolve().parents[2]
 

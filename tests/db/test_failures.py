@@ -19,7 +19,7 @@ from keyshift.db import failures
 from keyshift.db.engine import Database, HotRead
 from keyshift.errors import ConfigurationError, DatabaseBusy, DatabaseUnavailable
 from keyshift.validation.cache import default_cache
-from tests.conftest import free_port
+from tests.support import free_port
 
 
 def test_sqlite_database_is_locked_is_a_transient_conflict(tmp_path: Path) -> None:

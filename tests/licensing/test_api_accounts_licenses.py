@@ -12,7 +12,7 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import Account, Activation, AuditEvent, License
 from keyshift.licensing import keys
 from tests import factories
-from tests.conftest import LiveServer, mint_token
+from tests.support import LiveServer, mint_token
 
 
 async def _count(db: Database, table: type) -> int:

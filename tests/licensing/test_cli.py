@@ -15,7 +15,7 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import Account, Activation, AuditEvent
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import cli_env, invoke_keyshift, run_keyshift
+from tests.support import cli_env, invoke_keyshift, run_keyshift
 
 
 def keyshift(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -20,8 +20,8 @@ from keyshift.db.types import utcnow
 from keyshift.errors import ConfigurationError
 from keyshift.security.secrets_store import Secrets
 from keyshift.validation import cache
-from tests.conftest import LiveServer, cli_env, mint_token, run_keyshift
 from tests.metering.helpers import HYBRID, metered_license, used
+from tests.support import LiveServer, cli_env, mint_token, run_keyshift
 
 USAGE = "/v1/usage"
 BATCH = "/v1/usage/batch"

@@ -19,8 +19,8 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import UsageEvent
 from keyshift.metering.errors import QuotaExceeded
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import cli_env, run_keyshift
 from tests.metering.helpers import metered_license, record, used
+from tests.support import cli_env, run_keyshift
 
 
 async def _events(db: Database, meter: str) -> tuple[int, int]:

@@ -22,7 +22,6 @@ from keyshift.metering import service as metering
 from keyshift.metering import subjects
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import _create_pg_database, _drop_pg_database
 from tests.metering.helpers import (
     _plan,
     anchor_of,
@@ -31,6 +30,7 @@ from tests.metering.helpers import (
     record,
     record_batch,
 )
+from tests.support import create_pg_database, drop_pg_database
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -154,7 +154,7 @@ async def test_downgrade_writes_each_answer_back_whole(
     if backend == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'down.db'}"
     else:
-        pg_name, url = await _create_pg_database()
+        pg_name, url = await create_pg_database()
     db = Database(url)
     try:
         await upgrade_to_head(db.engine)
@@ -190,4 +190,4 @@ async def test_downgrade_writes_each_answer_back_whole(
     finally:
         await db.dispose()
         if pg_name:
-            await _drop_pg_database(pg_name)
+            await drop_pg_database(pg_name)

@@ -25,8 +25,8 @@ from keyshift.migration.rollback import rollback
 from keyshift.migration.state import parse_iso, state_hash
 from keyshift.security.secrets_store import Secrets
 from keyshift.validation import service as validation
-from tests.conftest import LiveServer, mint_token
 from tests.migration import helpers
+from tests.support import LiveServer, mint_token
 
 #: ``rich_account``'s three machines on its first license; the targets' cap is 2 and
 #: ``trim_to_cap`` lets the least recently seen one, machine-0, go.

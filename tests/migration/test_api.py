@@ -29,8 +29,8 @@ from keyshift.migration.executor import Executor
 from keyshift.migration.state import State, state_hash
 from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import LiveServer, mint_token
 from tests.migration import helpers
+from tests.support import LiveServer, mint_token
 
 Headers = dict[str, str]
 

@@ -12,8 +12,8 @@ from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.db.tables import Base
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import cli_env, run_keyshift
 from tests.migration import helpers
+from tests.support import cli_env, run_keyshift
 
 
 async def dump(db: Database) -> dict[str, list[tuple]]:

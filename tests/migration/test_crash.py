@@ -20,8 +20,8 @@ from keyshift.migration.executor import FAULT_ENV, Executor
 from keyshift.migration.planner import STEPS
 from keyshift.migration.state import differences, state_hash
 from keyshift.security.secrets_store import Secrets
-from tests.conftest import cli_env, run_keyshift
 from tests.migration import helpers
+from tests.support import cli_env, run_keyshift
 
 POINTS = [f"{when}:{step}" for step in STEPS for when in ("before", "inside", "after")]
 

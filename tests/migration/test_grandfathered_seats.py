@@ -22,8 +22,8 @@ from keyshift.migration.rollback import rollback
 from keyshift.migration.state import state_hash
 from keyshift.security.secrets_store import Secrets
 from keyshift.validation import service as validation
-from tests.conftest import LiveServer, mint_token
 from tests.migration import helpers
+from tests.support import LiveServer, mint_token
 
 #: ``RULES`` (old-seat@1, cap 3 → new-seat@1, cap 2) keeping every machine.
 KEEP_ALL = helpers.RULES.replace('activations = "trim_to_cap"', 'activations = "keep_all"').replace(

@@ -16,8 +16,8 @@ from keyshift.migration.rollback import rollback
 from keyshift.migration.state import differences, state_hash
 from keyshift.security.secrets_store import Secrets
 from keyshift.validation import service as validation
-from tests.conftest import reset
 from tests.migration import helpers
+from tests.support import reset
 
 POLICIES = [
     '{ on_conflict = "archive" }',

@@ -24,8 +24,8 @@ from keyshift.objects import service as storage
 from keyshift.objects.errors import ObjectQuotaExceeded, QuotaReadOnly, UnknownQuota
 from keyshift.security.secrets_store import Secrets
 from tests import factories
-from tests.conftest import LiveServer, mint_token
 from tests.migration import helpers
+from tests.support import LiveServer, mint_token
 
 Headers = dict[str, str]
 

@@ -18,8 +18,8 @@ from keyshift.licensing import service as licensing
 from keyshift.security.keyring import Keyring
 from keyshift.security.rotation import reencrypt_licenses
 from keyshift.security.secrets_store import Secrets, load_secrets
-from tests.conftest import cli_env, invoke_keyshift
 from tests.factories import create_account, publish_sample_catalog
+from tests.support import cli_env, invoke_keyshift
 
 
 async def test_rotation_reencrypts_every_license_and_keys_still_open(db: Database) -> None:

@@ -17,7 +17,7 @@ from keyshift.security.secrets_store import (
     load_secrets,
     save_keyring,
 )
-from tests.conftest import invoke_keyshift, run_keyshift
+from tests.support import invoke_keyshift, run_keyshift
 
 
 def _mode(path: Path) -> int:

@@ -14,7 +14,7 @@ from keyshift.security.secrets_store import Secrets
 from keyshift.validation import cache
 from keyshift.validation.decide import LicenseState
 from tests import factories
-from tests.conftest import LiveServer, cli_env, invoke_keyshift
+from tests.support import LiveServer, cli_env, invoke_keyshift
 
 
 class Clock:

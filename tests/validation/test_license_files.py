@@ -27,7 +27,7 @@ from keyshift.licensing import activations, keys, service
 from keyshift.security.secrets_store import Secrets
 from keyshift.validation.license_files import export_license_file
 from tests import factories
-from tests.conftest import cli_env, mint_token, run_keyshift
+from tests.support import cli_env, mint_token, run_keyshift
 
 OFFLINE_PLAN = "offline@1"
 

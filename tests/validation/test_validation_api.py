@@ -21,7 +21,7 @@ from keyshift.security.secrets_store import Secrets
 from keyshift.validation import cache
 from keyshift.validation.decide import Code
 from tests import factories
-from tests.conftest import LiveServer
+from tests.support import LiveServer
 
 VALIDATE = "/v1/licenses/validate"
 
