@@ -252,37 +252,121 @@ def plan_migration(
     source_ent = resolve(source.plan, source.plan_hash, source.edition) if source else None
     sub = snapshot.get("subscription") or {}
     old_overrides: dict[str, Any] = sub.get("overrides") or {}
+
+    lost = _lost_features(source_ent, target_ent, rules)
+    quotas = _quota_conflicts(snapshot, rules, old_overrides, target_ent)
+    addons = _subscription_addons(old_overrides, rules)
+    overrides = _subscription_overrides(
+        snapshot, rules, source_ent, target_ent, old_overrides, addons.carried, quotas, now
+    )
     expected = deep_copy(snapshot)
     expected.pop("taken_at", None)
-    risks: list[str] = []
-    blocked: list[str] = []
+    expected["subscription"] = {
+        "plan": target.ref,
+        "plan_hash": target.plan_hash,
+        "started_at": sub.get("started_at") or iso(now),
+        "overrides": overrides,
+    }
+    licenses = _map_licenses(expected["licenses"], rules)
+    seats = _seat_changes(
+        snapshot, licenses, expected["activations"], rules, source_ent, target_ent, now
+    )
+    license_changes = _license_changes(expected["licenses"], seats.licenses)
+    expected["licenses"] = seats.licenses
+    expected["activations"] = seats.activations
+    expected["objects"] = _archive_objects(expected["objects"], quotas.archive, migration_id)
+    moves = _counter_moves(snapshot, rules, source, target, now)
+    expected["counters"] = _apply_moves(snapshot.get("counters", []), moves)
 
-    # Features: what the app loses (usable before, not after the mapping).
-    lost = []
-    if source_ent is not None:
-        for name, grant in sorted(source_ent.features.items()):
-            feature_rule = rules.features.get(name)
-            to = (
-                (feature_rule.to or name)
-                if feature_rule and feature_rule.action == "rename"
-                else name
-            )
-            target_grant = target_ent.features.get(to)
-            if grant.is_usable and (
-                feature_rule is None
-                or feature_rule.action == "drop"
-                or target_grant is None
-                or not target_grant.is_usable
-            ):
-                lost.append(name)
-    risks += [f"loses_feature:{name}" for name in lost]
+    blocked = quotas.blocked + addons.blocked
+    effective, effective_at = _effective(rules, snapshot, source_ent, now)
+    plan = MigrationPlan(
+        account_id=snapshot["account"]["id"],
+        rules_ref=rules.ref,
+        rules_hash=rules.content_hash(),
+        source_ref=source.ref if source else None,
+        target_ref=target.ref,
+        target_hash=target.plan_hash,
+        eligible=not reasons,
+        reasons=tuple(reasons + blocked),
+        blocked=bool(blocked),
+        effective=effective,
+        effective_at=effective_at,
+        steps=(),
+        expected=sort_state(expected),
+        conflicts=tuple(quotas.conflicts),
+        counter_moves=tuple(moves),
+        deactivate=tuple(sorted(seats.deactivate)),
+        archive=tuple(sorted(quotas.archive)),
+        risks=(
+            *(f"loses_feature:{name}" for name in lost),
+            *quotas.risks,
+            *addons.risks,
+            *seats.risks,
+        ),
+        machine_terms=machine_terms(target_ent),
+        convert=tuple(sorted(c["activation_id"] for c in seats.converted)),
+        over_cap_before=tuple(seats.over_cap_before),
+    )
+    changes = {
+        "plan": {"from": plan.source_ref, "to": plan.target_ref},
+        "entitlements": _entitlement_changes(source_ent, old_overrides, target_ent, overrides),
+        "licenses": license_changes,
+        "activations_deactivated": sorted(seats.deactivate),
+        "activations_converted": sorted(seats.converted, key=lambda c: c["activation_id"]),
+        "activations_grandfathered": seats.grandfathered,
+        "objects_archived": sorted(quotas.archive),
+        "counters": _counter_changes(snapshot, expected["counters"]),
+        "subscription_overrides": {"before": old_overrides, "after": overrides},
+    }
+    return _with_steps(plan, changes)
 
-    # Quotas: conflicts where the account holds more than the target allows.
+
+def _lost_features(
+    source_ent: Entitlements | None, target_ent: Entitlements, rules: MigrationRules
+) -> list[str]:
+    """Features: what the app loses (usable before, not after the mapping)."""
+    lost: list[str] = []
+    if source_ent is None:
+        return lost
+    for name, grant in sorted(source_ent.features.items()):
+        feature_rule = rules.features.get(name)
+        to = (feature_rule.to or name) if feature_rule and feature_rule.action == "rename" else name
+        target_grant = target_ent.features.get(to)
+        if grant.is_usable and (
+            feature_rule is None
+            or feature_rule.action == "drop"
+            or target_grant is None
+            or not target_grant.is_usable
+        ):
+            lost.append(name)
+    return lost
+
+
+@dataclass(frozen=True)
+class _QuotaOutcome:
+    conflicts: list[QuotaConflict]
+    archive: list[str]  # object ids, in the order the conflicts found them
+    read_only: list[str]  # target quotas that become read-only
+    grace_days: int  # 0: no grace
+    risks: list[str]
+    blocked: list[str]
+
+
+def _quota_conflicts(
+    snapshot: State,
+    rules: MigrationRules,
+    old_overrides: dict[str, Any],
+    target_ent: Entitlements,
+) -> _QuotaOutcome:
+    """Quotas: conflicts where the account holds more than the target allows."""
     usage = quota_usage(snapshot)
     conflicts: list[QuotaConflict] = []
     archive: list[str] = []
     read_only: list[str] = []
     grace_days = 0
+    risks: list[str] = []
+    blocked: list[str] = []
     for name, rule in sorted(rules.quotas.items()):
         if rule.action == "drop":
             if usage.get(name):
@@ -313,29 +397,53 @@ def plan_migration(
                 f"quota {to}: {used} used, the target allows {limit} (on_conflict=block)"
             )
         conflicts.append(QuotaConflict(to, name, used, limit, rule.on_conflict, resolution, excess))
+    return _QuotaOutcome(conflicts, archive, read_only, grace_days, risks, blocked)
 
-    # Add-ons on the subscription.
-    addons: dict[str, Any] = {}
+
+@dataclass(frozen=True)
+class _AddonOutcome:
+    carried: dict[str, Any]  # add-ons on the new subscription, by their new names
+    risks: list[str]
+    blocked: list[str]
+
+
+def _subscription_addons(old_overrides: dict[str, Any], rules: MigrationRules) -> _AddonOutcome:
+    """Add-ons on the subscription: carried, renamed, dropped, or refused."""
+    carried: dict[str, Any] = {}
+    risks: list[str] = []
+    blocked: list[str] = []
     for name, content in sorted((old_overrides.get("addons") or {}).items()):
         addon_rule = rules.addons.get(name)
         action = addon_rule.action if addon_rule else rules.addons_default
         if action == "refuse":
             blocked.append(f"add-on {name!r} has no rule (addons_default = 'refuse')")
         elif action == "carry":
-            addons[name] = content
+            carried[name] = content
         elif action == "rename" and addon_rule is not None and addon_rule.to:
-            addons[addon_rule.to] = content
+            carried[addon_rule.to] = content
         else:
             risks.append(f"drops_addon:{name}")
+    return _AddonOutcome(carried, risks, blocked)
 
-    # Subscription: the target plan, with the overrides the rules produce.
+
+def _subscription_overrides(
+    snapshot: State,
+    rules: MigrationRules,
+    source_ent: Entitlements | None,
+    target_ent: Entitlements,
+    old_overrides: dict[str, Any],
+    addons: dict[str, Any],
+    quotas: _QuotaOutcome,
+    now: datetime,
+) -> dict[str, Any]:
+    """Subscription: the overrides the rules produce on the target plan."""
     overrides: dict[str, Any] = {}
     if addons:
         overrides["addons"] = addons
-    if read_only:
-        overrides["read_only"] = sorted(read_only)
-    if grace_days:
-        grace_until = now + timedelta(days=grace_days)
+    if quotas.read_only:
+        overrides["read_only"] = sorted(quotas.read_only)
+    if quotas.grace_days:
+        grace_until = now + timedelta(days=quotas.grace_days)
         old_view = (
             grace_view(source_ent, old_overrides, target_ent, addons)
             if source_ent
@@ -347,38 +455,60 @@ def plan_migration(
     seat_units = _seat_units(snapshot, rules, source_ent)
     if seat_units is not None and rules.seats.convert_to_meter:
         overrides["meters"] = {rules.seats.convert_to_meter: {"included": seat_units}}
-    started_at = sub.get("started_at") or iso(now)
-    expected["subscription"] = {
-        "plan": target.ref,
-        "plan_hash": target.plan_hash,
-        "started_at": started_at,
-        "overrides": overrides,
-    }
+    return overrides
 
-    # Licenses: hand-set overrides carried, mapped or reset as the rules say.
-    licenses_before = {
-        lic["id"]: {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
-        for lic in expected["licenses"]
-    }
-    for lic in expected["licenses"]:
-        if rules.overrides.max_activations == "reset":
-            lic["max_activations_override"] = None
-        lic["overrides"] = _map_license_overrides(lic["overrides"] or {}, rules)
 
-    # Activations: keep all, or keep up to each license's new cap, most recently seen first.
+def _map_licenses(licenses: list[dict[str, Any]], rules: MigrationRules) -> list[dict[str, Any]]:
+    """Licenses: hand-set overrides carried, mapped or reset as the rules say (new rows)."""
+    is_reset = rules.overrides.max_activations == "reset"
+    return [
+        {
+            **lic,
+            "max_activations_override": None if is_reset else lic["max_activations_override"],
+            "overrides": _map_license_overrides(lic["overrides"] or {}, rules),
+        }
+        for lic in licenses
+    ]
+
+
+@dataclass(frozen=True)
+class _SeatOutcome:
+    licenses: list[dict[str, Any]]  # with caps pinned by ``keep_all``
+    activations: list[dict[str, Any]]  # the kept ones, switched to the target's mode
+    deactivate: list[str]
+    over_cap_before: list[str]
+    grandfathered: list[dict[str, Any]]
+    converted: list[dict[str, Any]]
+    risks: list[str]
+
+
+def _seat_changes(
+    snapshot: State,
+    licenses: list[dict[str, Any]],
+    activations: list[dict[str, Any]],
+    rules: MigrationRules,
+    source_ent: Entitlements | None,
+    target_ent: Entitlements,
+    now: datetime,
+) -> _SeatOutcome:
+    """Activations: keep all, or keep up to each license's new cap, most recently seen first.
+
+    Works on copies of the rows it is given (pinning and converting change them)."""
+    licenses = [dict(lic) for lic in licenses]
     deactivate: list[str] = []
+    risks: list[str] = []
     if rules.seats.activations == "trim_to_cap":
-        for lic in expected["licenses"]:
+        for lic in licenses:
             cap = lic["max_activations_override"] or target_ent.max_activations
             if cap is None:
                 continue
-            mine = [a for a in expected["activations"] if a["license_id"] == lic["id"]]
+            mine = [a for a in activations if a["license_id"] == lic["id"]]
             mine.sort(key=lambda a: _recency(a, now), reverse=True)
             deactivate += [a["id"] for a in mine[cap:]]
         if deactivate:
             risks.append(f"activations_trimmed:{len(deactivate)}")
     gone = set(deactivate)
-    expected["activations"] = [a for a in expected["activations"] if a["id"] not in gone]
+    kept = [dict(a) for a in activations if a["id"] not in gone]
     caps_before = _caps(snapshot, source_ent)
     over_cap_before = sorted(
         lic_id
@@ -387,81 +517,61 @@ def plan_migration(
     )
     grandfathered: list[dict[str, Any]] = []
     if rules.seats.activations == "keep_all":
-        grandfathered = _grandfather_seats(expected, caps_before, target_ent, now)
+        after = {"licenses": licenses, "activations": kept}
+        grandfathered = _grandfather_seats(after, caps_before, target_ent, now)
         if grandfathered:
             risks.append(f"activations_grandfathered:{len(grandfathered)}")
-    converted = _convert_activations(expected["activations"], target_ent, now)
-    changes_licenses = []
-    for lic in expected["licenses"]:
-        before = licenses_before[lic["id"]]
-        after = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
-        if before != after:
-            changes_licenses.append({"license_id": lic["id"], "before": before, "after": after})
+    converted = _convert_activations(kept, target_ent, now)
+    return _SeatOutcome(
+        licenses, kept, deactivate, over_cap_before, grandfathered, converted, risks
+    )
 
-    # Objects over a quota: copied to the archive tier, the originals superseded (released
-    # only at finalize, so rollback has them).
+
+def _license_changes(
+    before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each license whose hand-set cap or overrides differ, before and after."""
+    was = {
+        lic["id"]: {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
+        for lic in before
+    }
+    changed = []
+    for lic in after:
+        now_is = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
+        if was[lic["id"]] != now_is:
+            changed.append({"license_id": lic["id"], "before": was[lic["id"]], "after": now_is})
+    return changed
+
+
+def _archive_objects(
+    objects: list[dict[str, Any]], archive: list[str], migration_id: str
+) -> list[dict[str, Any]]:
+    """Objects over a quota: copied to the archive tier, the originals superseded (released
+    only at finalize, so rollback has them)."""
     to_archive = set(archive)
     new_objects = []
-    for obj in expected["objects"]:
+    for obj in objects:
         if obj["id"] in to_archive:
             new_objects.append({**obj, "state": "superseded"})
             copy_id = derived_id(migration_id, "archive", obj["id"])
             new_objects.append({**obj, "id": copy_id, "tier": "archive", "state": "active"})
         else:
             new_objects.append(obj)
-    expected["objects"] = new_objects
+    return new_objects
 
-    # Counters: the current period's counts moved as the rules say.
-    moves = _counter_moves(snapshot, rules, source, target, now)
-    expected["counters"] = _apply_moves(snapshot.get("counters", []), moves)
 
-    if not reasons and source is not None and source.ref not in rules.rules.from_plans:
-        reasons.append(f"the account's plan {source.ref} is not a source of these rules")
-    effective, effective_at = _effective(rules, snapshot, source_ent, now)
-    plan = MigrationPlan(
-        account_id=snapshot["account"]["id"],
-        rules_ref=rules.ref,
-        rules_hash=rules.content_hash(),
-        source_ref=source.ref if source else None,
-        target_ref=target.ref,
-        target_hash=target.plan_hash,
-        eligible=not reasons,
-        reasons=tuple(reasons + blocked),
-        blocked=bool(blocked),
-        effective=effective,
-        effective_at=effective_at,
-        steps=(),
-        expected=sort_state(expected),
-        conflicts=tuple(conflicts),
-        counter_moves=tuple(moves),
-        deactivate=tuple(sorted(deactivate)),
-        archive=tuple(sorted(archive)),
-        risks=tuple(risks),
-        machine_terms=machine_terms(target_ent),
-        convert=tuple(sorted(c["activation_id"] for c in converted)),
-        over_cap_before=tuple(over_cap_before),
-    )
-    changes = {
-        "plan": {"from": plan.source_ref, "to": plan.target_ref},
-        "entitlements": _entitlement_changes(source_ent, old_overrides, target_ent, overrides),
-        "licenses": changes_licenses,
-        "activations_deactivated": sorted(deactivate),
-        "activations_converted": sorted(converted, key=lambda c: c["activation_id"]),
-        "activations_grandfathered": grandfathered,
-        "objects_archived": sorted(archive),
-        "counters": [
-            {
-                "meter": c["meter"],
-                "period_start": c["period_start"],
-                "before": _count(snapshot, c["meter"], c["period_start"]),
-                "after": c["used"],
-            }
-            for c in expected["counters"]
-            if _count(snapshot, c["meter"], c["period_start"]) != c["used"]
-        ],
-        "subscription_overrides": {"before": old_overrides, "after": overrides},
-    }
-    return _with_steps(plan, changes)
+def _counter_changes(snapshot: State, counters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each counter whose count the moves change, before and after."""
+    return [
+        {
+            "meter": c["meter"],
+            "period_start": c["period_start"],
+            "before": _count(snapshot, c["meter"], c["period_start"]),
+            "after": c["used"],
+        }
+        for c in counters
+        if _count(snapshot, c["meter"], c["period_start"]) != c["used"]
+    ]
 
 
 def eligibility_reasons(
