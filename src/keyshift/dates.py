@@ -21,6 +21,17 @@ MAX_SPAN = timedelta(days=100 * 366)
 RANGE_TEXT = "between 1970-01-01T00:00:00Z and 9000-12-31T23:59:59Z"
 
 
+def rfc3339(value: datetime | None) -> str | None:
+    """The one text form of an instant keyshift writes: RFC 3339 in UTC with ``Z``
+    (``2026-11-30T12:00:00Z``, microseconds only when there are any). A naive value is read
+    as UTC, as both databases return stored instants; None stays None."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def in_range(value: datetime) -> bool:
     """Whether ``value`` (timezone-aware) lies in the accepted range. An offset that moves a
     date past the calendar's edge (9999-12-31T23:59-23:59) is out of range, not an error."""

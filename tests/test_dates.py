@@ -1,0 +1,26 @@
+"""The one text form of an instant (``keyshift.dates.rfc3339``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from keyshift.dates import rfc3339
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (datetime(2026, 1, 1, tzinfo=UTC), "2026-01-01T00:00:00Z"),
+        (datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))), "2026-01-01T00:00:00Z"),
+        (datetime(2026, 1, 1, 0, 0, 0, 5), "2026-01-01T00:00:00.000005Z"),
+        (datetime(2025, 12, 31, 23, tzinfo=timezone(timedelta(hours=-2))), "2026-01-01T01:00:00Z"),
+    ],
+)
+def test_rfc3339_is_utc_with_z(value: datetime, text: str) -> None:
+    assert rfc3339(value) == text
+
+
+def test_rfc3339_keeps_none() -> None:
+    assert rfc3339(None) is None
