@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
 
 from keyshift import dates
 from keyshift.catalog.manifests import REF_PATTERN
@@ -53,8 +53,17 @@ Timestamp = Annotated[
     AfterValidator(_in_range),
     Field(
         json_schema_extra={
-            "formatMinimum": dates.EARLIEST.isoformat().replace("+00:00", "Z"),
+            "formatMinimum": dates.rfc3339(dates.EARLIEST),
             "formatMaximum": "9000-12-31T23:59:59Z",
         }
     ),
+]
+
+
+#: An instant in a response: always RFC 3339 in UTC with ``Z`` (``keyshift.dates.rfc3339``),
+#: whatever offset or naivety the database handed back.
+Instant = Annotated[
+    datetime,
+    PlainSerializer(dates.rfc3339, return_type=str, when_used="json"),
+    Field(json_schema_extra={"format": "date-time"}),
 ]
