@@ -26,7 +26,7 @@ from keyshift.db.tables import Base
 from keyshift.db.types import utcnow
 from keyshift.migration import repository
 from keyshift.migration.executor import Executor
-from keyshift.migration.state import State, state_hash
+from keyshift.migration.state import Snapshot, state_hash
 from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers
@@ -52,7 +52,7 @@ async def all_rows(db: Database) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
-async def state_of(db: Database, account_id: str) -> State:
+async def state_of(db: Database, account_id: str) -> Snapshot:
     async with db.transaction() as session:
         state = await repository.read_state(session, account_id, utcnow())
     assert state is not None

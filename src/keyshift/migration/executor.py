@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -47,7 +47,14 @@ from keyshift.migration.errors import (
 from keyshift.migration.planner import CounterMove, MigrationPlan, plan_migration
 from keyshift.migration.rollback import rollback
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
-from keyshift.migration.state import State, differences, iso, parse_iso
+from keyshift.migration.state import (
+    ExpectedState,
+    Snapshot,
+    as_snapshot,
+    differences,
+    iso,
+    parse_iso,
+)
 from keyshift.security.signing import SigningKeys
 from keyshift.states import IN_FLIGHT, REPLACEABLE, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
@@ -161,7 +168,7 @@ async def preview(
     *,
     now: datetime,
     migration_id: str = "preview",
-) -> tuple[MigrationPlan, State]:
+) -> tuple[MigrationPlan, Snapshot]:
     """The plan for one account, from its state now; reads only."""
     snapshot = await repository.read_state(session, account_id, now)
     if snapshot is None:
@@ -418,10 +425,11 @@ class Executor:
                 details={"reasons": list(plan.reasons)},
             )
             return Flow.STOP
-        row.snapshot, row.snapshot_hash, row.plan = snapshot, snapshot_hash, plan.to_dict()
+        row.snapshot = cast(dict[str, Any], snapshot)  # stored as JSON, read by as_snapshot
+        row.snapshot_hash, row.plan = snapshot_hash, plan.to_dict()
         row.source_ref = plan.source_ref
-        sub = snapshot.get("subscription") or {}
-        row.source_hash = sub.get("plan_hash")
+        sub = snapshot["subscription"]
+        row.source_hash = sub["plan_hash"] if sub else None
         row.state = MigrationState.SNAPSHOTTED
         await repository.write_step(
             session,
@@ -476,11 +484,11 @@ class Executor:
     ) -> Flow:
         """ONE transaction: the plan, overrides, activations, objects and counters flip."""
         plan = row.plan or {}
-        expected: State = plan["expected"]
-        snapshot: State = row.snapshot or {}
+        expected: ExpectedState = plan["expected"]
+        snapshot = as_snapshot(row.snapshot)
         sub = await repository.lock_subscription(session, row.account_id)
-        before = snapshot.get("subscription") or {}
-        if sub is None or sub.plan_hash != before.get("plan_hash"):
+        before = snapshot.get("subscription")
+        if sub is None or sub.plan_hash != (before["plan_hash"] if before else None):
             row.state, row.lock_account_id, row.finished_at = MigrationState.FAILED, None, now
             row.error = "the account's plan changed after the snapshot"
             await repository.write_step(
@@ -492,6 +500,7 @@ class Executor:
                 now=now,
             )
             return Flow.STOP
+        assert expected["subscription"] is not None  # a plan always puts the target plan
         repository.put_subscription(sub, expected["subscription"], now)
         license_changes = await repository.put_license_overrides(
             session, row.account_id, expected["licenses"], now
@@ -562,8 +571,8 @@ class Executor:
         and with the fingerprint of each machine kept that held a seat at the snapshot — and,
         unless it was already over its cap at the snapshot, is not over its cap now."""
         plan = row.plan or {}
-        expected: State = plan["expected"]
-        snapshot: State = row.snapshot or {}
+        expected: ExpectedState = plan["expected"]
+        snapshot = as_snapshot(row.snapshot)
         actual = await repository.read_state(session, row.account_id, now)
         assert actual is not None
         problems = compare_after_cutover(expected, actual, snapshot)
@@ -669,7 +678,7 @@ _LOST_SEAT = frozenset(
 )
 
 
-def kept_machines(expected: State, snapshot: State) -> dict[str, list[str]]:
+def kept_machines(expected: ExpectedState, snapshot: Snapshot) -> dict[str, list[str]]:
     """Per license, the fingerprints of the machines the plan keeps that held a seat at the
     snapshot (a lease already lapsed then was a free seat, not a machine the app runs on)."""
     taken_at = parse_iso(snapshot.get("taken_at"))
@@ -744,7 +753,7 @@ def _derived(migration_id: str, object_id: str) -> str:
     return derived_id(migration_id, "archive", object_id)
 
 
-def content_hash_of(state: State) -> str:
+def content_hash_of(state: ExpectedState) -> str:
     from keyshift.migration.state import state_hash
 
     return state_hash(state)
@@ -788,7 +797,9 @@ async def _move_counters(
     return out
 
 
-def compare_after_cutover(expected: State, actual: State, snapshot: State) -> list[str]:
+def compare_after_cutover(
+    expected: ExpectedState, actual: Snapshot, snapshot: Snapshot
+) -> list[str]:
     """Where ``actual`` falls short of ``expected``: exact on the account, subscription,
     licenses and objects; counters at least the expected count (usage keeps arriving);
     every expected activation present, extra ones only if created after the snapshot."""

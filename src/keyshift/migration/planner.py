@@ -5,9 +5,13 @@ code; the executor performs what it decides, and verification compares against `
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
+
+from typing_extensions import TypedDict
 
 from keyshift.canonical import content_hash
 from keyshift.catalog.entitlements import (
@@ -18,12 +22,38 @@ from keyshift.catalog.entitlements import (
 )
 from keyshift.catalog.manifests import Meter
 from keyshift.metering.periods import period_containing
-from keyshift.migration.rules import MigrationRules, PlanPair
-from keyshift.migration.state import State, deep_copy, derived_id, iso, parse_iso, sort_state
+from keyshift.migration.rules import FeatureRule, MigrationRules, PlanPair, QuotaRule
+from keyshift.migration.state import (
+    ActivationData,
+    CounterData,
+    EntitlementsView,
+    ExpectedState,
+    FeatureGrantData,
+    GrantsData,
+    LicenseData,
+    ObjectData,
+    PreviousView,
+    Snapshot,
+    SubscriptionOverrides,
+    derived_id,
+    iso,
+    parse_iso,
+    sort_state,
+)
 from keyshift.states import STEPS as FORWARD_STEPS
 from keyshift.states import Step
 
 STEPS = FORWARD_STEPS  # the steps a plan lists, in order
+
+_V = TypeVar("_V")
+
+
+class MachineTerms(TypedDict):
+    """What an activation is under a plan: ``mode`` (node | floating) and its lease length
+    (None: node-locked)."""
+
+    mode: str
+    lease_seconds: int | None
 
 
 @dataclass(frozen=True)
@@ -95,16 +125,16 @@ class MigrationPlan:
     effective: str  # immediately | period_end | at
     effective_at: str | None
     steps: tuple[dict[str, Any], ...]
-    expected: State
+    expected: ExpectedState
     conflicts: tuple[QuotaConflict, ...]
     counter_moves: tuple[CounterMove, ...]
     deactivate: tuple[str, ...]  # activation ids trimmed over the new cap
     archive: tuple[str, ...]  # object ids moved to the archive tier
     risks: tuple[str, ...]
-    changes: dict[str, Any] = field(default_factory=dict)
     #: The target's activation terms (``mode``: node | floating, ``lease_seconds``), and the
     #: kept activations switched to them at cutover (ids).
-    machine_terms: dict[str, Any] = field(default_factory=dict)
+    machine_terms: MachineTerms
+    changes: dict[str, Any] = field(default_factory=dict)
     convert: tuple[str, ...] = ()
     #: Licenses with more live machines than their cap at the snapshot (they validated as
     #: ``TOO_MANY_ACTIVATIONS`` then): verify does not blame the migration for it.
@@ -161,18 +191,20 @@ class MigrationPlan:
 # -- entitlements with the account's overrides --------------------------------------------------
 
 
-def quota_usage(state: State) -> dict[str, int]:
+def quota_usage(state: ExpectedState) -> dict[str, int]:
     """Units of each quota held by live objects in the standard tier."""
     used: dict[str, int] = {}
-    for obj in state.get("objects", []):
+    for obj in state["objects"]:
         if obj["state"] == "active" and obj["tier"] == "standard":
             used[obj["quota"]] = used.get(obj["quota"], 0) + int(obj["units"])
     return used
 
 
-def effective_view(entitlements: Entitlements, overrides: dict[str, Any]) -> dict[str, Any]:
+def effective_view(
+    entitlements: Entitlements, overrides: SubscriptionOverrides
+) -> EntitlementsView:
     """Features and quotas a subscription's overrides make of its plan's (for the plan diff)."""
-    features = {k: v.to_dict() for k, v in entitlements.features.items()}
+    features = {k: cast(FeatureGrantData, v.to_dict()) for k, v in entitlements.features.items()}
     quotas = dict(entitlements.quotas)
     for addon in (overrides.get("addons") or {}).values():
         for name, mode in (addon.get("features") or {}).items():
@@ -182,7 +214,7 @@ def effective_view(entitlements: Entitlements, overrides: dict[str, Any]) -> dic
     return {"features": features, "quotas": quotas}
 
 
-def previous_view(source: Entitlements, overrides: dict[str, Any]) -> dict[str, Any]:
+def previous_view(source: Entitlements, overrides: SubscriptionOverrides) -> PreviousView:
     """The account's whole grant before the migration (plan and add-ons), which validation
     shows beside the merged set during a grace (``entitlements.previous``)."""
     return {
@@ -194,10 +226,10 @@ def previous_view(source: Entitlements, overrides: dict[str, Any]) -> dict[str, 
 
 def grace_view(
     source: Entitlements,
-    overrides: dict[str, Any],
+    overrides: SubscriptionOverrides,
     target: Entitlements,
-    carried_addons: dict[str, Any],
-) -> dict[str, Any]:
+    carried_addons: dict[str, GrantsData],
+) -> EntitlementsView:
     """The old entitlements a grace keeps, as ``with_overrides`` lays them over the new ones.
 
     Features: each one the old plan granted more of than the new one; one the old plan left
@@ -218,7 +250,7 @@ def grace_view(
     return view
 
 
-def _more_generous(old: dict[str, Any], new: FeatureGrant | None) -> bool:
+def _more_generous(old: FeatureGrantData, new: FeatureGrant | None) -> bool:
     if old.get("mode") == "disabled":
         return False
     if new is None or not new.is_usable or (new.mode == "throttled" and old["mode"] == "enabled"):
@@ -234,7 +266,7 @@ def _more_generous(old: dict[str, Any], new: FeatureGrant | None) -> bool:
 
 
 def plan_migration(
-    snapshot: State,
+    snapshot: Snapshot,
     rules: MigrationRules,
     source: PlanPair | None,
     target: PlanPair,
@@ -250,8 +282,8 @@ def plan_migration(
     reasons = eligibility_reasons(snapshot, rules, source)
     target_ent = resolve(target.plan, target.plan_hash, target.edition)
     source_ent = resolve(source.plan, source.plan_hash, source.edition) if source else None
-    sub = snapshot.get("subscription") or {}
-    old_overrides: dict[str, Any] = sub.get("overrides") or {}
+    sub = snapshot["subscription"]
+    old_overrides: SubscriptionOverrides = (sub["overrides"] if sub else None) or {}
 
     lost = _lost_features(source_ent, target_ent, rules)
     quotas = _quota_conflicts(snapshot, rules, old_overrides, target_ent)
@@ -259,13 +291,19 @@ def plan_migration(
     overrides = _subscription_overrides(
         snapshot, rules, source_ent, target_ent, old_overrides, addons.carried, quotas, now
     )
-    expected = deep_copy(snapshot)
-    expected.pop("taken_at", None)
-    expected["subscription"] = {
-        "plan": target.ref,
-        "plan_hash": target.plan_hash,
-        "started_at": sub.get("started_at") or iso(now),
-        "overrides": overrides,
+    copied = copy.deepcopy(snapshot)
+    expected: ExpectedState = {  # the snapshot without its time, on the target plan
+        "account": copied["account"],
+        "subscription": {
+            "plan": target.ref,
+            "plan_hash": target.plan_hash,
+            "started_at": (sub["started_at"] if sub else None) or iso(now),
+            "overrides": overrides,
+        },
+        "licenses": copied["licenses"],
+        "activations": copied["activations"],
+        "counters": copied["counters"],
+        "objects": copied["objects"],
     }
     licenses = _map_licenses(expected["licenses"], rules)
     seats = _seat_changes(
@@ -276,7 +314,7 @@ def plan_migration(
     expected["activations"] = seats.activations
     expected["objects"] = _archive_objects(expected["objects"], quotas.archive, migration_id)
     moves = _counter_moves(snapshot, rules, source, target, now)
-    expected["counters"] = _apply_moves(snapshot.get("counters", []), moves)
+    expected["counters"] = _apply_moves(snapshot["counters"], moves)
 
     blocked = quotas.blocked + addons.blocked
     effective, effective_at = _effective(rules, snapshot, source_ent, now)
@@ -354,9 +392,9 @@ class _QuotaOutcome:
 
 
 def _quota_conflicts(
-    snapshot: State,
+    snapshot: ExpectedState,
     rules: MigrationRules,
-    old_overrides: dict[str, Any],
+    old_overrides: SubscriptionOverrides,
     target_ent: Entitlements,
 ) -> _QuotaOutcome:
     """Quotas: conflicts where the account holds more than the target allows."""
@@ -402,14 +440,16 @@ def _quota_conflicts(
 
 @dataclass(frozen=True)
 class _AddonOutcome:
-    carried: dict[str, Any]  # add-ons on the new subscription, by their new names
+    carried: dict[str, GrantsData]  # add-ons on the new subscription, by their new names
     risks: list[str]
     blocked: list[str]
 
 
-def _subscription_addons(old_overrides: dict[str, Any], rules: MigrationRules) -> _AddonOutcome:
+def _subscription_addons(
+    old_overrides: SubscriptionOverrides, rules: MigrationRules
+) -> _AddonOutcome:
     """Add-ons on the subscription: carried, renamed, dropped, or refused."""
-    carried: dict[str, Any] = {}
+    carried: dict[str, GrantsData] = {}
     risks: list[str] = []
     blocked: list[str] = []
     for name, content in sorted((old_overrides.get("addons") or {}).items()):
@@ -427,17 +467,17 @@ def _subscription_addons(old_overrides: dict[str, Any], rules: MigrationRules) -
 
 
 def _subscription_overrides(
-    snapshot: State,
+    snapshot: ExpectedState,
     rules: MigrationRules,
     source_ent: Entitlements | None,
     target_ent: Entitlements,
-    old_overrides: dict[str, Any],
-    addons: dict[str, Any],
+    old_overrides: SubscriptionOverrides,
+    addons: dict[str, GrantsData],
     quotas: _QuotaOutcome,
     now: datetime,
-) -> dict[str, Any]:
+) -> SubscriptionOverrides:
     """Subscription: the overrides the rules produce on the target plan."""
-    overrides: dict[str, Any] = {}
+    overrides: SubscriptionOverrides = {}
     if addons:
         overrides["addons"] = addons
     if quotas.read_only:
@@ -458,7 +498,7 @@ def _subscription_overrides(
     return overrides
 
 
-def _map_licenses(licenses: list[dict[str, Any]], rules: MigrationRules) -> list[dict[str, Any]]:
+def _map_licenses(licenses: list[LicenseData], rules: MigrationRules) -> list[LicenseData]:
     """Licenses: hand-set overrides carried, mapped or reset as the rules say (new rows)."""
     is_reset = rules.overrides.max_activations == "reset"
     return [
@@ -473,8 +513,8 @@ def _map_licenses(licenses: list[dict[str, Any]], rules: MigrationRules) -> list
 
 @dataclass(frozen=True)
 class _SeatOutcome:
-    licenses: list[dict[str, Any]]  # with caps pinned by ``keep_all``
-    activations: list[dict[str, Any]]  # the kept ones, switched to the target's mode
+    licenses: list[LicenseData]  # with caps pinned by ``keep_all``
+    activations: list[ActivationData]  # the kept ones, switched to the target's mode
     deactivate: list[str]
     over_cap_before: list[str]
     grandfathered: list[dict[str, Any]]
@@ -483,9 +523,9 @@ class _SeatOutcome:
 
 
 def _seat_changes(
-    snapshot: State,
-    licenses: list[dict[str, Any]],
-    activations: list[dict[str, Any]],
+    snapshot: ExpectedState,
+    licenses: list[LicenseData],
+    activations: list[ActivationData],
     rules: MigrationRules,
     source_ent: Entitlements | None,
     target_ent: Entitlements,
@@ -494,7 +534,7 @@ def _seat_changes(
     """Activations: keep all, or keep up to each license's new cap, most recently seen first.
 
     Works on copies of the rows it is given (pinning and converting change them)."""
-    licenses = [dict(lic) for lic in licenses]
+    licenses = [lic.copy() for lic in licenses]
     deactivate: list[str] = []
     risks: list[str] = []
     if rules.seats.activations == "trim_to_cap":
@@ -508,17 +548,16 @@ def _seat_changes(
         if deactivate:
             risks.append(f"activations_trimmed:{len(deactivate)}")
     gone = set(deactivate)
-    kept = [dict(a) for a in activations if a["id"] not in gone]
+    kept = [a.copy() for a in activations if a["id"] not in gone]
     caps_before = _caps(snapshot, source_ent)
     over_cap_before = sorted(
         lic_id
         for lic_id, cap in caps_before.items()
-        if cap is not None and _live_seats(snapshot, lic_id, now) > cap
+        if cap is not None and _live_seats(snapshot["activations"], lic_id, now) > cap
     )
     grandfathered: list[dict[str, Any]] = []
     if rules.seats.activations == "keep_all":
-        after = {"licenses": licenses, "activations": kept}
-        grandfathered = _grandfather_seats(after, caps_before, target_ent, now)
+        grandfathered = _grandfather_seats(licenses, kept, caps_before, target_ent, now)
         if grandfathered:
             risks.append(f"activations_grandfathered:{len(grandfathered)}")
     converted = _convert_activations(kept, target_ent, now)
@@ -527,9 +566,7 @@ def _seat_changes(
     )
 
 
-def _license_changes(
-    before: list[dict[str, Any]], after: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def _license_changes(before: list[LicenseData], after: list[LicenseData]) -> list[dict[str, Any]]:
     """Each license whose hand-set cap or overrides differ, before and after."""
     was = {
         lic["id"]: {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
@@ -544,12 +581,12 @@ def _license_changes(
 
 
 def _archive_objects(
-    objects: list[dict[str, Any]], archive: list[str], migration_id: str
-) -> list[dict[str, Any]]:
+    objects: list[ObjectData], archive: list[str], migration_id: str
+) -> list[ObjectData]:
     """Objects over a quota: copied to the archive tier, the originals superseded (released
     only at finalize, so rollback has them)."""
     to_archive = set(archive)
-    new_objects = []
+    new_objects: list[ObjectData] = []
     for obj in objects:
         if obj["id"] in to_archive:
             new_objects.append({**obj, "state": "superseded"})
@@ -560,22 +597,22 @@ def _archive_objects(
     return new_objects
 
 
-def _counter_changes(snapshot: State, counters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _counter_changes(snapshot: ExpectedState, counters: list[CounterData]) -> list[dict[str, Any]]:
     """Each counter whose count the moves change, before and after."""
     return [
         {
             "meter": c["meter"],
             "period_start": c["period_start"],
-            "before": _count(snapshot, c["meter"], c["period_start"]),
+            "before": _count(snapshot["counters"], c["meter"], c["period_start"]),
             "after": c["used"],
         }
         for c in counters
-        if _count(snapshot, c["meter"], c["period_start"]) != c["used"]
+        if _count(snapshot["counters"], c["meter"], c["period_start"]) != c["used"]
     ]
 
 
 def eligibility_reasons(
-    snapshot: State, rules: MigrationRules, source: PlanPair | None
+    snapshot: ExpectedState, rules: MigrationRules, source: PlanPair | None
 ) -> list[str]:
     account = snapshot["account"]
     reasons = []
@@ -594,7 +631,7 @@ def eligibility_reasons(
 
 
 def _addon_quota(
-    overrides: dict[str, Any], rules: MigrationRules, quota: str, base: int | None
+    overrides: SubscriptionOverrides, rules: MigrationRules, quota: str, base: int | None
 ) -> int | None:
     """The target limit plus what carried add-ons add to it."""
     if base is None:
@@ -608,14 +645,14 @@ def _addon_quota(
     return base + extra
 
 
-def machine_terms(target: Entitlements) -> dict[str, Any]:
+def machine_terms(target: Entitlements) -> MachineTerms:
     """What an activation is under the target plan: its ``mode`` and lease length."""
     lease_seconds = (target.lease_seconds or DEFAULT_LEASE_SECONDS) if target.is_floating else None
     return {"mode": target.machine_mode, "lease_seconds": lease_seconds}
 
 
 def _convert_activations(
-    kept: list[dict[str, Any]], target: Entitlements, now: datetime
+    kept: list[ActivationData], target: Entitlements, now: datetime
 ) -> list[dict[str, Any]]:
     """Switch each kept machine that holds a seat to the target's activation mode, in place:
     node-locked (no lease), or floating with a lease from the cutover (``now`` here; the
@@ -642,7 +679,7 @@ def _convert_activations(
     return changed
 
 
-def _caps(snapshot: State, source: Entitlements | None) -> dict[str, int | None]:
+def _caps(snapshot: ExpectedState, source: Entitlements | None) -> dict[str, int | None]:
     """Each license's activation cap at the snapshot: its hand-set cap, else the source
     plan's (None: uncapped), as validation reads it."""
     plan_cap = source.max_activations if source is not None else None
@@ -654,14 +691,16 @@ def _caps(snapshot: State, source: Entitlements | None) -> dict[str, int | None]
     }
 
 
-def _live_seats(state: State, license_id: str, now: datetime) -> int:
-    return sum(
-        1 for a in state["activations"] if a["license_id"] == license_id and _is_live(a, now)
-    )
+def _live_seats(activations: list[ActivationData], license_id: str, now: datetime) -> int:
+    return sum(1 for a in activations if a["license_id"] == license_id and _is_live(a, now))
 
 
 def _grandfather_seats(
-    expected: State, caps_before: dict[str, int | None], target: Entitlements, now: datetime
+    licenses: list[LicenseData],
+    activations: list[ActivationData],
+    caps_before: dict[str, int | None],
+    target: Entitlements,
+    now: datetime,
 ) -> list[dict[str, Any]]:
     """``keep_all`` keeps every machine; where a license then holds more live seats than its
     cap on the target (its hand-set cap after the ``[overrides]`` rule, else the plan's), pin
@@ -670,13 +709,13 @@ def _grandfather_seats(
     cap at the snapshot stays exactly as over it. A revoked license holds no seats that
     matter. Returns what was pinned, per license."""
     pinned = []
-    for lic in expected["licenses"]:
+    for lic in licenses:
         if lic["status"] == "revoked":
             continue
         target_cap = lic["max_activations_override"] or target.max_activations
         if target_cap is None:
             continue
-        kept = _live_seats(expected, lic["id"], now)
+        kept = _live_seats(activations, lic["id"], now)
         cap_before = caps_before.get(lic["id"])
         seats = kept if cap_before is None else min(kept, cap_before)
         if seats <= target_cap:
@@ -697,16 +736,16 @@ def _grandfather_seats(
     return pinned
 
 
-def _is_live(activation: dict[str, Any], now: datetime) -> bool:
-    lease = parse_iso(activation.get("lease_expires_at"))
+def _is_live(activation: ActivationData, now: datetime) -> bool:
+    lease = parse_iso(activation["lease_expires_at"])
     return lease is None or lease > now
 
 
-def _objects_over(snapshot: State, quota: str, limit: int) -> tuple[str, ...]:
+def _objects_over(snapshot: ExpectedState, quota: str, limit: int) -> tuple[str, ...]:
     """Keep the newest objects that fit in ``limit``; the rest go to the archive."""
     live = [
         o
-        for o in snapshot.get("objects", [])
+        for o in snapshot["objects"]
         if o["quota"] == quota and o["state"] == "active" and o["tier"] == "standard"
     ]
     live.sort(key=lambda o: (o["created_at"], o["id"]), reverse=True)
@@ -719,7 +758,7 @@ def _objects_over(snapshot: State, quota: str, limit: int) -> tuple[str, ...]:
     return tuple(sorted(excess))
 
 
-def _recency(activation: dict[str, Any], now: datetime) -> tuple[int, str, str, str]:
+def _recency(activation: ActivationData, now: datetime) -> tuple[int, str, str, str]:
     live = 1 if _is_live(activation, now) else 0  # a lapsed lease goes first
     return (
         live,
@@ -729,30 +768,34 @@ def _recency(activation: dict[str, Any], now: datetime) -> tuple[int, str, str, 
     )
 
 
-def _map_license_overrides(overrides: dict[str, Any], rules: MigrationRules) -> dict[str, Any]:
+def _map_license_overrides(overrides: GrantsData, rules: MigrationRules) -> GrantsData:
     """A license's hand-set features and quotas, carried through the rules' mappings (a kept
     or unlisted name stays, a renamed one moves, a dropped one goes) or dropped wholesale."""
-    out: dict[str, Any] = {}
-    for kind, policy, mapping in (
-        ("features", rules.overrides.features, rules.features),
-        ("quotas", rules.overrides.quotas, rules.quotas),
-    ):
-        if policy != "carry" or not overrides.get(kind):
-            continue
-        mapped = {}
-        for name, value in overrides[kind].items():
-            rule = mapping.get(name)
-            if rule is None or rule.action == "keep":
-                mapped[name] = value
-            elif rule.action == "rename" and rule.to:
-                mapped[rule.to] = value
-        if mapped:
-            out[kind] = mapped
+    out: GrantsData = {}
+    features = overrides.get("features") if rules.overrides.features == "carry" else None
+    if features and (mapped_features := _map_names(features, rules.features)):
+        out["features"] = mapped_features
+    quotas = overrides.get("quotas") if rules.overrides.quotas == "carry" else None
+    if quotas and (mapped_quotas := _map_names(quotas, rules.quotas)):
+        out["quotas"] = mapped_quotas
     return out
 
 
+def _map_names(
+    values: dict[str, _V], mapping: Mapping[str, FeatureRule | QuotaRule]
+) -> dict[str, _V]:
+    mapped = {}
+    for name, value in values.items():
+        rule = mapping.get(name)
+        if rule is None or rule.action == "keep":
+            mapped[name] = value
+        elif rule.action == "rename" and rule.to:
+            mapped[rule.to] = value
+    return mapped
+
+
 def _seat_units(
-    snapshot: State, rules: MigrationRules, source_ent: Entitlements | None
+    snapshot: ExpectedState, rules: MigrationRules, source_ent: Entitlements | None
 ) -> int | None:
     seats_rule = rules.seats
     if seats_rule.convert_to_meter is None or seats_rule.units_per_seat is None:
@@ -773,14 +816,14 @@ def _period(meter: Meter, anchor: datetime, when: datetime, term: str) -> tuple[
 
 
 def _counter_moves(
-    snapshot: State,
+    snapshot: ExpectedState,
     rules: MigrationRules,
     source: PlanPair | None,
     target: PlanPair,
     now: datetime,
 ) -> list[CounterMove]:
-    sub = snapshot.get("subscription") or {}
-    anchor = parse_iso(sub.get("started_at")) or now
+    sub = snapshot["subscription"]
+    anchor = parse_iso(sub["started_at"] if sub else None) or now
     source_meters = {m.key: m for m in source.plan.meters} if source else {}
     target_meters = {m.key: m for m in target.plan.meters}
     moves = []
@@ -816,22 +859,21 @@ def _overlap_share(
     return max(0.0, min(1.0, overlap / elapsed))
 
 
-def _count(state: State, meter: str | None, period_start: str | None) -> int:
-    for counter in state.get("counters", []):
+def _count(counters: list[CounterData], meter: str | None, period_start: str | None) -> int:
+    for counter in counters:
         if counter["meter"] == meter and counter["period_start"] == period_start:
             return int(counter["used"])
     return 0
 
 
-def _apply_moves(counters: list[dict[str, Any]], moves: list[CounterMove]) -> list[dict[str, Any]]:
+def _apply_moves(counters: list[CounterData], moves: list[CounterMove]) -> list[CounterData]:
     """The counters after the moves, reading every source count before writing any target.
 
     Each move is a delta, as the executor applies it (``value - count`` on its own row,
     ``+ value`` on another), so the result does not depend on the order of the moves.
     """
-    state = {"counters": counters}
-    counts = [_count(state, m.source_meter, m.source_period_start) for m in moves]
-    out = {(c["meter"], c["period_start"]): dict(c) for c in counters}
+    counts = [_count(counters, m.source_meter, m.source_period_start) for m in moves]
+    out = {(c["meter"], c["period_start"]): c.copy() for c in counters}
     for move, count in zip(moves, counts, strict=True):
         value = move.value(count)
         key = (move.meter, move.period_start)
@@ -849,14 +891,14 @@ def _apply_moves(counters: list[dict[str, Any]], moves: list[CounterMove]) -> li
 
 
 def _effective(
-    rules: MigrationRules, snapshot: State, source_ent: Entitlements | None, now: datetime
+    rules: MigrationRules, snapshot: ExpectedState, source_ent: Entitlements | None, now: datetime
 ) -> tuple[str, str | None]:
     schedule = rules.schedule
     if schedule.effective == "at":
         return "at", iso(schedule.at)
     if schedule.effective == "period_end":
-        sub = snapshot.get("subscription") or {}
-        anchor = parse_iso(sub.get("started_at")) or now
+        sub = snapshot["subscription"]
+        anchor = parse_iso(sub["started_at"] if sub else None) or now
         term = source_ent.term if source_ent else "1y"
         span = period_containing("term", anchor, now, term=term)
         return "period_end", iso(span.end) if not span.is_endless else None
@@ -865,25 +907,30 @@ def _effective(
 
 def _entitlement_changes(
     source: Entitlements | None,
-    old_overrides: dict[str, Any],
+    old_overrides: SubscriptionOverrides,
     target: Entitlements,
-    new_overrides: dict[str, Any],
+    new_overrides: SubscriptionOverrides,
 ) -> dict[str, Any]:
-    before = effective_view(source, old_overrides) if source else {"features": {}, "quotas": {}}
+    before: EntitlementsView = (
+        effective_view(source, old_overrides) if source else {"features": {}, "quotas": {}}
+    )
     after = effective_view(target, new_overrides)
-    out: dict[str, Any] = {}
-    for kind in ("features", "quotas"):
-        old, new = before[kind], after[kind]
-        out[kind] = {
-            "gained": {k: new[k] for k in sorted(set(new) - set(old))},
-            "lost": {k: old[k] for k in sorted(set(old) - set(new))},
-            "changed": {
-                k: {"from": old[k], "to": new[k]}
-                for k in sorted(set(old) & set(new))
-                if old[k] != new[k]
-            },
-        }
-    return out
+    return {
+        "features": _gained_lost_changed(before["features"], after["features"]),
+        "quotas": _gained_lost_changed(before["quotas"], after["quotas"]),
+    }
+
+
+def _gained_lost_changed(old: Mapping[str, object], new: Mapping[str, object]) -> dict[str, Any]:
+    return {
+        "gained": {k: new[k] for k in sorted(set(new) - set(old))},
+        "lost": {k: old[k] for k in sorted(set(old) - set(new))},
+        "changed": {
+            k: {"from": old[k], "to": new[k]}
+            for k in sorted(set(old) & set(new))
+            if old[k] != new[k]
+        },
+    }
 
 
 def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:

@@ -6,7 +6,7 @@ Every function works inside the caller's transaction; the executor decides where
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,13 +23,22 @@ from keyshift.db.tables import (
     Subscription,
     UsageCounter,
 )
-from keyshift.migration.state import State, iso, parse_iso, sort_state
+from keyshift.migration.state import (
+    GrantsData,
+    LicenseData,
+    Snapshot,
+    SubscriptionData,
+    SubscriptionOverrides,
+    iso,
+    parse_iso,
+    sort_state,
+)
 from keyshift.states import Step, StepOutcome
 
 
 async def read_state(
     session: AsyncSession, account_id: str, now: datetime, *, counters_at: datetime | None = None
-) -> State | None:
+) -> Snapshot | None:
     """The account's state (see ``keyshift.migration.state``); None if there is no account.
 
     Counters are those of the periods current at ``counters_at`` (default ``now``): the ones a
@@ -87,7 +96,7 @@ async def read_state(
             ).where(DataObject.account_id == account_id, DataObject.state != "staged")
         )
     ).all()
-    state: State = {
+    state: Snapshot = {
         "account": {
             "id": account.id,
             "name": account.name,
@@ -102,7 +111,7 @@ async def read_state(
             "plan": f"{sub.plan_key}@{sub.plan_version}",
             "plan_hash": sub.plan_hash,
             "started_at": iso(sub.started_at),
-            "overrides": sub.overrides or {},
+            "overrides": cast(SubscriptionOverrides, sub.overrides or {}),
         },
         "licenses": [
             {
@@ -111,7 +120,7 @@ async def read_state(
                 "status": lic.status,
                 "expires_at": iso(lic.expires_at),
                 "max_activations_override": lic.max_activations_override,
-                "overrides": lic.overrides or {},
+                "overrides": cast(GrantsData, lic.overrides or {}),
             }
             for lic in licenses
         ],
@@ -341,18 +350,18 @@ async def delete_counter_row_if_zero(
 # -- writes the cutover and the rollback share ----------------------------------------------------
 
 
-def put_subscription(sub: Subscription, wanted: dict[str, Any], now: datetime) -> None:
+def put_subscription(sub: Subscription, wanted: SubscriptionData, now: datetime) -> None:
     """Set the subscription to a state's plan and overrides. ``entitlements_version`` only
     ever goes up (caches and offline files compare it), whichever way the plan moves."""
     key, version = wanted["plan"].split("@", 1)
     sub.plan_key, sub.plan_version, sub.plan_hash = key, version, wanted["plan_hash"]
-    sub.overrides = wanted["overrides"]
+    sub.overrides = dict(wanted["overrides"])
     sub.entitlements_version += 1
     sub.updated_at = now
 
 
 async def put_license_overrides(
-    session: AsyncSession, account_id: str, wanted: list[dict[str, Any]], now: datetime
+    session: AsyncSession, account_id: str, wanted: list[LicenseData], now: datetime
 ) -> list[str]:
     """Give the account's licenses the hand-set cap and overrides of ``wanted`` (rows of a
     state), locked; returns the ids that changed (their ``version`` bumped)."""
@@ -375,7 +384,7 @@ async def put_license_overrides(
             want["overrides"],
         ):
             row.max_activations_override = want["max_activations_override"]
-            row.overrides = want["overrides"]
+            row.overrides = dict(want["overrides"])
             row.version += 1
             row.updated_at = now
             changed.append(row.id)

@@ -32,7 +32,15 @@ from keyshift.migration.errors import (
     NothingToRollBack,
     WrongState,
 )
-from keyshift.migration.state import State, differences, parse_iso, state_hash
+from keyshift.migration.state import (
+    ActivationData,
+    CounterData,
+    Snapshot,
+    as_snapshot,
+    differences,
+    parse_iso,
+    state_hash,
+)
 from keyshift.states import REVERSIBLE, SETTLED, WAITING, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
 
@@ -152,8 +160,9 @@ async def rollback(
 async def _restore(
     session: AsyncSession, row: Migration, cutover: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
-    snapshot: State = row.snapshot or {}
+    snapshot = as_snapshot(row.snapshot)
     before = snapshot["subscription"]
+    assert before is not None  # an account without a plan is refused, never cut over
     sub = await repository.lock_subscription(session, row.account_id)
     assert sub is not None
     repository.put_subscription(sub, before, now)
@@ -241,12 +250,12 @@ async def _restore(
 
 
 async def _convert_to_restored_mode(
-    session: AsyncSession, row: Migration, snapshot: State, reverted: list[str], now: datetime
+    session: AsyncSession, row: Migration, snapshot: Snapshot, reverted: list[str], now: datetime
 ) -> list[dict[str, Any]]:
     """Every machine holding a seat that the snapshot did not have is put into the restored
     plan's activation mode (the machines of the snapshot are restored as they were)."""
-    sub = snapshot.get("subscription") or {}
-    if not sub.get("plan"):
+    sub = snapshot.get("subscription")
+    if not sub or not sub["plan"]:
         return []
     plan = await catalog.entitlements_for(session, sub["plan"], sub["plan_hash"])
     known = {a["id"] for a in snapshot.get("activations", [])}
@@ -262,7 +271,7 @@ async def _convert_to_restored_mode(
 
 async def prove(session: AsyncSession, row: Migration, now: datetime) -> dict[str, Any]:
     """Re-hash the restored state (growth from live traffic taken out and reported)."""
-    snapshot: State = row.snapshot or {}
+    snapshot = as_snapshot(row.snapshot)
     taken_at = snapshot.get("taken_at") or ""
     restored = await repository.read_state(
         session, row.account_id, now, counters_at=parse_iso(taken_at)
@@ -280,14 +289,17 @@ async def prove(session: AsyncSession, row: Migration, now: datetime) -> dict[st
     }
 
 
-def normalise(snapshot: State, restored: State) -> tuple[State, list[dict[str, Any]], list[str]]:
+def normalise(
+    snapshot: Snapshot, restored: Snapshot
+) -> tuple[Snapshot, list[dict[str, Any]], list[str]]:
     """``restored`` with live growth since the snapshot removed: counters above their
     snapshot count go back to it (the excess is usage that arrived meanwhile), and machines
     activated after the snapshot are left out. A counter *below* its snapshot is kept as it
     is, so the hashes differ: that would be lost usage."""
     taken_at = snapshot.get("taken_at") or ""
     before = {(c["meter"], c["period_start"]): c for c in snapshot.get("counters", [])}
-    counters, usage_kept = [], []
+    counters: list[CounterData] = []
+    usage_kept: list[dict[str, Any]] = []
     for counter in restored.get("counters", []):
         key = (counter["meter"], counter["period_start"])
         had = before.get(key)
@@ -298,17 +310,18 @@ def normalise(snapshot: State, restored: State) -> tuple[State, list[dict[str, A
                     {"meter": key[0], "period_start": key[1], "units": counter["used"] - base}
                 )
             if had is not None:
-                counters.append(dict(had))
+                counters.append(had.copy())
         else:
             counters.append(counter)
     known = {a["id"] for a in snapshot.get("activations", [])}
-    activations, kept = [], []
+    activations: list[ActivationData] = []
+    kept: list[str] = []
     for activation in restored.get("activations", []):
         if activation["id"] not in known and (activation["created_at"] or "") > taken_at:
             kept.append(activation["id"])
         else:
             activations.append(activation)
-    normal = {**restored, "counters": counters, "activations": activations}
+    normal: Snapshot = {**restored, "counters": counters, "activations": activations}
     return normal, usage_kept, kept
 
 

@@ -1,6 +1,10 @@
 """An account's state as plain JSON data: what a snapshot holds, what the planner expects after
 a migration, and what rollback must give back. Pure: no I/O.
 
+The shape is declared as TypedDicts (``Snapshot``, ``ExpectedState`` and their parts): the
+values stay plain dicts, so their canonical JSON and hashes are the data's own, and
+tests/migration/test_state_shape.py checks real states against the declarations.
+
 Shape (every list sorted by id, every instant an RFC 3339 string)::
 
     {"account": {id, name, status, external_ref, attributes, preferences},
@@ -19,14 +23,166 @@ exactly by rollback but are not the migration's to prove.
 
 from __future__ import annotations
 
-import copy
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired, TypeVar, cast, overload
+
+from pydantic import ConfigDict, with_config
+
+# typing_extensions' TypedDict: pydantic reads its shape on Python 3.11 (typing's from 3.12).
+from typing_extensions import TypedDict
 
 from keyshift.canonical import content_hash
 
-State = dict[str, Any]
+#: Free-form JSON the account's owner gives (attributes, preferences): carried, never read
+#: by shape.
+JsonObject = dict[str, Any]
+
+# Each shape forbids keys it does not name, so a test validating a real snapshot against it
+# (tests/migration/test_state_shape.py) fails when the code and the types drift apart.
+_EXACT = ConfigDict(extra="forbid")
+
+
+@with_config(_EXACT)
+class AccountData(TypedDict):
+    id: str
+    name: str
+    status: str
+    external_ref: str | None
+    attributes: JsonObject
+    preferences: JsonObject
+
+
+@with_config(_EXACT)
+class FeatureGrantData(TypedDict):
+    """``FeatureGrant.to_dict()``: ``limit`` and ``period`` only when throttled."""
+
+    mode: str
+    limit: NotRequired[int | None]
+    period: NotRequired[str | None]
+
+
+@with_config(_EXACT)
+class GrantsData(TypedDict):
+    """Hand-set features (``enabled``/``disabled``) and extra quota units: an add-on, or a
+    license's overrides (where either kind may be left out)."""
+
+    features: NotRequired[dict[str, str]]
+    quotas: NotRequired[dict[str, int]]
+
+
+@with_config(_EXACT)
+class EntitlementsView(TypedDict):
+    """Features and quotas as a plan and its add-ons grant them (``planner.effective_view``)."""
+
+    features: dict[str, FeatureGrantData]
+    quotas: dict[str, int]
+
+
+@with_config(_EXACT)
+class PreviousView(EntitlementsView):
+    """The whole grant before a downgrade (``planner.previous_view``)."""
+
+    plan: str
+    edition: str
+
+
+@with_config(_EXACT)
+class GraceData(TypedDict):
+    until: str
+    entitlements: EntitlementsView
+    previous: NotRequired[PreviousView]  # absent from graces planned before it was recorded
+
+
+@with_config(_EXACT)
+class IncludedData(TypedDict):
+    included: int
+
+
+@with_config(_EXACT)
+class SubscriptionOverrides(TypedDict, total=False):
+    """What an account has beyond its plan (``Subscription.overrides``; see
+    ``catalog.entitlements.with_overrides``)."""
+
+    addons: dict[str, GrantsData]
+    read_only: list[str]  # quota names
+    grace: GraceData
+    meters: dict[str, IncludedData]
+
+
+@with_config(_EXACT)
+class SubscriptionData(TypedDict):
+    plan: str  # key@version
+    plan_hash: str
+    started_at: str
+    overrides: SubscriptionOverrides
+
+
+@with_config(_EXACT)
+class LicenseData(TypedDict):
+    id: str
+    key_lookup: str
+    status: str
+    expires_at: str | None
+    max_activations_override: int | None
+    overrides: GrantsData
+
+
+@with_config(_EXACT)
+class ActivationData(TypedDict):
+    id: str
+    license_id: str
+    fingerprint: str
+    mode: str  # node | floating
+    label: str | None
+    created_at: str
+    last_seen_at: str
+    lease_expires_at: str | None
+
+
+@with_config(_EXACT)
+class CounterData(TypedDict):
+    meter: str
+    period_start: str
+    period_end: str
+    used: int
+
+
+@with_config(_EXACT)
+class ObjectData(TypedDict):
+    id: str
+    quota: str
+    name: str
+    units: int
+    tier: str  # standard | archive
+    state: str  # active | superseded
+    content_hash: str
+    created_at: str
+
+
+@with_config(_EXACT)
+class ExpectedState(TypedDict):
+    """An account's state without the time it was read: what the planner expects after a
+    migration (``MigrationPlan.expected``)."""
+
+    account: AccountData
+    subscription: SubscriptionData | None
+    licenses: list[LicenseData]
+    activations: list[ActivationData]
+    counters: list[CounterData]  # current periods only
+    objects: list[ObjectData]
+
+
+@with_config(_EXACT)
+class Snapshot(ExpectedState):
+    """An account's state as read at ``taken_at`` (``repository.read_state``; stored as
+    ``Migration.snapshot``)."""
+
+    taken_at: str
+
+
+_S = TypeVar("_S", ExpectedState, Snapshot)
 
 #: Fields kept in a snapshot but left out of its hash: they change without any migration.
 VOLATILE_ACTIVATION_FIELDS = ("last_seen_at", "lease_expires_at")
@@ -36,6 +192,12 @@ VOLATILE_ACTIVATION_FIELDS = ("last_seen_at", "lease_expires_at")
 _NAMESPACE = uuid.UUID("6f1c1f1e-6b9a-4d1e-9a55-4b657973686d")
 
 
+@overload
+def iso(value: datetime) -> str: ...
+@overload
+def iso(value: None) -> None: ...
+@overload
+def iso(value: datetime | None) -> str | None: ...
 def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
@@ -44,14 +206,21 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def as_snapshot(stored: dict[str, Any] | None) -> Snapshot:
+    """A snapshot as stored (``Migration.snapshot``: JSON, written from a ``Snapshot``) read
+    back as its shape. A migration without one reads as empty, as the steps always have."""
+    return cast(Snapshot, stored or {})
+
+
 def parse_iso(value: str | None) -> datetime | None:
     if value is None:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def hashable(state: State) -> State:
-    """The part of a state its hash covers."""
+def hashable(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a state its hash covers (any mapping shaped like one: ``normalise`` and
+    verification hash and compare partial or rebuilt states)."""
     view = {k: v for k, v in state.items() if k != "taken_at"}
     view["activations"] = [
         {k: v for k, v in a.items() if k not in VOLATILE_ACTIVATION_FIELDS}
@@ -60,7 +229,7 @@ def hashable(state: State) -> State:
     return view
 
 
-def state_hash(state: State) -> str:
+def state_hash(state: Mapping[str, Any]) -> str:
     return content_hash(hashable(state))
 
 
@@ -69,23 +238,20 @@ def derived_id(migration_id: str, kind: str, source_id: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{migration_id}:{kind}:{source_id}"))
 
 
-def deep_copy(state: State) -> State:
-    return copy.deepcopy(state)
-
-
-def counter_key(counter: dict[str, Any]) -> tuple[str, str]:
+def counter_key(counter: CounterData) -> tuple[str, str]:
     return counter["meter"], counter["period_start"]
 
 
-def sort_state(state: State) -> State:
+def sort_state(state: _S) -> _S:
     """Lists in their canonical order (ids; counters by meter and period)."""
-    for name in ("licenses", "activations", "objects"):
-        state[name] = sorted(state.get(name, []), key=lambda row: row["id"])
-    state["counters"] = sorted(state.get("counters", []), key=counter_key)
+    state["licenses"] = sorted(state["licenses"], key=lambda row: row["id"])
+    state["activations"] = sorted(state["activations"], key=lambda row: row["id"])
+    state["objects"] = sorted(state["objects"], key=lambda row: row["id"])
+    state["counters"] = sorted(state["counters"], key=counter_key)
     return state
 
 
-def differences(expected: State, actual: State) -> list[str]:
+def differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
     """Human-readable paths where two states' hashed parts differ (empty: equal)."""
     out: list[str] = []
 
