@@ -7,10 +7,12 @@ which ``tests/db/test_schema.py`` checks.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -23,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from keyshift.db.types import JSONType, UTCDateTime, utcnow
+from keyshift.states import MigrationState, Step, StepOutcome
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -31,6 +34,19 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def stored_as_text(enum: type[StrEnum], length: int) -> Enum:
+    """A column of ``enum``'s values in the plain VARCHAR(length) it always was: the same
+    strings stored, no CHECK constraint, no native enum type (no schema change), read back as
+    members."""
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        values_callable=lambda members: [m.value for m in members],
+        length=length,
+    )
 
 
 class Base(DeclarativeBase):
@@ -323,7 +339,7 @@ class Migration(Base):
         String(36), ForeignKey("accounts.id", ondelete="CASCADE")
     )
     lock_account_id: Mapped[str | None] = mapped_column(String(36), unique=True)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[MigrationState] = mapped_column(stored_as_text(MigrationState, 16))
     rules_ref: Mapped[str] = mapped_column(String(100))
     rules_hash: Mapped[str] = mapped_column(String(64))
     source_ref: Mapped[str | None] = mapped_column(String(100))
@@ -356,10 +372,10 @@ class MigrationStep(Base):
     migration_id: Mapped[str] = mapped_column(
         String(36), ForeignKey("migrations.id", ondelete="CASCADE"), primary_key=True
     )
-    step: Mapped[str] = mapped_column(String(32), primary_key=True)
+    step: Mapped[Step] = mapped_column(stored_as_text(Step, 32), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(36), index=True)
     seq: Mapped[int] = mapped_column(Integer)
-    outcome: Mapped[str] = mapped_column(String(16))  # done | failed
+    outcome: Mapped[StepOutcome] = mapped_column(stored_as_text(StepOutcome, 16))
     snapshot_hash: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     at: Mapped[datetime] = mapped_column(default=utcnow)
