@@ -1,4 +1,5 @@
-"""Accounts, subscriptions and the license lifecycle, on both databases."""
+"""Keys and the license lifecycle through the service, on both databases (accounts and
+subscriptions: tests/accounts/test_service.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select, text, update
 
-from keyshift.accounts import service as accounts
 from keyshift.audit import service as audit
 from keyshift.context import Actor
 from keyshift.db.engine import Database
@@ -19,7 +19,6 @@ from keyshift.errors import (
     InvalidInput,
     LicenseNotActive,
     MalformedKey,
-    PlanNotFound,
 )
 from keyshift.licensing import activations, keys, service
 from keyshift.security.keyring import Sealed
@@ -44,47 +43,6 @@ async def _set_expiry(db: Database, license_id: str, when: datetime | None) -> N
         await session.execute(
             update(License).where(License.id == license_id).values(expires_at=when)
         )
-
-
-# -- accounts and subscriptions ---------------------------------------------------------------
-
-
-async def test_create_account_subscribe_and_list_pages(db: Database) -> None:
-    await factories.publish_sample_catalog(db)
-    created = [await factories.create_account(db, name=f"a{i}") for i in range(5)]
-    async with db.transaction() as session:
-        first = await accounts.list_accounts(session, limit=3)
-        second = await accounts.list_accounts(session, limit=3, after=first[-1].id)
-        subscription = await accounts.get_subscription(session, created[0].id)
-    assert len(first) == 3 and len(second) == 2
-    assert {a.id for a in first + second} == {a.id for a in created}
-    assert subscription is not None and subscription.plan_key == "seat-node"
-    actions = await _actions(db)
-    assert actions.count("account.create") == 5 and actions.count("account.subscribe") == 5
-
-
-async def test_subscribing_to_an_unknown_plan_writes_nothing(db: Database) -> None:
-    await factories.publish_sample_catalog(db)
-    account = await factories.create_account(db, plan_ref=None)
-    before = await _actions(db)
-    with pytest.raises(PlanNotFound):
-        async with db.transaction() as session:
-            await accounts.subscribe(session, ACTOR, account.id, "nope@1")
-    with pytest.raises(InvalidInput) as bad:
-        async with db.transaction() as session:
-            await accounts.subscribe(session, ACTOR, account.id, "not a ref")
-    assert bad.value.field == "plan"
-    async with db.transaction() as session:
-        assert await accounts.get_subscription(session, account.id) is None
-    assert await _actions(db) == before
-
-
-async def test_changing_plan_bumps_entitlements_version(db: Database) -> None:
-    await factories.publish_sample_catalog(db)
-    account = await factories.create_account(db)
-    async with db.transaction() as session:
-        changed = await accounts.subscribe(session, ACTOR, account.id, factories.SEAT_FLOATING)
-    assert changed.entitlements_version == 2 and changed.plan_key == "seat-floating"
 
 
 # -- keys at rest -----------------------------------------------------------------------------
