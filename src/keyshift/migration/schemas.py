@@ -132,7 +132,10 @@ class CounterMoveOut(_Out):
 class PlanOut(_Out):
     """What migrating one account would do (``MigrationPlan.to_dict()``, field for field): the
     steps, the changes, conflicts and risks, and the expected end state. The instants inside
-    (``effective_at``, the state's) are the plan's own RFC 3339 strings."""
+    (``effective_at``, the state's) are the plan's own RFC 3339 strings. A key ``to_dict`` adds
+    and this model lacks is refused, not silently dropped: every plan test then says so."""
+
+    model_config = ConfigDict(from_attributes=True, serialize_by_alias=True, extra="forbid")
 
     account_id: str
     rules: str
