@@ -35,10 +35,11 @@ def _executor(settings: Settings, db: Database) -> Any:
     return Executor(db, load_secrets(settings.secrets_dir).signing)
 
 
-def _view(row: Any, *, with_plan: bool = False) -> dict[str, Any]:
-    from keyshift.migration.views import migration_view
+def _view(row: Any) -> dict[str, Any]:
+    """A migration as the API lists it (``MigrationOut``), as JSON data."""
+    from keyshift.migration.schemas import MigrationOut
 
-    return migration_view(row, with_plan=with_plan)
+    return MigrationOut.model_validate(row).model_dump(mode="json")
 
 
 def plan_text(plan: dict[str, Any]) -> str:
@@ -269,7 +270,7 @@ def status(
 
         from keyshift.db.tables import MigrationStep
         from keyshift.migration import repository
-        from keyshift.migration.views import step_view
+        from keyshift.migration.schemas import MigrationDetail
 
         if account is not None:
             async with db.transaction() as session:
@@ -286,6 +287,6 @@ def status(
                     .order_by(MigrationStep.seq)
                 )
             ).scalars()
-            emit_json({**_view(row, with_plan=True), "ledger": [step_view(s) for s in steps]})
+            emit_json(MigrationDetail.of(row, steps).model_dump(mode="json"))
 
     run(work)

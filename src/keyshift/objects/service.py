@@ -165,17 +165,3 @@ async def quota_used(session: AsyncSession, account_id: str, quota: str) -> int:
         )
     )
     return int(total or 0)
-
-
-def object_view(row: DataObject) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "account_id": row.account_id,
-        "quota": row.quota,
-        "name": row.name,
-        "units": row.units,
-        "tier": row.tier,
-        "state": row.state,
-        "content_hash": row.content_hash,
-        "created_at": row.created_at,
-    }

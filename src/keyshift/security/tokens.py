@@ -6,11 +6,12 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift import dates
 from keyshift.audit import service as audit
 from keyshift.context import SCOPES, Actor
 from keyshift.db.tables import ApiToken
@@ -70,13 +71,9 @@ async def create_token(
         "token.create",
         "token",
         token.id,
-        details={"name": name, "scopes": wanted, "expires_at": _iso(token.expires_at)},
+        details={"name": name, "scopes": wanted, "expires_at": dates.rfc3339(token.expires_at)},
     )
     return IssuedToken(token, plaintext)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
 
 
 async def authenticate(

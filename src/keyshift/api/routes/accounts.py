@@ -17,6 +17,7 @@ from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
 from keyshift.context import Actor
 from keyshift.errors import InvalidInput
 from keyshift.objects import service as data_objects
+from keyshift.objects.schemas import ObjectList, ObjectOut
 
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 Reader = Annotated[Actor, Depends(require("accounts:read"))]
@@ -195,7 +196,7 @@ async def put_preferences(
 @router.post("/{account_id}/objects", status_code=201)
 async def put_object(
     account_id: str, body: ObjectPut, actor: Writer, session: Session
-) -> dict[str, Any]:
+) -> ObjectOut:
     """Store a data object counting ``units`` against ``quota`` (a project, a file …), within
     the account's effective quota: 409 ``quota_exceeded`` past it (unless the plan allows
     overage), 409 ``quota_read_only``, 422 ``unknown_quota`` (docs/licensing.md)."""
@@ -212,7 +213,7 @@ async def put_object(
         units=body.units,
         content=content,
     )
-    return data_objects.object_view(row)
+    return ObjectOut.model_validate(row)
 
 
 @router.get("/{account_id}/objects")
@@ -221,10 +222,10 @@ async def list_objects(
     _actor: Reader,
     session: Session,
     include_superseded: bool = False,
-) -> dict[str, Any]:
+) -> ObjectList:
     """The account's live objects (``include_superseded``: also the originals a migration keeps
     until it is finalized), oldest first."""
     rows = await data_objects.list_objects(
         session, account_id, include_superseded=include_superseded
     )
-    return {"items": [data_objects.object_view(r) for r in rows]}
+    return ObjectList.model_validate({"items": rows})

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
 from keyshift.api.deps import Session, require
 from keyshift.api.inputs import INT64_MAX
-from keyshift.api.schemas import Response
+from keyshift.api.schemas import Instant, Response
 from keyshift.audit import service as audit
+from keyshift.audit.chain import ProblemKind
 from keyshift.context import Actor
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -20,7 +20,7 @@ Reader = Annotated[Actor, Depends(require("audit:read"))]
 class AuditEventOut(Response):
     seq: int
     id: str
-    occurred_at: datetime
+    occurred_at: Instant
     actor: str
     action: str
     target_type: str
@@ -32,27 +32,33 @@ class AuditEventOut(Response):
     hash: str
 
 
-@router.get("/events", response_model=list[AuditEventOut])
+class ProblemOut(Response):
+    seq: int
+    kind: ProblemKind
+    message: str
+    details: dict[str, Any]
+
+
+class VerifyOut(Response):
+    ok: bool
+    checked: int
+    problems: list[ProblemOut]
+
+
+@router.get("/events")
 async def list_events(
     _actor: Reader,
     session: Session,
     account_id: Annotated[str | None, Query(max_length=36)] = None,
     after_seq: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[Any]:
-    return await audit.list_events(session, account_id=account_id, after_seq=after_seq, limit=limit)
+) -> list[AuditEventOut]:
+    rows = await audit.list_events(session, account_id=account_id, after_seq=after_seq, limit=limit)
+    return [AuditEventOut.model_validate(row) for row in rows]
 
 
 @router.get("/verify")
-async def verify(_actor: Reader, session: Session) -> dict[str, Any]:
+async def verify(_actor: Reader, session: Session) -> VerifyOut:
     """Walk the chain; ``problems`` starts with the first row whose content or link is wrong
     (kinds: content_edited, link_broken, gap, inserted, head_mismatch; see docs/security.md)."""
-    report = await audit.verify(session)
-    return {
-        "ok": report.ok,
-        "checked": report.checked,
-        "problems": [
-            {"seq": p.seq, "kind": p.kind, "message": p.message, "details": p.details}
-            for p in report.problems
-        ],
-    }
+    return VerifyOut.model_validate(await audit.verify(session))

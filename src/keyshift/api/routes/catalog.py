@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import ConfigDict, Field
 
 from keyshift.api.deps import Session, require
-from keyshift.api.schemas import Ref, Request, Response
+from keyshift.api.schemas import Instant, Ref, Request, Response
 from keyshift.catalog import loader
 from keyshift.catalog import service as catalog
 from keyshift.context import Actor
@@ -51,7 +50,7 @@ class EntryOut(Response):
     kind: str
     ref: str
     content_hash: str
-    published_at: datetime
+    published_at: Instant
     published_by: str
     source_path: str | None
 
@@ -60,33 +59,55 @@ class EntryWithContent(EntryOut):
     content: dict[str, Any]
 
 
-def _entry(entry: CatalogEntry, *, with_content: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "kind": entry.kind,
-        "ref": f"{entry.key}@{entry.version}",
-        "content_hash": entry.content_hash,
-        "published_at": entry.published_at,
-        "published_by": entry.published_by,
-        "source_path": entry.source_path,
-    }
-    if with_content:
-        body["content"] = entry.content
-    return body
+class Changes(Response):
+    gained: list[dict[str, Any]]
+    lost: list[dict[str, Any]]
+    changed: list[dict[str, Any]]
 
 
-@router.post("/publish", status_code=201, response_model=PublishOut)
-async def publish(body: PublishRequest, actor: Writer, session: Session) -> dict[str, Any]:
+class DiffOut(Response):
+    """``CatalogDiff.to_dict()``: what differs from one version to the other."""
+
+    kind: Literal["edition", "plan"]
+    source: str = Field(alias="from")
+    target: str = Field(alias="to")
+    features: Changes
+    quotas: Changes
+    licensing: list[dict[str, Any]]
+    meters: list[dict[str, Any]]
+
+
+_Entry = TypeVar("_Entry", bound=EntryOut)
+
+
+def _entry(model: type[_Entry], entry: CatalogEntry) -> _Entry:
+    """The entry as ``model`` shows it (``EntryOut`` leaves the content out)."""
+    return model.model_validate(
+        {
+            "kind": entry.kind,
+            "ref": f"{entry.key}@{entry.version}",
+            "content_hash": entry.content_hash,
+            "published_at": entry.published_at,
+            "published_by": entry.published_by,
+            "source_path": entry.source_path,
+            "content": entry.content,
+        }
+    )
+
+
+@router.post("/publish", status_code=201)
+async def publish(body: PublishRequest, actor: Writer, session: Session) -> PublishOut:
     """Validate every file, then store them all as immutable versions, or store nothing."""
     manifests = loader.load_texts(body.files)
     results = await catalog.publish(session, actor, manifests)
-    return {"results": [asdict(r) for r in results]}
+    return PublishOut.model_validate({"results": [asdict(r) for r in results]})
 
 
-@router.get("", response_model=list[EntryOut])
+@router.get("")
 async def list_catalog(
     _actor: Reader, session: Session, kind: Literal["edition", "plan"] | None = None
-) -> list[dict[str, Any]]:
-    return [_entry(e) for e in await catalog.list_catalog(session, kind)]
+) -> list[EntryOut]:
+    return [_entry(EntryOut, e) for e in await catalog.list_catalog(session, kind)]
 
 
 @router.get("/diff")
@@ -95,13 +116,13 @@ async def diff(
     session: Session,
     from_ref: Annotated[Ref, Query(alias="from")],
     to_ref: Annotated[Ref, Query(alias="to")],
-) -> dict[str, Any]:
+) -> DiffOut:
     """Features and quotas gained, lost and changed (and licensing terms, for plans)."""
-    return (await catalog.diff(session, from_ref, to_ref)).to_dict()
+    return DiffOut.model_validate((await catalog.diff(session, from_ref, to_ref)).to_dict())
 
 
-@router.get("/{kind}/{ref}", response_model=EntryWithContent)
+@router.get("/{kind}/{ref}")
 async def get_entry(
     kind: Literal["edition", "plan"], ref: Annotated[Ref, Path()], _actor: Reader, session: Session
-) -> dict[str, Any]:
-    return _entry(await catalog.get_entry(session, kind, ref), with_content=True)
+) -> EntryWithContent:
+    return _entry(EntryWithContent, await catalog.get_entry(session, kind, ref))

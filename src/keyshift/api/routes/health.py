@@ -3,27 +3,48 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import Response
+from pydantic import Field
 from sqlalchemy import text
 
 from keyshift.api.deps import State
 from keyshift.api.errors import JsonResponse
+from keyshift.api.schemas import Response as Body
 from keyshift.db.migrate import current_revision, head_revision
 from keyshift.observability import metrics as metrics_registry
 
 router = APIRouter(tags=["health"])
 
 
+class Liveness(Body):
+    status: Literal["ok"]
+
+
+class Readiness(Body):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(
+        description="Each check (`database`, `migrations`): `ok`, or what is wrong."
+    )
+
+
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
+async def healthz() -> Liveness:
     """The process is up (no dependencies checked)."""
-    return {"status": "ok"}
+    return Liveness(status="ok")
 
 
 @router.get(
     "/readyz",
-    responses={503: {"description": "Not ready: the body's `checks` say which check failed."}},
+    response_model=Readiness,
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Not ready: the body's `checks` say which check failed.",
+        }
+    },
 )
 async def readyz(state: State) -> JsonResponse:
     """The database answers and its schema is at the code's migration head."""

@@ -8,7 +8,7 @@ these routes parse, authorise and render, exactly as ``keyshift migrate …`` do
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi import Request as HttpRequest
@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.accounts import service as accounts
 from keyshift.api.deps import Migrations, State, get_state, require, require_any
-from keyshift.api.schemas import Request
+from keyshift.api.schemas import Request, Response
 from keyshift.catalog.loader import MAX_FILE_BYTES
 from keyshift.context import Actor
 from keyshift.db.engine import Database
@@ -26,7 +26,7 @@ from keyshift.migration import loader, repository, rollback, schedule
 from keyshift.migration.errors import RulesInvalid
 from keyshift.migration.executor import Executor, check_rules, preview
 from keyshift.migration.rules import MigrationRules
-from keyshift.migration.views import migration_view, step_view
+from keyshift.migration.schemas import MigrationDetail, MigrationList, PlanOut, RolledBack
 from keyshift.states import MigrationState, Step
 
 router = APIRouter(tags=["migrations"])
@@ -103,6 +103,14 @@ class RunDueRequest(Request):
     limit: int = Field(default=schedule.MAX_BATCH, ge=1, le=schedule.MAX_BATCH)
 
 
+class RulesChecked(Response):
+    valid: bool
+    rules: str = Field(description="The rules' `key@version`.")
+    hash: str
+    source: list[str] = Field(alias="from", description="The plans the rules migrate from.")
+    to: str
+
+
 def _about_rules(error: RulesInvalid) -> RulesInvalid:
     """Name the request field the problems are in (each problem names its line and field)."""
     if error.field is None:
@@ -132,38 +140,36 @@ async def _read_only_rules(db: Database, text: str, name: str = RULES_FILE) -> M
     return rules
 
 
-async def _detail(db: Database, row: Migration) -> dict[str, Any]:
+async def _detail(db: Database, row: Migration) -> MigrationDetail:
     """The migration with its plan and its ledger, steps in the order they were written."""
     async with db.transaction() as session:
-        steps = sorted((await repository.steps_done(session, row.id)).values(), key=_seq)
-    return {**migration_view(row, with_plan=True), "ledger": [step_view(s) for s in steps]}
-
-
-def _seq(step: Any) -> int:
-    return int(step.seq)
+        steps = (await repository.steps_done(session, row.id)).values()
+    return MigrationDetail.of(row, steps)
 
 
 # -- rules and plans ---------------------------------------------------------------------------
 
 
 @router.post("/v1/rules/validate")
-async def validate_rules(body: RulesCheck, _actor: Runner, state: State) -> dict[str, Any]:
+async def validate_rules(body: RulesCheck, _actor: Runner, state: State) -> RulesChecked:
     """Check a rules manifest: its schema, and that it fits the published plans it names.
     422 lists every problem (file, line, field, reason)."""
     rules = await _read_only_rules(state.db, body.rules, body.name)
-    return {
-        "valid": True,
-        "rules": rules.ref,
-        "hash": rules.content_hash(),
-        "from": list(rules.rules.from_plans),
-        "to": rules.rules.to,
-    }
+    return RulesChecked.model_validate(
+        {
+            "valid": True,
+            "rules": rules.ref,
+            "hash": rules.content_hash(),
+            "from": list(rules.rules.from_plans),
+            "to": rules.rules.to,
+        }
+    )
 
 
 @router.post("/v1/migrations/plan")
 async def plan_migration(
     body: PlanRequest, _actor: Runner, state: State, engine: Migrations
-) -> dict[str, Any]:
+) -> PlanOut:
     """What migrating the account would do — steps, changes, conflicts, risks and the
     expected end state. Writes nothing."""
     async with state.db.transaction() as session:
@@ -174,13 +180,13 @@ async def plan_migration(
             _about_rules(error)
             raise
         await session.rollback()
-    return result.to_dict()
+    return PlanOut.model_validate(result.to_dict())
 
 
 @router.post("/v1/migrations", status_code=201)
 async def apply_migration(
     body: ApplyRequest, actor: Runner, state: State, engine: Migrations
-) -> dict[str, Any]:
+) -> MigrationDetail:
     """Migrate one account now (201 with the migration, its plan and its ledger), or — if the
     rules take effect later — record it ``scheduled``: a pending change holding the account."""
     rules = await _read_only_rules(state.db, body.rules)
@@ -200,36 +206,38 @@ async def apply_migration(
 @router.get("/v1/migrations/{migration_id}")
 async def show_migration(
     migration_id: str, _actor: Reader, state: State, engine: Migrations
-) -> dict[str, Any]:
+) -> MigrationDetail:
     return await _detail(state.db, await engine.get(migration_id))
 
 
 @router.post("/v1/migrations/run-due")
 async def run_due(
     actor: Runner, engine: Migrations, body: RunDueRequest | None = None
-) -> dict[str, Any]:
+) -> MigrationList:
     """Execute the scheduled changes whose time has come (re-planned first: one whose outcome
     changed is held for approval) and start queued ones whose account is free."""
     limit = body.limit if body else schedule.MAX_BATCH
     rows = await schedule.run_due(engine, actor, limit=limit)
-    return {"items": [migration_view(r) for r in rows]}
+    return MigrationList.model_validate({"items": rows})
 
 
 @router.post("/v1/migrations/{migration_id}/resume")
 async def resume_migration(
     migration_id: str, actor: Runner, state: State, engine: Migrations
-) -> dict[str, Any]:
+) -> MigrationDetail:
     """Run the steps an interrupted migration has not done yet (safe to repeat)."""
     return await _detail(state.db, await engine.run(actor, migration_id))
 
 
 async def _rolled_back(
     db: Database, engine: Executor, actor: Actor, migration_id: str, reason: str | None
-) -> dict[str, Any]:
+) -> RolledBack:
     row = await rollback.rollback(engine, actor, migration_id, reason=reason or "requested")
     detail = await _detail(db, row)
-    proof = next((s["details"] for s in detail["ledger"] if s["step"] == Step.ROLLBACK), None)
-    return {**detail, "rollback": proof}
+    proof = detail.step(Step.ROLLBACK)
+    return RolledBack.model_validate(
+        {**detail.model_dump(), "rollback": proof.details if proof else None}
+    )
 
 
 @router.post("/v1/migrations/{migration_id}/rollback")
@@ -239,7 +247,7 @@ async def rollback_migration(
     state: State,
     engine: Migrations,
     body: RollbackRequest | None = None,
-) -> dict[str, Any]:
+) -> RolledBack:
     """Restore the account to the migration's snapshot; ``rollback`` carries the proof
     (restored hash == snapshot hash). Idempotent; 409 once finalized."""
     return await _rolled_back(state.db, engine, actor, migration_id, body.reason if body else None)
@@ -252,7 +260,7 @@ async def rollback_account(
     state: State,
     engine: Migrations,
     body: RollbackRequest | None = None,
-) -> dict[str, Any]:
+) -> RolledBack:
     """Roll back the account's latest migration (409 if it never migrated)."""
     async with state.db.transaction() as session:
         await accounts.get_account(session, account_id)
@@ -263,7 +271,7 @@ async def rollback_account(
 @router.post("/v1/migrations/{migration_id}/finalize")
 async def finalize_migration(
     migration_id: str, actor: Runner, state: State, engine: Migrations
-) -> dict[str, Any]:
+) -> MigrationDetail:
     """Release the old copies and retire the snapshot: no rollback after this."""
     return await _detail(state.db, await rollback.finalize(engine, actor, migration_id))
 
@@ -271,7 +279,7 @@ async def finalize_migration(
 @router.post("/v1/migrations/{migration_id}/cancel")
 async def cancel_migration(
     migration_id: str, actor: Runner, state: State, engine: Migrations
-) -> dict[str, Any]:
+) -> MigrationDetail:
     """Withdraw a scheduled, held or queued change before it runs."""
     return await _detail(state.db, await rollback.cancel(engine, actor, migration_id))
 
@@ -279,7 +287,7 @@ async def cancel_migration(
 @router.post("/v1/migrations/{migration_id}/approve")
 async def approve_migration(
     migration_id: str, actor: Approver, state: State, engine: Migrations
-) -> dict[str, Any]:
+) -> MigrationDetail:
     """Apply a change held for review, as it stands now."""
     return await _detail(state.db, await schedule.approve(engine, actor, migration_id))
 
@@ -295,7 +303,7 @@ async def list_account_migrations(
     engine: Migrations,
     which: Annotated[Literal["pending", "all"], Query(alias="state")] = "all",
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> dict[str, Any]:
+) -> MigrationList:
     """``state=pending``: the changes not yet run (scheduled, held for review, queued), in the
     order they will run. ``state=all``: the latest migrations, newest first."""
     async with state.db.transaction() as session:
@@ -304,4 +312,4 @@ async def list_account_migrations(
             rows = await repository.latest_migrations(session, account_id, limit=limit)
     if which == "pending":
         rows = (await schedule.pending_for_account(engine, account_id))[:limit]
-    return {"items": [migration_view(r) for r in rows]}
+    return MigrationList.model_validate({"items": rows})

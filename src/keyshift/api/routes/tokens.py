@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from keyshift.api.deps import Session, require
-from keyshift.api.schemas import Request, Response
+from keyshift.api.schemas import Instant, Request, Response
 from keyshift.context import SCOPES, Actor
 from keyshift.security import tokens
 
@@ -29,40 +29,35 @@ class TokenOut(Response):
     id: str
     name: str
     scopes: list[str]
-    created_at: datetime
+    created_at: Instant
     created_by: str
-    expires_at: datetime | None
-    revoked_at: datetime | None
+    expires_at: Instant | None
+    revoked_at: Instant | None
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _listed(cls, value: object) -> object:
+        """The row keeps its scopes as ``{"scopes": [...]}`` (a JSON column)."""
+        return value["scopes"] if isinstance(value, dict) else value
 
 
 class TokenCreated(TokenOut):
     token: str = Field(description="The bearer secret. Shown once; only its hash is stored.")
 
 
-def _out(t: tokens.ApiToken) -> dict[str, object]:
-    return {
-        "id": t.id,
-        "name": t.name,
-        "scopes": t.scopes["scopes"],
-        "created_at": t.created_at,
-        "created_by": t.created_by,
-        "expires_at": t.expires_at,
-        "revoked_at": t.revoked_at,
-    }
-
-
-@router.post("", status_code=201, response_model=TokenCreated)
-async def create_token(body: TokenCreate, actor: Writer, session: Session) -> dict[str, object]:
+@router.post("", status_code=201)
+async def create_token(body: TokenCreate, actor: Writer, session: Session) -> TokenCreated:
     ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
     issued = await tokens.create_token(session, actor, name=body.name, scopes=body.scopes, ttl=ttl)
-    return {**_out(issued.token), "token": issued.plaintext}
+    shown = TokenOut.model_validate(issued.token).model_dump()
+    return TokenCreated.model_validate({**shown, "token": issued.plaintext})
 
 
-@router.get("", response_model=list[TokenOut])
-async def list_tokens(_actor: Writer, session: Session) -> list[dict[str, object]]:
-    return [_out(t) for t in await tokens.list_tokens(session)]
+@router.get("")
+async def list_tokens(_actor: Writer, session: Session) -> list[TokenOut]:
+    return [TokenOut.model_validate(t) for t in await tokens.list_tokens(session)]
 
 
-@router.delete("/{token_id}", response_model=TokenOut)
-async def revoke_token(token_id: str, actor: Writer, session: Session) -> dict[str, object]:
-    return _out(await tokens.revoke_token(session, actor, token_id))
+@router.delete("/{token_id}")
+async def revoke_token(token_id: str, actor: Writer, session: Session) -> TokenOut:
+    return TokenOut.model_validate(await tokens.revoke_token(session, actor, token_id))
