@@ -225,7 +225,7 @@ async def test_renew_extends_early_and_restarts_a_lapsed_license(
     async with db.transaction() as session:
         lapsed = await service.get_license(session, row.id)
         await session.refresh(lapsed)
-        assert (await service.describe_license(session, lapsed))["standing"] == "expired"
+        assert await service.license_standing(session, lapsed) == "expired"
         restarted = await service.renew_license(session, ACTOR, row.id)
     assert restarted.expires_at is not None
     assert abs(restarted.expires_at - (datetime.now(UTC) + timedelta(days=30))) < timedelta(
@@ -255,7 +255,7 @@ async def test_grace_period_keeps_a_license_usable_after_expiry(
     async with db.transaction() as session:
         in_grace = await service.get_license(session, row.id)
         await session.refresh(in_grace)
-        assert (await service.describe_license(session, in_grace))["standing"] == "grace"
+        assert await service.license_standing(session, in_grace) == "grace"
         await activations.activate(session, ACTOR, secrets.keyring, key, "m-grace")
     await _set_expiry(db, row.id, now - timedelta(days=8))
     with pytest.raises(LicenseNotActive, match="expired"):

@@ -139,4 +139,4 @@ async def record_batch(
 async def used(db: Database, account_id: str, meter: str, period: str = "current") -> int:
     async with db.transaction() as session:
         view = await reports.account_usage(session, account_id, period=period, history_limit=0)
-    return int(view["meters"][meter]["used"])
+    return view.meters[meter].used

@@ -155,29 +155,6 @@ async def ensure_not_migrating(session: AsyncSession, account_id: str) -> None:
         )
 
 
-def subscription_view(subscription: Subscription | None) -> dict[str, Any] | None:
-    if subscription is None:
-        return None
-    return {
-        "plan": f"{subscription.plan_key}@{subscription.plan_version}",
-        "plan_hash": subscription.plan_hash,
-        "entitlements_version": subscription.entitlements_version,
-        "started_at": subscription.started_at,
-    }
-
-
-def account_view(account: Account, subscription: Subscription | None = None) -> dict[str, Any]:
-    return {
-        "id": account.id,
-        "name": account.name,
-        "external_ref": account.external_ref,
-        "status": account.status,
-        "attributes": account.attributes,
-        "created_at": account.created_at,
-        "subscription": subscription_view(subscription),
-    }
-
-
 # -- what migrations carry: add-ons, preferences ---------------------------------------------
 #
 # Each change takes the row lock the migration's snapshot step also takes (the subscription)
@@ -507,15 +484,3 @@ async def update_account(
         details=details,
     )
     return account
-
-
-def account_detail_view(
-    account: Account, subscription: Subscription | None = None
-) -> dict[str, Any]:
-    """``account_view`` with what an admin sets by hand: preferences and the subscription's
-    overrides (add-ons, read-only quotas, a downgrade's grace)."""
-    out = account_view(account, subscription)
-    out["preferences"] = account.preferences or {}
-    if out["subscription"] is not None and subscription is not None:
-        out["subscription"]["overrides"] = subscription.overrides or {}
-    return out

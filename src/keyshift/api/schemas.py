@@ -1,23 +1,24 @@
 """Shared request/response model bases: unknown fields are refused, not ignored; and the one
-date type every request uses, bounded to the range ``keyshift.dates`` accepts."""
+date type every request uses, bounded to the range ``keyshift.dates`` accepts. ``Response``
+and ``Instant`` live in ``keyshift.schemas`` (the domain's response models use them too) and
+are re-exported here."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from keyshift import dates
 from keyshift.catalog.manifests import REF_PATTERN
+from keyshift.schemas import Instant, Response
+
+__all__ = ["KEY_TEXT_PATTERN", "Instant", "LicenseKey", "Ref", "Request", "Response", "Timestamp"]
 
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-
-class Response(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
 
 
 #: A license key as typed: 25 symbols of Crockford base32 (any case; O, I and L read as 0, 1
@@ -57,13 +58,4 @@ Timestamp = Annotated[
             "formatMaximum": "9000-12-31T23:59:59Z",
         }
     ),
-]
-
-
-#: An instant in a response: always RFC 3339 in UTC with ``Z`` (``keyshift.dates.rfc3339``),
-#: whatever offset or naivety the database handed back.
-Instant = Annotated[
-    datetime,
-    PlainSerializer(dates.rfc3339, return_type=str, when_used="json"),
-    Field(json_schema_extra={"format": "date-time"}),
 ]

@@ -33,6 +33,7 @@ def create(
 
     async def work(_settings: Settings, db: Database) -> None:
         from keyshift.accounts import service
+        from keyshift.accounts.schemas import AccountOut
         from keyshift.context import cli_actor
 
         async with db.transaction() as session:
@@ -43,7 +44,7 @@ def create(
             subscription = (
                 await service.subscribe(session, actor, account.id, plan) if plan else None
             )
-        emit_json(service.account_view(account, subscription))
+        emit_json(AccountOut.of(account, subscription).model_dump(mode="json"))
 
     run(work)
 
@@ -58,10 +59,11 @@ def list_accounts(
 
     async def work(_settings: Settings, db: Database) -> None:
         from keyshift.accounts import service
+        from keyshift.accounts.schemas import AccountOut
 
         async with db.transaction() as session:
             accounts = await service.list_accounts(session, limit=limit, after=after)
-        emit_json([service.account_view(a) for a in accounts])
+        emit_json([AccountOut.of(a).model_dump(mode="json") for a in accounts])
 
     run(work)
 
@@ -72,11 +74,12 @@ def show(account_id: str) -> None:
 
     async def work(_settings: Settings, db: Database) -> None:
         from keyshift.accounts import service
+        from keyshift.accounts.schemas import AccountOut
 
         async with db.transaction() as session:
             account = await service.get_account(session, account_id)
             subscription = await service.get_subscription(session, account.id)
-        emit_json(service.account_view(account, subscription))
+        emit_json(AccountOut.of(account, subscription).model_dump(mode="json"))
 
     run(work)
 
@@ -110,12 +113,13 @@ def update(
 
     async def work(_settings: Settings, db: Database) -> None:
         from keyshift.accounts import service
+        from keyshift.accounts.schemas import AccountOut
         from keyshift.context import cli_actor
 
         async with db.transaction() as session:
             account = await service.update_account(session, cli_actor(), account_id, changes)
             subscription = await service.get_subscription(session, account.id)
-        emit_json(service.account_view(account, subscription))
+        emit_json(AccountOut.of(account, subscription).model_dump(mode="json"))
 
     run(work)
 
@@ -126,10 +130,11 @@ def subscribe(account_id: str, plan: str = typer.Argument(..., help="key@version
 
     async def work(_settings: Settings, db: Database) -> None:
         from keyshift.accounts import service
+        from keyshift.accounts.schemas import SubscriptionOut
         from keyshift.context import cli_actor
 
         async with db.transaction() as session:
             subscription = await service.subscribe(session, cli_actor(), account_id, plan)
-        emit_json(service.subscription_view(subscription))
+        emit_json(SubscriptionOut.of(subscription).model_dump(mode="json"))
 
     run(work)

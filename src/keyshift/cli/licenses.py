@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -12,8 +12,11 @@ from keyshift.cli.runtime import run
 from keyshift.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from keyshift.config import Settings
     from keyshift.db.engine import Database
+    from keyshift.db.tables import License
     from keyshift.licensing.service import StatusChange
 
 group = typer.Typer(help="License keys, their lifecycle and activations.", no_args_is_help=True)
@@ -22,6 +25,16 @@ group = typer.Typer(help="License keys, their lifecycle and activations.", no_ar
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
     app.add_typer(group, name="licenses")
+
+
+async def _shown(session: AsyncSession, row: License) -> dict[str, Any]:
+    """A license as the API shows it (``LicenseOut``), with its standing now."""
+    from keyshift.licensing import service
+    from keyshift.licensing.schemas import LicenseOut
+
+    standing = await service.license_standing(session, row)
+    shown: dict[str, Any] = LicenseOut.of(row, standing).model_dump(mode="json")
+    return shown
 
 
 def _when(text: str | None, field: str = "expires_at") -> datetime | None:
@@ -48,6 +61,7 @@ def issue(
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.context import cli_actor
         from keyshift.licensing import service
+        from keyshift.licensing.schemas import LicenseIssued, LicenseOut
         from keyshift.security.secrets_store import load_secrets
 
         keyring = load_secrets(settings.secrets_dir).keyring
@@ -60,8 +74,9 @@ def issue(
                 expires_at=_when(expires_at),
                 max_activations_override=max_activations,
             )
-            view = await service.describe_license(session, issued.license)
-        emit_json({**view, "key": issued.key})
+            standing = await service.license_standing(session, issued.license)
+        out = LicenseIssued(**LicenseOut.of(issued.license, standing).model_dump(), key=issued.key)
+        emit_json(out.model_dump(mode="json"))
 
     run(work)
 
@@ -75,7 +90,7 @@ def show(license_id: str) -> None:
 
         async with db.transaction() as session:
             row = await service.get_license(session, license_id)
-            emit_json(await service.describe_license(session, row))
+            emit_json(await _shown(session, row))
 
     run(work)
 
@@ -89,7 +104,7 @@ def list_licenses(account_id: str) -> None:
 
         async with db.transaction() as session:
             rows = await service.list_licenses(session, account_id)
-            emit_json([await service.describe_license(session, row) for row in rows])
+            emit_json([await _shown(session, row) for row in rows])
 
     run(work)
 
@@ -111,12 +126,11 @@ def _status_command(name: str, help_text: str) -> None:
     ) -> None:
         async def work(_settings: Settings, db: Database) -> None:
             from keyshift.context import cli_actor
-            from keyshift.licensing import service
 
             change = _status_changes()[name]
             async with db.transaction() as session:
                 row = await change(session, cli_actor(), license_id, reason=reason)
-                emit_json(await service.describe_license(session, row))
+                emit_json(await _shown(session, row))
 
         run(work)
 
@@ -144,7 +158,7 @@ def renew(
             row = await service.renew_license(
                 session, cli_actor(), license_id, until=_when(until, "until")
             )
-            emit_json(await service.describe_license(session, row))
+            emit_json(await _shown(session, row))
 
     run(work)
 
@@ -177,6 +191,7 @@ def activate(
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.context import cli_actor
         from keyshift.licensing import activations
+        from keyshift.licensing.schemas import ActivationCreated, ActivationOut
         from keyshift.security.secrets_store import load_secrets
 
         keyring = load_secrets(settings.secrets_dir).keyring
@@ -184,7 +199,9 @@ def activate(
             outcome = await activations.activate(
                 session, cli_actor(), keyring, key, fingerprint, label=label
             )
-        emit_json({**activations.activation_view(outcome.activation), "created": outcome.created})
+        out = ActivationOut.of(outcome.activation)
+        created = ActivationCreated(**out.model_dump(), created=outcome.created)
+        emit_json(created.model_dump(mode="json"))
 
     run(work)
 
@@ -200,6 +217,7 @@ def deactivate(
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.context import cli_actor
         from keyshift.licensing import activations
+        from keyshift.licensing.schemas import ActivationOut
         from keyshift.security.secrets_store import load_secrets
 
         async with db.transaction() as session:
@@ -210,7 +228,7 @@ def deactivate(
                 gone = await activations.deactivate(session, cli_actor(), keyring, key, fingerprint)
             else:
                 raise InvalidInput("give --id, or --key and --fingerprint", field="id")
-        emit_json(activations.activation_view(gone))
+        emit_json(ActivationOut.of(gone).model_dump(mode="json"))
 
     run(work)
 
@@ -221,9 +239,10 @@ def list_activations(license_id: str) -> None:
 
     async def work(_settings: Settings, db: Database) -> None:
         from keyshift.licensing import activations
+        from keyshift.licensing.schemas import ActivationOut
 
         async with db.transaction() as session:
             rows = await activations.list_activations(session, license_id)
-        emit_json([activations.activation_view(a) for a in rows])
+        emit_json([ActivationOut.of(a).model_dump(mode="json") for a in rows])
 
     run(work)

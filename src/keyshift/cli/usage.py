@@ -86,13 +86,13 @@ def show(
 
     async def work(_settings: Settings, db: Database) -> None:
         from keyshift.metering import reports
+        from keyshift.metering.schemas import UsageReportOut
 
         async with db.transaction() as session:
-            emit_json(
-                await reports.account_usage(
-                    session, account_id, period=period, history_limit=history_limit
-                )
+            report = await reports.account_usage(
+                session, account_id, period=period, history_limit=history_limit
             )
+            emit_json(UsageReportOut.model_validate(report).model_dump(mode="json"))
 
     run(work)
 

@@ -285,21 +285,5 @@ async def list_activations(session: AsyncSession, license_id: str) -> list[Activ
     return await repository.list_activations(session, license_id)
 
 
-def activation_view(activation: Activation, now: datetime | None = None) -> dict[str, object]:
-    now = now or utcnow()
-    lease = activation.lease_expires_at
-    return {
-        "id": activation.id,
-        "license_id": activation.license_id,
-        "fingerprint": activation.fingerprint,
-        "mode": activation.mode,
-        "label": activation.label,
-        "lease_expires_at": lease,
-        "is_live": lease is None or lease > now,
-        "last_seen_at": activation.last_seen_at,
-        "created_at": activation.created_at,
-    }
-
-
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None

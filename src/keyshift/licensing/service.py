@@ -329,27 +329,8 @@ async def reveal(session: AsyncSession, actor: Actor, keyring: Keyring, license_
     return plaintext
 
 
-# -- public forms (shared by the API and the CLI) --------------------------------------------
-
-
-def license_view(row: License, state: Standing | None = None) -> dict[str, Any]:
-    """A license without its key: only the hint ever leaves the server after issue."""
-    return {
-        "id": row.id,
-        "account_id": row.account_id,
-        "key_hint": row.key_hint,
-        "status": row.status,
-        "standing": state,
-        "expires_at": row.expires_at,
-        "max_activations_override": row.max_activations_override,
-        "version": row.version,
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-    }
-
-
-async def describe_license(session: AsyncSession, row: License) -> dict[str, Any]:
-    """``license_view`` with the standing computed from the account's plan grace period."""
+async def license_standing(session: AsyncSession, row: License) -> Standing:
+    """The license's standing now, with the grace period of the account's plan."""
     subscription = await accounts.get_subscription(session, row.account_id)
     grace = 0
     if subscription is not None:
@@ -357,7 +338,7 @@ async def describe_license(session: AsyncSession, row: License) -> dict[str, Any
             session, f"{subscription.plan_key}@{subscription.plan_version}", subscription.plan_hash
         )
         grace = plan.grace_seconds
-    return license_view(row, standing(row, grace, utcnow()))
+    return standing(row, grace, utcnow())
 
 
 # -- what migrations carry: hand-set license overrides ----------------------------------------

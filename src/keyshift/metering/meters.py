@@ -12,17 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from keyshift.canonical import canonical_json
 from keyshift.catalog.entitlements import Entitlements
 from keyshift.metering.periods import Period, period_containing
 
 #: Thresholds a ``notify`` meter uses when its plan lists none.
 DEFAULT_NOTIFY_AT = (80, 100)
-
-
-def iso(when: datetime | None) -> str | None:
-    """RFC 3339 UTC with ``Z``, as in every signed body (None stays None)."""
-    return None if when is None else canonical_json(when).decode().strip('"')
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ account's counters and history for a chosen period (for the API and CLI)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, time
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,11 +14,101 @@ from keyshift.db.tables import UsageEvent
 from keyshift.db.types import utcnow
 from keyshift.errors import InvalidInput
 from keyshift.metering import repository as repo
-from keyshift.metering.meters import MeterState, iso
+from keyshift.metering.meters import MeterState
 from keyshift.metering.periods import Period, previous_period
 from keyshift.metering.subjects import Subject, subject_for_account
 
 HISTORY_LIMIT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    """One recorded event as the history shows it (``counted``: what it added)."""
+
+    id: str
+    license_id: str | None
+    quantity: int
+    counted: int | None
+    occurred_at: datetime
+    received_at: datetime
+    idempotency_key: str | None
+
+    @classmethod
+    def of(cls, row: UsageEvent) -> HistoryEvent:
+        # A row stored before revision 0004 keeps what it counted in its stored answer.
+        counted = row.counted if row.response is None else row.response.get("counted")
+        return cls(
+            row.id,
+            row.license_id,
+            row.quantity,
+            counted,
+            row.occurred_at,
+            row.received_at,
+            row.idempotency_key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MeterUsage:
+    """A meter's counter in the chosen period, what it is, and its latest events."""
+
+    state: MeterState
+    history: list[HistoryEvent]
+
+    @property
+    def used(self) -> int:
+        return self.state.used
+
+    @property
+    def included(self) -> int:
+        return self.state.spec.included
+
+    @property
+    def remaining(self) -> int:
+        return self.state.remaining
+
+    @property
+    def over(self) -> bool:
+        return self.state.is_over
+
+    @property
+    def unit(self) -> str:
+        return self.state.spec.unit
+
+    @property
+    def overage(self) -> str:
+        return self.state.spec.overage
+
+    @property
+    def aggregation(self) -> str:
+        return self.state.spec.aggregation
+
+    @property
+    def reset(self) -> str:
+        return self.state.spec.reset
+
+    @property
+    def throttle(self) -> bool:
+        return self.state.spec.is_throttle
+
+    @property
+    def period_start(self) -> datetime:
+        return self.state.period.start
+
+    @property
+    def period_end(self) -> datetime | None:
+        return self.state.period.public_end()
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Every meter of an account in the selected period (``current``, ``previous``, a date)."""
+
+    account_id: str
+    plan: str
+    period: str
+    server_time: datetime
+    meters: dict[str, MeterUsage]
 
 
 async def meter_states(
@@ -60,7 +150,7 @@ async def account_usage(
     period: str = "current",
     history_limit: int = HISTORY_LIMIT,
     now: datetime | None = None,
-) -> dict[str, Any]:
+) -> UsageReport:
     """Counters and recent history of every meter for the selected period: ``current``,
     ``previous`` or the period containing an ISO date (its start of day, UTC)."""
     now = now or utcnow()
@@ -88,32 +178,5 @@ async def account_usage(
             if history_limit
             else []
         )
-        meters[key] = {
-            **state.to_dict(),
-            "overage": spec.overage,
-            "aggregation": spec.aggregation,
-            "reset": spec.reset,
-            "throttle": spec.is_throttle,
-            "period_start": iso(chosen.start),
-            "period_end": iso(chosen.public_end()),
-            "history": [_event_view(e) for e in events],
-        }
-    return {
-        "account_id": account_id,
-        "plan": subject.entitlements.plan_ref,
-        "period": period,
-        "server_time": iso(now),
-        "meters": meters,
-    }
-
-
-def _event_view(row: UsageEvent) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "license_id": row.license_id,
-        "quantity": row.quantity,
-        "counted": row.counted if row.response is None else row.response.get("counted"),
-        "occurred_at": iso(row.occurred_at),
-        "received_at": iso(row.received_at),
-        "idempotency_key": row.idempotency_key,
-    }
+        meters[key] = MeterUsage(state, [HistoryEvent.of(e) for e in events])
+    return UsageReport(account_id, subject.entitlements.plan_ref, period, now, meters)

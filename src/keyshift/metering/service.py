@@ -5,6 +5,7 @@ a thousand take the same fixed number of statements (see ``_record``)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,7 +31,7 @@ from keyshift.metering.errors import (
     QuotaExceeded,
     UsageOutOfWindow,
 )
-from keyshift.metering.meters import MeterSpec, iso
+from keyshift.metering.meters import MeterSpec
 from keyshift.metering.periods import Period
 from keyshift.metering.subjects import Subject
 
@@ -257,7 +258,7 @@ def _refused(spec: MeterSpec, period: Period, refusal: tally.Refusal) -> QuotaEx
         used=refusal.used,
         included=spec.included,
         remaining=max(spec.included - refusal.used, 0),
-        resets_at=iso(period.public_end()),
+        resets_at=dates.rfc3339(period.public_end()),
     )
 
 
@@ -339,12 +340,8 @@ async def _record(
     # 4. The event rows, their answers (rebuilt from the rows, as a replay rebuilds them),
     #    the counters.
     expires = now + policy.idempotency_window
-    isos: dict[datetime | None, str | None] = {None: None}
-
-    def iso_of(when: datetime | None) -> str | None:
-        if when not in isos:
-            isos[when] = iso(when)
-        return isos[when]
+    # A batch's events share ``now`` and mostly their periods: each instant is written once.
+    rfc3339 = functools.cache(dates.rfc3339)
 
     steps_by_index = {s.index: s for result in tallies.values() for s in result.steps}
     bodies: dict[int, dict[str, Any]] = {}
@@ -377,7 +374,7 @@ async def _record(
             "notices": ",".join(str(n.threshold) for n in notices if n.kind == "threshold") or None,
         }
         rows.append(row)
-        bodies[i] = answer(row, iso_of)
+        bodies[i] = answer(row, rfc3339)
         audit_events += [_notice_event(subject, spec, period, n) for n in notices]
     if keys.releases:
         await repo.release_keys(session, keys.releases, now)
@@ -410,7 +407,7 @@ async def _record(
 
 
 def answer(
-    row: Mapping[str, Any], iso_of: Callable[[datetime | None], str | None] = iso
+    row: Mapping[str, Any], rfc3339: Callable[[datetime | None], str | None] = dates.rfc3339
 ) -> dict[str, Any]:
     """The answer to a recorded event, from its stored row: what the first request got, and
     what every replay gets (a row stored before revision 0004 carries it whole)."""
@@ -425,9 +422,9 @@ def answer(
         "meter": row["meter"],
         "quantity": row["quantity"],
         "counted": row["counted"],
-        "occurred_at": iso_of(row["occurred_at"]),
-        "received_at": iso_of(row["received_at"]),
-        "period": {"start": iso_of(row["period_start"]), "end": iso_of(row["period_end"])},
+        "occurred_at": rfc3339(row["occurred_at"]),
+        "received_at": rfc3339(row["received_at"]),
+        "period": {"start": rfc3339(row["period_start"]), "end": rfc3339(row["period_end"])},
         "used": used,
         "included": included,
         "remaining": max(included - used, 0),
@@ -460,7 +457,7 @@ def _notice_event(
 ) -> audit.EventIn:
     details: dict[str, Any] = {
         "meter": spec.key,
-        "period_start": iso(period.start),
+        "period_start": dates.rfc3339(period.start),
         "included": spec.included,
         "used": notice.used,
     }

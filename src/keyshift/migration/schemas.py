@@ -7,22 +7,13 @@ hashed, signed or stored (the plan, the receipt, a step's details) passes throug
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
-from keyshift import dates
 from keyshift.db.tables import Migration, MigrationStep
+from keyshift.schemas import Instant
 from keyshift.states import MigrationState, Step, StepOutcome
-
-#: An instant in a response: RFC 3339 in UTC with ``Z`` (``keyshift.dates.rfc3339``) — the
-#: same type as ``keyshift.api.schemas.Instant``, which the domain may not import.
-Instant = Annotated[
-    datetime,
-    PlainSerializer(dates.rfc3339, return_type=str, when_used="json"),
-    Field(json_schema_extra={"format": "date-time"}),
-]
 
 
 class _Out(BaseModel):

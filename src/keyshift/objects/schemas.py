@@ -4,20 +4,9 @@ its hash."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
-
-from keyshift import dates
-
-#: An instant in a response: RFC 3339 in UTC with ``Z`` (``keyshift.dates.rfc3339``) — the
-#: same type as ``keyshift.api.schemas.Instant``, which the domain may not import.
-Instant = Annotated[
-    datetime,
-    PlainSerializer(dates.rfc3339, return_type=str, when_used="json"),
-    Field(json_schema_extra={"format": "date-time"}),
-]
+from keyshift.schemas import Instant
 
 
 class _Out(BaseModel):

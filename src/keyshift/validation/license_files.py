@@ -272,20 +272,6 @@ class CheckIn:
     current_revision: dict[str, Any]
     file: ExportedFile | None  # the replacement, when superseded
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "superseded": self.superseded,
-            "reason": self.reason,
-            "presented_revision": self.presented_revision,
-            "current_revision": self.current_revision,
-            "license_file": None,
-            "file_expires_at": None,
-        }
-        if self.file is not None:
-            out["license_file"] = self.file.text
-            out["file_expires_at"] = self.file.file_expires_at
-        return out
-
 
 async def check_in(
     session: AsyncSession,

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Depends, Path, Query
 from pydantic import ConfigDict, Field, field_validator
 
 from keyshift.accounts import service
+from keyshift.accounts.schemas import AccountDetail, AccountOut, AccountPage, SubscriptionOut
 from keyshift.api.deps import Session, require
 from keyshift.api.schemas import Ref, Request
 from keyshift.catalog.manifests import KEY_PATTERN, MAX_LIMIT
@@ -99,14 +100,14 @@ class ObjectPut(Request):
 
 
 @router.post("", status_code=201)
-async def create_account(body: AccountCreate, actor: Writer, session: Session) -> dict[str, Any]:
+async def create_account(body: AccountCreate, actor: Writer, session: Session) -> AccountOut:
     account = await service.create_account(
         session, actor, name=body.name, external_ref=body.external_ref, attributes=body.attributes
     )
     subscription = None
     if body.plan is not None:
         subscription = await service.subscribe(session, actor, account.id, body.plan)
-    return service.account_view(account, subscription)
+    return AccountOut.of(account, subscription)
 
 
 @router.get("")
@@ -115,39 +116,38 @@ async def list_accounts(
     session: Session,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=36)] = None,
-) -> dict[str, Any]:
+) -> AccountPage:
     """One page of accounts; ``next`` is the ``after`` to pass for the following page."""
     accounts = await service.list_accounts(session, limit=limit, after=after)
-    return {
-        "items": [service.account_view(a) for a in accounts],
-        "next": accounts[-1].id if len(accounts) == limit else None,
-    }
+    return AccountPage(
+        items=[AccountOut.of(a) for a in accounts],
+        next=accounts[-1].id if len(accounts) == limit else None,
+    )
 
 
 @router.get("/{account_id}")
-async def show_account(account_id: str, _actor: Reader, session: Session) -> dict[str, Any]:
+async def show_account(account_id: str, _actor: Reader, session: Session) -> AccountDetail:
     account = await service.get_account(session, account_id)
     subscription = await service.get_subscription(session, account.id)
-    return service.account_detail_view(account, subscription)
+    return AccountDetail.of(account, subscription)
 
 
 @router.patch("/{account_id}")
 async def patch_account(
     account_id: str, body: AccountPatch, actor: Writer, session: Session
-) -> dict[str, Any]:
+) -> AccountDetail:
     """Change the account's name, status or attributes (a legal hold cleared, say). Refused
     (409) while a migration runs on the account."""
     changes = {name: getattr(body, name) for name in body.model_fields_set}
     account = await service.update_account(session, actor, account_id, changes)
-    return service.account_detail_view(account, await service.get_subscription(session, account.id))
+    return AccountDetail.of(account, await service.get_subscription(session, account.id))
 
 
 @router.put("/{account_id}/subscription")
 async def put_subscription(
     account_id: str, body: SubscriptionPut, actor: Writer, session: Session
-) -> dict[str, Any]:
-    subscription = await service.subscribe(session, actor, account_id, body.plan)
-    return service.subscription_view(subscription) or {}
+) -> SubscriptionOut:
+    return SubscriptionOut.of(await service.subscribe(session, actor, account_id, body.plan))
 
 
 AddonName = Annotated[str, Path(pattern=KEY_PATTERN)]
@@ -156,22 +156,22 @@ AddonName = Annotated[str, Path(pattern=KEY_PATTERN)]
 @router.put("/{account_id}/addons/{name}")
 async def put_addon(
     account_id: str, name: AddonName, body: Grants, actor: Writer, session: Session
-) -> dict[str, Any]:
+) -> AccountDetail:
     """Add or replace an add-on (carried or mapped by migrations as their rules say)."""
     subscription = await service.put_addon(
         session, actor, account_id, name, body.model_dump(include={"features", "quotas"})
     )
     account = await service.get_account(session, account_id)
-    return service.account_detail_view(account, subscription)
+    return AccountDetail.of(account, subscription)
 
 
 @router.delete("/{account_id}/addons/{name}")
 async def delete_addon(
     account_id: str, name: AddonName, actor: Writer, session: Session
-) -> dict[str, Any]:
+) -> AccountDetail:
     subscription = await service.remove_addon(session, actor, account_id, name)
     account = await service.get_account(session, account_id)
-    return service.account_detail_view(account, subscription)
+    return AccountDetail.of(account, subscription)
 
 
 @router.put("/{account_id}/preferences")
@@ -187,10 +187,10 @@ async def put_preferences(
             json_schema_extra={"propertyNames": {"minLength": 1, "maxLength": 64}},
         ),
     ],
-) -> dict[str, Any]:
+) -> AccountDetail:
     """Replace the account's preferences. Migrations carry them unchanged."""
     account = await service.set_preferences(session, actor, account_id, body)
-    return service.account_detail_view(account, await service.get_subscription(session, account.id))
+    return AccountDetail.of(account, await service.get_subscription(session, account.id))
 
 
 @router.post("/{account_id}/objects", status_code=201)

@@ -28,6 +28,7 @@ from keyshift.context import Actor
 from keyshift.db.tables import License
 from keyshift.errors import LicenseNotFound
 from keyshift.licensing import activations, service
+from keyshift.licensing.schemas import ActivationOut, LicenseDetail, LicenseIssued, LicenseOut
 from keyshift.security.keyring import Keyring
 
 router = APIRouter(tags=["licenses"])
@@ -85,7 +86,7 @@ class ClientMachine(Request):
 @router.post("/v1/licenses", status_code=201)
 async def issue_license(
     body: LicenseIssue, actor: Writer, session: Session, state: State
-) -> dict[str, Any]:
+) -> LicenseIssued:
     """Issue a key. The response carries the plaintext key this once; afterwards only its hint."""
     issued = await service.issue_license(
         session,
@@ -95,23 +96,30 @@ async def issue_license(
         expires_at=body.expires_at,
         max_activations_override=body.max_activations,
     )
-    return {**await service.describe_license(session, issued.license), "key": issued.key}
+    row = issued.license
+    out = LicenseOut.of(row, await service.license_standing(session, row))
+    return LicenseIssued(**out.model_dump(), key=issued.key)
 
 
-async def _described(session: AsyncSession, row: License) -> dict[str, Any]:
+async def _out(session: AsyncSession, row: License) -> LicenseOut:
+    return LicenseOut.of(row, await service.license_standing(session, row))
+
+
+async def _described(session: AsyncSession, row: License) -> LicenseDetail:
     """The license with its hand-set overrides (admin views; the client never sees these)."""
-    return {**await service.describe_license(session, row), "overrides": row.overrides or {}}
+    out = await _out(session, row)
+    return LicenseDetail(**out.model_dump(), overrides=row.overrides or {})
 
 
 @router.get("/v1/licenses/{license_id}")
-async def show_license(license_id: str, _actor: Reader, session: Session) -> dict[str, Any]:
+async def show_license(license_id: str, _actor: Reader, session: Session) -> LicenseDetail:
     return await _described(session, await service.get_license(session, license_id))
 
 
 @router.patch("/v1/licenses/{license_id}")
 async def patch_license(
     license_id: str, body: LicensePatch, actor: Writer, session: Session
-) -> dict[str, Any]:
+) -> LicenseDetail:
     """Set what a migration carries per license: a cap over the plan's, hand-set features and
     extra quotas. Refused (409) while a migration holds the account."""
     changes: dict[str, Any] = {}
@@ -126,67 +134,57 @@ async def patch_license(
 @router.get("/v1/accounts/{account_id}/licenses")
 async def list_account_licenses(
     account_id: str, _actor: Reader, session: Session
-) -> list[dict[str, Any]]:
-    return [
-        await service.describe_license(session, row)
-        for row in await service.list_licenses(session, account_id)
-    ]
+) -> list[LicenseOut]:
+    return [await _out(session, row) for row in await service.list_licenses(session, account_id)]
 
 
 @router.post("/v1/licenses/{license_id}/suspend")
 async def suspend(
     license_id: str, actor: Writer, session: Session, body: StatusChange | None = None
-) -> dict[str, Any]:
+) -> LicenseOut:
     reason = body.reason if body else None
     row = await service.suspend_license(session, actor, license_id, reason=reason)
-    return await service.describe_license(session, row)
+    return await _out(session, row)
 
 
 @router.post("/v1/licenses/{license_id}/reinstate")
 async def reinstate(
     license_id: str, actor: Writer, session: Session, body: StatusChange | None = None
-) -> dict[str, Any]:
+) -> LicenseOut:
     reason = body.reason if body else None
     row = await service.reinstate_license(session, actor, license_id, reason=reason)
-    return await service.describe_license(session, row)
+    return await _out(session, row)
 
 
 @router.post("/v1/licenses/{license_id}/revoke")
 async def revoke(
     license_id: str, actor: Writer, session: Session, body: StatusChange | None = None
-) -> dict[str, Any]:
+) -> LicenseOut:
     reason = body.reason if body else None
     row = await service.revoke_license(session, actor, license_id, reason=reason)
-    return await service.describe_license(session, row)
+    return await _out(session, row)
 
 
 @router.post("/v1/licenses/{license_id}/renew")
 async def renew(
     license_id: str, actor: Writer, session: Session, body: Renewal | None = None
-) -> dict[str, Any]:
+) -> LicenseOut:
     until: datetime | None = body.expires_at if body else None
     row = await service.renew_license(session, actor, license_id, until=until)
-    return await service.describe_license(session, row)
+    return await _out(session, row)
 
 
 @router.get("/v1/licenses/{license_id}/activations")
 async def list_activations(
     license_id: str, _actor: Reader, session: Session
-) -> list[dict[str, object]]:
-    return [
-        activations.activation_view(a)
-        for a in await activations.list_activations(session, license_id)
-    ]
+) -> list[ActivationOut]:
+    return [ActivationOut.of(a) for a in await activations.list_activations(session, license_id)]
 
 
 @router.delete("/v1/activations/{activation_id}")
-async def delete_activation(
-    activation_id: str, actor: Writer, session: Session
-) -> dict[str, object]:
+async def delete_activation(activation_id: str, actor: Writer, session: Session) -> ActivationOut:
     """Free a machine's seat (as the client's deactivate does, by the activation's id)."""
-    return activations.activation_view(
-        await activations.deactivate_by_id(session, actor, activation_id)
-    )
+    return ActivationOut.of(await activations.deactivate_by_id(session, actor, activation_id))
 
 
 # -- client (authenticated by the license key) ------------------------------------------------
@@ -207,7 +205,7 @@ RequestId = Annotated[str | None, Depends(request_id_dependency)]
 @router.post("/v1/licenses/activate", dependencies=ClientLimited)
 async def client_activate(
     body: ClientActivate, session: Session, state: State, rid: RequestId, response: Response
-) -> dict[str, object]:
+) -> ActivationOut:
     """Bind this machine to the license: 201 for a new seat, 200 if it already held one."""
     limit_key(state, body.key)
     keyring = state.secrets.keyring
@@ -216,17 +214,17 @@ async def client_activate(
         session, actor, keyring, row, body.fingerprint, label=body.label
     )
     response.status_code = 201 if outcome.created else 200
-    return activations.activation_view(outcome.activation)
+    return ActivationOut.of(outcome.activation)
 
 
 @router.post("/v1/licenses/heartbeat", dependencies=ClientLimited)
 async def client_heartbeat(
     body: ClientMachine, session: Session, state: State, rid: RequestId
-) -> dict[str, object]:
+) -> ActivationOut:
     limit_key(state, body.key)
     keyring = state.secrets.keyring
     row, actor = await _license_actor(session, keyring, body.key, rid)
-    return activations.activation_view(
+    return ActivationOut.of(
         await activations.heartbeat(session, actor, keyring, row, body.fingerprint)
     )
 
@@ -234,10 +232,10 @@ async def client_heartbeat(
 @router.post("/v1/licenses/deactivate", dependencies=ClientLimited)
 async def client_deactivate(
     body: ClientMachine, session: Session, state: State, rid: RequestId
-) -> dict[str, object]:
+) -> ActivationOut:
     limit_key(state, body.key)
     keyring = state.secrets.keyring
     row, actor = await _license_actor(session, keyring, body.key, rid)
-    return activations.activation_view(
+    return ActivationOut.of(
         await activations.deactivate(session, actor, keyring, row, body.fingerprint)
     )

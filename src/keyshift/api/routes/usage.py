@@ -30,6 +30,7 @@ from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
 from keyshift.metering import reports, subjects
 from keyshift.metering import service as metering
+from keyshift.metering.schemas import UsageBatchRecorded, UsageRecorded, UsageReportOut
 
 router = APIRouter(tags=["usage"])
 
@@ -96,7 +97,9 @@ async def _subject(session: AsyncSession, state: Any, credential: Credential) ->
     return await subjects.subject_for_account(session, credential.account_id)
 
 
-@router.post("/v1/usage", dependencies=_KEY_OR_TOKEN)
+# The recording routes answer with orjson directly (the answers are built while recording);
+# ``response_model`` documents them.
+@router.post("/v1/usage", dependencies=_KEY_OR_TOKEN, response_model=UsageRecorded)
 async def record_usage(body: UsageRecord, request: Request, state: State) -> JsonResponse:
     """Record one event, or replay the first answer to the same idempotency key and body."""
     limit_key(state, body.key)
@@ -114,7 +117,7 @@ async def record_usage(body: UsageRecord, request: Request, state: State) -> Jso
     )
 
 
-@router.post("/v1/usage/batch", dependencies=_KEY_OR_TOKEN)
+@router.post("/v1/usage/batch", dependencies=_KEY_OR_TOKEN, response_model=UsageBatchRecorded)
 async def record_usage_batch(body: UsageBatch, request: Request, state: State) -> JsonResponse:
     """Up to 1,000 events, all or nothing; each has its own idempotency key. Recorded with a
     fixed number of statements whatever the batch size (``metering.service._record``)."""
@@ -152,9 +155,10 @@ async def account_usage(
         ),
     ] = "current",
     history_limit: Annotated[int, Query(ge=0, le=1000)] = reports.HISTORY_LIMIT,
-) -> dict[str, Any]:
+) -> UsageReportOut:
     """Counters and recent events of every meter: ``period`` = current, previous or a date."""
     async with state.db.transaction() as session:
-        return await reports.account_usage(
+        report = await reports.account_usage(
             session, account_id, period=period, history_limit=history_limit
         )
+    return UsageReportOut.model_validate(report)

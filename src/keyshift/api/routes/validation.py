@@ -4,7 +4,6 @@ token: the key is the credential), the published signing keys, and the admin fil
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -29,7 +28,7 @@ from keyshift.api.deps import (
 from keyshift.api.errors import domain_error, invalid_request, unparseable_body
 from keyshift.api.inputs import parameter_problems
 from keyshift.api.ratelimit import RateLimited
-from keyshift.api.schemas import LicenseKey, Request, Response
+from keyshift.api.schemas import LicenseKey, Request
 from keyshift.api.state import AppState
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
@@ -39,6 +38,7 @@ from keyshift.validation import decide as policy
 from keyshift.validation import license_files
 from keyshift.validation import service as validation
 from keyshift.validation.cache import default_cache
+from keyshift.validation.schemas import CheckInOut, LicenseFileOut, SignedValidation, SigningKeys
 
 router = APIRouter(tags=["validation"])
 #: Exporting a file hands out an offline grant (and may decrypt the stored key to encrypt
@@ -87,32 +87,22 @@ class CheckInRequest(Request):
     ttl: Ttl = license_files.DEFAULT_TTL
 
 
-class CheckInOut(Response):
-    superseded: bool
-    reason: str | None
-    presented_revision: dict[str, Any] | None
-    current_revision: dict[str, Any]
-    license_file: str | None
-    file_expires_at: datetime | None
-
-
 class ExportRequest(Request):
     encrypt: bool = False
     ttl: Ttl = license_files.DEFAULT_TTL
     fingerprint: Fingerprint | None = None
 
 
-class LicenseFileOut(Response):
-    license_file: str
-    file_expires_at: datetime
-    encrypted: bool
-
-
 @router.post(
     "/v1/licenses/validate",
     dependencies=ClientLimited,
     response_class=RawResponse,
-    responses={200: {"description": "Signed; see the Keyshift-Signature header."}},
+    responses={
+        200: {
+            "model": SignedValidation,
+            "description": "Signed; see the Keyshift-Signature header.",
+        }
+    },
 )
 async def validate(body: ValidateRequest, request: HttpRequest) -> RawResponse:
     """Always 200 with a code from the closed set (NOT_FOUND included); 422 for bad input.
@@ -282,21 +272,13 @@ def fast_routes() -> list[Route]:
 
 
 @router.get("/v1/keys/signing")
-async def signing_keys(state: State) -> dict[str, object]:
+async def signing_keys(state: State) -> SigningKeys:
     """The Ed25519 public keys responses and license files are signed with, by key id."""
-    return {"keys": state.secrets.signing.public_jwks()}
+    return SigningKeys.model_validate({"keys": state.secrets.signing.public_jwks()})
 
 
-def _file_out(exported: license_files.ExportedFile) -> dict[str, object]:
-    return {
-        "license_file": exported.text,
-        "file_expires_at": exported.file_expires_at,
-        "encrypted": exported.encrypted,
-    }
-
-
-@router.post("/v1/licenses/checkout", dependencies=ClientLimited, response_model=LicenseFileOut)
-async def checkout(body: CheckoutRequest, state: State, session: Session) -> dict[str, object]:
+@router.post("/v1/licenses/checkout", dependencies=ClientLimited)
+async def checkout(body: CheckoutRequest, state: State, session: Session) -> LicenseFileOut:
     """A license file for the presenting application (key + optional fingerprint)."""
     limit_key(state, body.key)
     exported = await license_files.checkout(
@@ -308,11 +290,11 @@ async def checkout(body: CheckoutRequest, state: State, session: Session) -> dic
         encrypt=body.encrypt,
         ttl=body.ttl,
     )
-    return _file_out(exported)
+    return LicenseFileOut.of(exported)
 
 
-@router.post("/v1/licenses/check-in", dependencies=ClientLimited, response_model=CheckInOut)
-async def check_in(body: CheckInRequest, state: State, session: Session) -> dict[str, object]:
+@router.post("/v1/licenses/check-in", dependencies=ClientLimited)
+async def check_in(body: CheckInRequest, state: State, session: Session) -> CheckInOut:
     """The application presents the license file it holds: ``superseded`` says whether a newer
     one exists (the plan or the license changed since — a migration, a rollback), and then
     ``license_file`` is the replacement."""
@@ -327,13 +309,13 @@ async def check_in(body: CheckInRequest, state: State, session: Session) -> dict
         encrypt=body.encrypt,
         ttl=body.ttl,
     )
-    return result.to_dict()
+    return CheckInOut.of(result)
 
 
-@router.post("/v1/licenses/{license_id}/file", response_model=LicenseFileOut)
+@router.post("/v1/licenses/{license_id}/file")
 async def export_file(
     license_id: str, body: ExportRequest, actor: Exporter, state: State, session: Session
-) -> dict[str, object]:
+) -> LicenseFileOut:
     exported = await license_files.export_license_file(
         session,
         actor,
@@ -344,4 +326,4 @@ async def export_file(
         ttl=body.ttl,
         fingerprint=body.fingerprint,
     )
-    return _file_out(exported)
+    return LicenseFileOut.of(exported)
