@@ -5,6 +5,7 @@ Every function works inside the caller's transaction; the executor decides where
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -87,6 +88,20 @@ async def read_state(
             ).where(DataObject.account_id == account_id, DataObject.state != "staged")
         )
     ).all()
+    return build_state(account, sub, licenses, activations, counters, objects, now)
+
+
+def build_state(
+    account: Any,
+    subscription: Any | None,
+    licenses: Iterable[Any],
+    activations: Iterable[Any],
+    counters: Iterable[Any],
+    objects: Iterable[Any],
+    now: datetime,
+) -> State:
+    """An account's state from its rows: ORM objects or Core rows with the same attribute
+    names (``read_state`` reads one account's, ``read_states`` many accounts' at once)."""
     state: State = {
         "account": {
             "id": account.id,
@@ -97,12 +112,12 @@ async def read_state(
             "preferences": account.preferences or {},
         },
         "subscription": None
-        if sub is None
+        if subscription is None
         else {
-            "plan": f"{sub.plan_key}@{sub.plan_version}",
-            "plan_hash": sub.plan_hash,
-            "started_at": iso(sub.started_at),
-            "overrides": sub.overrides or {},
+            "plan": f"{subscription.plan_key}@{subscription.plan_version}",
+            "plan_hash": subscription.plan_hash,
+            "started_at": iso(subscription.started_at),
+            "overrides": subscription.overrides or {},
         },
         "licenses": [
             {
