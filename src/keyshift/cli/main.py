@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "usage": "usage",
     "rules": "rules",
     "migrate": "migrate",
+    "simulate": "simulate",
     "tokens": "tokens",
     "audit": "audit",
 }

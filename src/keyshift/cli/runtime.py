@@ -32,15 +32,18 @@ def load_settings() -> Settings:
         fail(error)
 
 
-def run(work: Callable[[Settings, Database], Awaitable[T]]) -> T:
-    """Run ``work(settings, db)`` to completion and dispose of the engine."""
+def run(
+    work: Callable[[Settings, Database], Awaitable[T]], *, database_url: str | None = None
+) -> T:
+    """Run ``work(settings, db)`` to completion and dispose of the engine. ``database_url``
+    (normalised as ``KEYSHIFT_DATABASE_URL`` is) replaces the configured database."""
     from keyshift.db.engine import Database
 
     settings = load_settings()
 
     async def _main() -> T:
         db = Database(
-            settings.database_url,
+            database_url or settings.database_url,
             report_outages=False,
             read_pool_size=settings.db_read_pool_size,
         )

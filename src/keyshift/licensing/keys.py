@@ -7,6 +7,7 @@ Reading forgives case, spaces, dashes and the look-alikes O→0, I/L→1.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -50,10 +51,32 @@ _BLIND_PAIRS = ("0Z", "Z0")
 
 def generate() -> str:
     while True:
-        body = "".join(secrets.choice(ALPHABET) for _ in range(BODY_LENGTH))
-        compact = body + check_character(body)
-        if not any(pair in compact for pair in _BLIND_PAIRS):
-            return format_key(compact)
+        key = _from_body("".join(secrets.choice(ALPHABET) for _ in range(BODY_LENGTH)))
+        if key is not None:
+            return key
+
+
+def derive(material: bytes) -> str:
+    """A well-formed key derived from ``material`` alone: the same material, the same key.
+    For synthetic data (``keyshift simulate``), whose keys must be reproducible from a seed;
+    a real key comes from ``generate``. The body is SHA-256 of the material (and a counter,
+    should a body hold a pair ``generate`` never emits)."""
+    for attempt in range(1_000):
+        digest = hashlib.sha256(material + attempt.to_bytes(2, "big")).digest()
+        bits = int.from_bytes(digest[:15], "big")  # 120 bits: 24 symbols of 5
+        body = "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(BODY_LENGTH))
+        key = _from_body(body)
+        if key is not None:
+            return key
+    raise AssertionError("unreachable: a blind pair in 1,000 bodies running")
+
+
+def _from_body(body: str) -> str | None:
+    """The grouped key for a body, or None when it would hold a blind pair."""
+    compact = body + check_character(body)
+    if any(pair in compact for pair in _BLIND_PAIRS):
+        return None
+    return format_key(compact)
 
 
 def format_key(compact: str) -> str:
