@@ -371,7 +371,7 @@ class MigrationStep(Base):
 
 
 class MigrationRun(Base):
-    """Rules × a cohort of accounts, moved as one operation (docs/runs.md).
+    """Rules x a cohort of accounts, moved as one operation (docs/runs.md).
 
     ``report_hash`` pins what the dry-run report was computed against (the rules and every
     plan they name, by content hash); approval copies it, and a start whose hashes differ
@@ -384,6 +384,8 @@ class MigrationRun(Base):
     name: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(16))
     strategy: Mapped[str] = mapped_column(String(16))  # progressive | blue_green
+    #: What workers do now: ``migrate`` (progressive), ``prepare`` then ``flip`` (blue-green).
+    phase: Mapped[str] = mapped_column(String(16))
     rules_ref: Mapped[str] = mapped_column(String(100))
     rules_hash: Mapped[str] = mapped_column(String(64))
     cohort: Mapped[dict[str, Any]] = mapped_column(JSONType)

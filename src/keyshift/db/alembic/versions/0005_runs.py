@@ -1,4 +1,4 @@
-"""runs: migration runs (rules × a cohort) and their per-account queue; migrations.run_id
+"""runs: migration runs (rules x a cohort) and their per-account queue; migrations.run_id
 
 Revision ID: 0005
 Revises: 0004
@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("strategy", sa.String(length=16), nullable=False),
+        sa.Column("phase", sa.String(length=16), nullable=False),
         sa.Column("rules_ref", sa.String(length=100), nullable=False),
         sa.Column("rules_hash", sa.String(length=64), nullable=False),
         sa.Column("cohort", JSON, nullable=False),
