@@ -60,3 +60,28 @@ async def states(db: Database, run_id: str) -> dict[str, str]:
 async def run_row(db: Database, run_id: str) -> MigrationRun:
     async with db.transaction() as session:
         return await service.get(session, run_id)
+
+
+ACCOUNT_TABLES = (
+    "accounts",
+    "subscriptions",
+    "licenses",
+    "activations",
+    "usage_counters",
+    "data_objects",
+    "migrations",
+    "migration_ledger",
+)
+
+
+async def account_tables(db: Database) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table that holds account state, sorted: equal before and after
+    means nothing was written."""
+    from sqlalchemy import text
+
+    out = {}
+    async with db.transaction() as session:
+        for table in ACCOUNT_TABLES:
+            rows = (await session.execute(text(f"SELECT * FROM {table}"))).all()
+            out[table] = sorted((tuple(r) for r in rows), key=repr)
+    return out

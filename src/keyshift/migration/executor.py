@@ -641,7 +641,10 @@ class Executor:
             "to_hash": row.target_hash,
             "rules": row.rules_ref,
             "rules_hash": row.rules_hash,
-            "effective_at": iso(row.cutover_at),
+            # A blue-green run's cutoff moment is every account's effective time.
+            "effective_at": iso(
+                row.effective_at if row.run_id is not None and row.effective_at else row.cutover_at
+            ),
             "snapshot_hash": row.snapshot_hash,
             "issued_at": iso(now),
         }

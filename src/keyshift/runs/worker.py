@@ -69,6 +69,7 @@ class Claim:
     #: (account id, expected outcome digest, the earliest moment it may start)
     accounts: list[tuple[str, str | None, datetime]]
     lease_until: datetime
+    cutoff_at: datetime | None = None
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Worker:
                     wave=wave,
                     accounts=[(a, d, s) for (a, d), s in zip(ids, starts, strict=True)],
                     lease_until=lease,
+                    cutoff_at=run.cutoff_at,
                 )
         return None
 
@@ -375,6 +377,8 @@ class Worker:
                 plan = await service.Planner(rules).plan(session, account_id, self.clock())
         try:
             if existing is not None and existing.state in IN_FLIGHT:
+                if claim.phase == Phase.FLIP and claim.cutoff_at is not None:
+                    await self._stamp_cutoff(existing.id, claim.cutoff_at)
                 row = await self.executor.run(self.actor, existing.id, until=until)
             elif existing is not None and existing.state == MigrationState.COMPLETED:
                 row = existing
@@ -402,6 +406,15 @@ class Worker:
         except KeyshiftError as error:
             return None, error.message, existing.id if existing is not None else None
         return _outcome(row)
+
+    async def _stamp_cutoff(self, migration_id: str, cutoff: datetime) -> None:
+        """Blue-green: the run's cutoff is the effective time on the receipt."""
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(Migration)
+                .where(Migration.id == migration_id, Migration.state == MigrationState.PREPARED)
+                .values(effective_at=cutoff)
+            )
 
     async def _roll_back_one(
         self, claim: Claim, account_id: str
