@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
+from itertools import pairwise
 
 import pytest
 from sqlalchemy import select, update
@@ -231,7 +232,7 @@ async def test_the_rate_is_shared_through_the_run_row(
     second = await Worker(executor, CREATOR, worker_id="b").claim(run_id=run.id)
     assert first is not None and second is not None
     starts = [s for _, _, s in first.accounts + second.accounts]
-    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in pairwise(starts)]
     assert gaps == pytest.approx([0.5, 0.5, 0.5], abs=1e-3)
 
 

@@ -31,3 +31,9 @@ class FourEyes(PermissionDenied):
     """Four eyes are required: the creator of a run may not approve it."""
 
     code = "four_eyes"
+
+
+class NoReport(NotFound):
+    """The run has not been reported yet."""
+
+    code = "no_report"

@@ -194,7 +194,9 @@ async def create(
             if unknown:
                 shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
                 raise CohortInvalid(
-                    f"{len(unknown)} unknown account id(s): {shown}", field="cohort.ids"
+                    f"{len(unknown)} unknown account id(s): {shown}",
+                    field="cohort.ids",
+                    unknown=unknown[:100],
                 )
         run = MigrationRun(
             id=run_id,
@@ -908,3 +910,65 @@ async def finalize(
         await _release(session, run.id)
 
     return await _transition(db, actor, run_id, "finalize", apply, clock=clock)
+
+
+@dataclass(frozen=True)
+class Verified:
+    account_id: str
+    migration_id: str
+    problems: list[str]
+
+
+async def verify_sample(
+    db: Database, run_id: str, size: int, *, seed: int = 0, clock: Callable[[], datetime] = utcnow
+) -> list[Verified]:
+    """Check a seeded random sample of the run's migrated accounts against the state their
+    migration expected (``compare_after_cutover``: exact plan, licenses and objects; counters
+    at least what was expected; every kept machine present). Reads only."""
+    import heapq
+
+    from keyshift.db.tables import Migration
+    from keyshift.migration.executor import compare_after_cutover
+
+    chosen: list[tuple[int, str, str | None]] = []
+
+    async with db.transaction() as session:
+        await get(session, run_id)
+        after = -1
+        while True:
+            rows = (
+                await session.execute(
+                    select(RunAccount.position, RunAccount.account_id, RunAccount.migration_id)
+                    .where(
+                        RunAccount.run_id == run_id,
+                        RunAccount.state == AccountState.MIGRATED,
+                        RunAccount.position > after,
+                    )
+                    .order_by(RunAccount.position)
+                    .limit(CHUNK)
+                )
+            ).all()
+            if not rows:
+                break
+            for _, account_id, migration_id in rows:
+                item = (-_sample_key(seed, f"{run_id}:{account_id}"), account_id, migration_id)
+                if len(chosen) < size:
+                    heapq.heappush(chosen, item)
+                elif item[0] > chosen[0][0]:
+                    heapq.heapreplace(chosen, item)
+            after = rows[-1][0]
+    out = []
+    now = clock()
+    for _, account_id, migration_id in sorted(chosen, key=lambda c: c[1]):
+        async with db.transaction() as session:
+            row = await session.get(Migration, migration_id) if migration_id else None
+            actual = await migrations.read_state(session, account_id, now)
+        if row is None or actual is None or row.plan is None:
+            out.append(
+                Verified(account_id, migration_id or "", ["the migration or account is gone"])
+            )
+            continue
+        expected = row.plan["expected"]
+        problems = compare_after_cutover(expected, actual, row.snapshot or {"taken_at": ""})
+        out.append(Verified(account_id, row.id, problems))
+    return out
