@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from sqlalchemy import select
 
 from keyshift.api.deps import Migrations, State, require, require_any
@@ -48,6 +48,8 @@ class CutoverRequest(Request):
 
 
 class RunOut(Response):
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
     id: str
     name: str
     state: str
