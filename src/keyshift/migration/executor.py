@@ -41,6 +41,7 @@ from keyshift.migration.errors import (
     MigrationBlocked,
     MigrationNotFound,
     NotEligible,
+    OutcomeChanged,
     RulesInvalid,
     RulesVersionConflict,
 )
@@ -199,12 +200,14 @@ class Executor:
         *,
         on_pending: str = "refuse",
         run_id: str | None = None,
+        expect: str | None = None,
     ) -> Migration:
         """Check, plan and lock: the first step. A migration whose rules take effect later is
         created ``scheduled`` (it holds the account; ``run_due`` executes it). ``on_pending``:
         what to do when the account has a scheduled change — ``refuse``, ``replace`` it, or
         ``queue`` after it. ``run_id``: the run this migration is part of; an account another
-        active run holds is refused (``MigrationInProgress``)."""
+        active run holds is refused (``MigrationInProgress``). ``expect``: the outcome digest
+        that was approved; a plan that differs now is refused (``OutcomeChanged``)."""
         if on_pending not in ("refuse", "replace", "queue"):
             raise InvalidInput("on_pending is refuse, replace or queue", field="on_pending")
         fault_point("before:lock")
@@ -226,6 +229,15 @@ class Executor:
                     f"account {account_id} is in run {in_run}; the run moves it",
                     field="account_id",
                     run_id=in_run,
+                )
+            if expect is not None and plan.outcome_digest() != expect:
+                raise OutcomeChanged(
+                    "it plans differently from the approved report (now: "
+                    + ("eligible" if plan.eligible else "not eligible")
+                    + (", blocked" if plan.blocked else "")
+                    + (f"; {'; '.join(plan.reasons)}" if plan.reasons else "")
+                    + ")",
+                    field="account_id",
                 )
             queued = holder is not None and on_pending == "queue"
             # A queued change is planned against the state its predecessor leaves, when

@@ -36,8 +36,9 @@ from tenacity import (
 from keyshift.audit import service as audit
 from keyshift.context import Actor
 from keyshift.db.tables import Migration, MigrationRun, RunAccount
-from keyshift.errors import KeyshiftError, Unavailable
+from keyshift.errors import AccountNotFound, KeyshiftError, Unavailable
 from keyshift.migration import rollback as migration_rollback
+from keyshift.migration.errors import MigrationBlocked, NotEligible, OutcomeChanged
 from keyshift.migration.executor import Executor
 from keyshift.migration.rules import MigrationRules
 from keyshift.runs import service
@@ -372,9 +373,6 @@ class Worker:
         until = Step.PREPARE if claim.phase == Phase.PREPARE else None
         async with self.db.transaction() as session:
             existing = await _run_migration(session, claim.run_id, account_id)
-            plan = None
-            if existing is None or existing.state not in IN_FLIGHT | {MigrationState.COMPLETED}:
-                plan = await service.Planner(rules).plan(session, account_id, self.clock())
         try:
             if existing is not None and existing.state in IN_FLIGHT:
                 if claim.phase == Phase.FLIP and claim.cutoff_at is not None:
@@ -383,26 +381,18 @@ class Worker:
             elif existing is not None and existing.state == MigrationState.COMPLETED:
                 row = existing
             else:
-                if plan is None:
-                    return AccountState.SKIPPED, "the account no longer exists", None
-                if expected is not None and plan.outcome_digest() != expected:
-                    return (
-                        AccountState.HELD,
-                        "it plans differently from the approved report"
-                        f" (now: {service.verdict_of(plan)}"
-                        + (f"; {'; '.join(plan.reasons)}" if plan.reasons else "")
-                        + ")",
-                        None,
-                    )
-                if not plan.can_apply:
-                    return AccountState.SKIPPED, "; ".join(plan.reasons), None
+                # Planned once, inside the request, against the approved outcome digest.
                 row = await self.executor.request(
-                    self.actor, rules, account_id, run_id=claim.run_id
+                    self.actor, rules, account_id, run_id=claim.run_id, expect=expected
                 )
                 if row.state == MigrationState.LOCKED:
                     row = await self.executor.run(self.actor, row.id, until=until)
         except Unavailable:
             raise
+        except OutcomeChanged as error:
+            return AccountState.HELD, error.message, None
+        except (NotEligible, MigrationBlocked, AccountNotFound) as error:
+            return AccountState.SKIPPED, error.message, None
         except KeyshiftError as error:
             return None, error.message, existing.id if existing is not None else None
         return _outcome(row)
