@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     idempotency_window_hours: float = Field(72.0, ge=48, le=_MAX_WINDOW, allow_inf_nan=False)
     usage_clock_skew_minutes: float = Field(5.0, ge=0, le=_MAX_WINDOW, allow_inf_nan=False)
     usage_late_hours: float = Field(48.0, ge=0, le=_MAX_WINDOW, allow_inf_nan=False)
+    #: Four eyes: the person who created a migration run may not approve it.
+    runs_four_eyes: bool = False
     #: The CLI prints the traceback of an unexpected error.
     debug: bool = False
 

@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "usage": "usage",
     "rules": "rules",
     "migrate": "migrate",
+    "runs": "runs",
+    "worker": "worker",
     "simulate": "simulate",
     "tokens": "tokens",
     "audit": "audit",

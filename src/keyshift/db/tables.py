@@ -358,6 +358,8 @@ class Migration(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     cutover_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    #: The run this migration belongs to (NULL for a one-off ``migrate apply``).
+    run_id: Mapped[str | None] = mapped_column(String(36), index=True)
 
 
 class MigrationStep(Base):
@@ -379,3 +381,82 @@ class MigrationStep(Base):
     snapshot_hash: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+class MigrationRun(Base):
+    """Rules x a cohort of accounts, moved as one operation (docs/runs.md).
+
+    ``report_hash`` pins what the dry-run report was computed against (the rules and every
+    plan they name, by content hash); approval copies it, and a start whose hashes differ
+    now is refused.
+    """
+
+    __tablename__ = "migration_runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16))
+    strategy: Mapped[str] = mapped_column(String(16))  # progressive | blue_green
+    #: What workers do now: ``migrate`` (progressive), ``prepare`` then ``flip`` (blue-green).
+    phase: Mapped[str] = mapped_column(String(16))
+    rules_ref: Mapped[str] = mapped_column(String(100))
+    rules_hash: Mapped[str] = mapped_column(String(64))
+    cohort: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    options: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    total: Mapped[int] = mapped_column(Integer)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    report_hash: Mapped[str | None] = mapped_column(String(64))
+    approved_hash: Mapped[str | None] = mapped_column(String(64))
+    #: Why the run stopped by itself (a failure rate over its threshold, a canary difference).
+    halted_reason: Mapped[str | None] = mapped_column(Text)
+    #: The shared rate limit: the earliest moment the next claimed account may start.
+    rate_cursor: Mapped[datetime | None] = mapped_column()
+    #: Blue-green: the cutoff moment, the effective time on every account's receipt.
+    cutoff_at: Mapped[datetime | None] = mapped_column()
+    created_by: Mapped[str] = mapped_column(String(200))
+    approved_by: Mapped[str | None] = mapped_column(String(200))
+    approved_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class RunAccount(Base):
+    """One account of a run: the queue entry workers claim, and its outcome.
+
+    ``hold_account_id`` equals ``account_id`` while the run is active (draft to completed) and
+    is NULL once the run ends: its UNIQUE constraint keeps an account in at most one active
+    run, as ``migrations.lock_account_id`` keeps it in one migration.
+    """
+
+    __tablename__ = "run_accounts"
+    __table_args__ = (
+        Index("ix_run_accounts_queue", "run_id", "state", "wave", "priority", "position"),
+    )
+
+    run_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("migration_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    account_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    hold_account_id: Mapped[str | None] = mapped_column(String(36), unique=True)
+    position: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16))
+    #: The dry-run's verdict and outcome digest; a claim that plans differently holds the account.
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    expected_digest: Mapped[str | None] = mapped_column(String(64))
+    migration_id: Mapped[str | None] = mapped_column(String(36))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    batch_id: Mapped[str | None] = mapped_column(String(36))
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column()

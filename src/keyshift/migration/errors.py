@@ -56,3 +56,10 @@ class RulesVersionConflict(Conflict):
 
 class WrongState(Conflict):
     code = "wrong_state"
+
+
+class OutcomeChanged(Conflict):
+    """The account plans differently from what was approved (a run's report): it is held
+    for review, not migrated silently."""
+
+    code = "outcome_changed"

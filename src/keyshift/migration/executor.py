@@ -41,6 +41,7 @@ from keyshift.migration.errors import (
     MigrationBlocked,
     MigrationNotFound,
     NotEligible,
+    OutcomeChanged,
     RulesInvalid,
     RulesVersionConflict,
 )
@@ -205,11 +206,15 @@ class Executor:
         account_id: str,
         *,
         on_pending: str = "refuse",
+        run_id: str | None = None,
+        expect: str | None = None,
     ) -> Migration:
         """Check, plan and lock: the first step. A migration whose rules take effect later is
         created ``scheduled`` (it holds the account; ``run_due`` executes it). ``on_pending``:
         what to do when the account has a scheduled change — ``refuse``, ``replace`` it, or
-        ``queue`` after it."""
+        ``queue`` after it. ``run_id``: the run this migration is part of; an account another
+        active run holds is refused (``MigrationInProgress``). ``expect``: the outcome digest
+        that was approved; a plan that differs now is refused (``OutcomeChanged``)."""
         if on_pending not in ("refuse", "replace", "queue"):
             raise InvalidInput("on_pending is refuse, replace or queue", field="on_pending")
         fault_point("before:lock")
@@ -225,6 +230,22 @@ class Executor:
             events: list[audit.EventIn] = []
             plan, _ = await preview(session, rules, account_id, now=now, migration_id=migration_id)
             holder = await repository.active_migration(session, account_id)
+            in_run = await repository.holding_run(session, account_id)
+            if in_run is not None and in_run != run_id:
+                raise MigrationInProgress(
+                    f"account {account_id} is in run {in_run}; the run moves it",
+                    field="account_id",
+                    run_id=in_run,
+                )
+            if expect is not None and plan.outcome_digest() != expect:
+                raise OutcomeChanged(
+                    "it plans differently from the approved report (now: "
+                    + ("eligible" if plan.eligible else "not eligible")
+                    + (", blocked" if plan.blocked else "")
+                    + (f"; {'; '.join(plan.reasons)}" if plan.reasons else "")
+                    + ")",
+                    field="account_id",
+                )
             queued = holder is not None and on_pending == "queue"
             # A queued change is planned against the state its predecessor leaves, when
             # it is taken up; now only the rules themselves are checked.
@@ -286,6 +307,7 @@ class Executor:
                 created_by=actor.id,
                 created_at=now,
                 updated_at=now,
+                run_id=run_id,
             )
             session.add(row)
             await session.flush()
@@ -336,9 +358,11 @@ class Executor:
             return row
         return await self.run(actor, row.id)
 
-    async def run(self, actor: Actor, migration_id: str) -> Migration:
-        """Run (or resume) every step not yet in the ledger. Safe to call again after a crash
-        at any point: a committed step is skipped, an uncommitted one is redone."""
+    async def run(self, actor: Actor, migration_id: str, *, until: Step | None = None) -> Migration:
+        """Run (or resume) every step not yet in the ledger — up to and including ``until``
+        if given (a blue-green run prepares every account before its cutoff). Safe to call
+        again after a crash at any point: a committed step is skipped, an uncommitted one is
+        redone."""
         for step in RUN_STEPS:
             fault_point(f"before:{step}")
             outcome = await self._step(actor, migration_id, step)
@@ -347,6 +371,8 @@ class Executor:
                 break
             if outcome == Flow.VERIFY_FAILED:
                 await rollback(self, actor, migration_id, reason="verification failed")
+                break
+            if step == until:
                 break
         return await self.get(migration_id)
 
@@ -636,7 +662,10 @@ class Executor:
             "to_hash": row.target_hash,
             "rules": row.rules_ref,
             "rules_hash": row.rules_hash,
-            "effective_at": iso(row.cutover_at),
+            # A blue-green run's cutoff moment is every account's effective time.
+            "effective_at": iso(
+                row.effective_at if row.run_id is not None and row.effective_at else row.cutover_at
+            ),
             "snapshot_hash": row.snapshot_hash,
             "issued_at": iso(now),
         }

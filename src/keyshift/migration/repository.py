@@ -21,6 +21,7 @@ from keyshift.db.tables import (
     Migration,
     MigrationRulesVersion,
     MigrationStep,
+    RunAccount,
     Subscription,
     UsageCounter,
 )
@@ -354,6 +355,15 @@ async def active_migration(session: AsyncSession, account_id: str) -> Migration 
             select(Migration)
             .where(Migration.lock_account_id == account_id)
             .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+
+
+async def holding_run(session: AsyncSession, account_id: str) -> str | None:
+    """The active run that holds the account, if any (``run_accounts.hold_account_id``)."""
+    return (
+        await session.execute(
+            select(RunAccount.run_id).where(RunAccount.hold_account_id == account_id)
         )
     ).scalar_one_or_none()
 

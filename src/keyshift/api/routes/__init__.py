@@ -9,6 +9,7 @@ from keyshift.api.routes import (
     health,
     licenses,
     migrations,
+    runs,
     tokens,
     usage,
     validation,
@@ -24,4 +25,5 @@ ROUTERS: list[APIRouter] = [
     audit.router,
     usage.router,
     migrations.router,
+    runs.router,
 ]

@@ -1,0 +1,60 @@
+"""`keyshift worker`: a worker process. Any number, on any number of machines sharing one
+PostgreSQL, claim and migrate the accounts of running runs (docs/runs.md#workers)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from keyshift.cli.runtime import run
+
+if TYPE_CHECKING:
+    from keyshift.config import Settings
+    from keyshift.db.engine import Database
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's command to the root app."""
+    app.command("worker")(worker)
+
+
+def worker(
+    run_id: str | None = typer.Option(None, "--run", help="Work only this run."),
+    until_idle: bool = typer.Option(
+        False, "--until-idle", help="Exit when no run has accounts left to take."
+    ),
+    token: str | None = typer.Option(
+        None,
+        envvar="KEYSHIFT_WORKER_TOKEN",
+        help="Act as this token (scope migrations:run); default: as the CLI user.",
+        show_envvar=True,
+    ),
+    poll: float = typer.Option(1.0, min=0.05, max=60, help="Seconds between looks for work."),
+) -> None:
+    """Claim and migrate accounts of running runs until stopped (SIGTERM finishes the account
+    in hand and gives the rest of its batch back)."""
+
+    async def work(settings: Settings, db: Database) -> None:
+        from keyshift.cli.runs import stop_on_signals
+        from keyshift.context import Actor, cli_actor
+        from keyshift.errors import PermissionDenied
+        from keyshift.migration.executor import Executor
+        from keyshift.runs.worker import Worker
+        from keyshift.security import tokens
+        from keyshift.security.secrets_store import load_secrets
+
+        actor: Actor = cli_actor()
+        if token is not None:
+            async with db.transaction() as session:
+                actor = await tokens.authenticate(session, token.strip())
+            if not actor.can("migrations:run"):
+                raise PermissionDenied("this token lacks the 'migrations:run' scope")
+        executor = Executor(db, load_secrets(settings.secrets_dir).signing)
+        w = Worker(executor, actor, poll_seconds=poll)
+        with stop_on_signals(w.stopping):
+            typer.echo(f"worker {w.worker_id} as {actor.id}: waiting for runs", err=True)
+            processed = await w.run(run_id=run_id, until_idle=until_idle)
+        typer.echo(f"worker {w.worker_id}: {processed} account(s) processed", err=True)
+
+    run(work)

@@ -1,0 +1,551 @@
+"""A worker: claims batches of a running run's accounts and migrates them.
+
+Claims take the rows with ``FOR UPDATE SKIP LOCKED`` (two workers never take the same row)
+and a time-limited lease, renewed while the batch is worked; a dead worker's rows are taken
+again once its lease has run out. The migration of each account is the one-account engine
+(``Executor``): its ledger makes every step idempotent, so an account taken again after a
+crash is resumed, never migrated twice. Each account is planned again when it is taken; one
+whose outcome differs from the approved report is held for review. An account that fails is
+retried (alone) up to ``max_attempts`` times, then quarantined while the run goes on.
+
+Transient database errors (lost connection, a restart, deadlocks) are retried with
+exponential backoff and jitter (tenacity); SIGTERM finishes the account in hand and releases
+the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from keyshift.audit import service as audit
+from keyshift.context import Actor
+from keyshift.db.tables import Migration, MigrationRun, RunAccount
+from keyshift.errors import AccountNotFound, KeyshiftError, Unavailable
+from keyshift.migration import rollback as migration_rollback
+from keyshift.migration.errors import MigrationBlocked, NotEligible, OutcomeChanged
+from keyshift.migration.executor import Executor
+from keyshift.migration.rules import MigrationRules
+from keyshift.runs import service
+from keyshift.runs.model import (
+    CLAIMABLE,
+    AccountState,
+    Phase,
+    RunOptions,
+    RunState,
+    failure_rate_exceeded,
+)
+from keyshift.states import IN_FLIGHT, REVERSIBLE, WAITING, MigrationState, Step
+
+log = logging.getLogger("keyshift.runs.worker")
+
+#: How long a worker keeps retrying a database that is down before it gives up on a batch
+#: (its lease then lets another worker, or itself later, take the rows again).
+OUTAGE_PATIENCE = 120.0
+
+
+@dataclass
+class Claim:
+    run_id: str
+    phase: Phase
+    options: RunOptions
+    rules_hash: str
+    batch_id: str
+    wave: int
+    #: (account id, expected outcome digest, the earliest moment it may start)
+    accounts: list[tuple[str, str | None, datetime]]
+    lease_until: datetime
+    cutoff_at: datetime | None = None
+
+
+@dataclass
+class Worker:
+    """One worker process's loop. ``clock`` is the time source (tests move it)."""
+
+    executor: Executor
+    actor: Actor
+    worker_id: str = field(default_factory=service.new_worker_id)
+    poll_seconds: float = 1.0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _rules: dict[str, MigrationRules] = field(default_factory=dict)
+    processed: int = 0
+
+    @property
+    def db(self) -> Any:
+        return self.executor.db
+
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        return self.executor.clock
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, *, run_id: str | None = None, until_idle: bool = False) -> int:
+        """Work until stopped — or, with ``until_idle``, until there is nothing to claim and
+        no run (or only ``run_id``) is still running. Returns the accounts processed."""
+        while not self.stopping.is_set():
+            claim = await self._retrying(lambda: self.claim(run_id=run_id))
+            if claim is None:
+                for rid in await self._running_runs(run_id):
+                    await self._retrying(
+                        partial(service.complete_if_done, self.db, self.actor, rid, self.clock())
+                    )
+                if until_idle and not await self._has_work(run_id):
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.poll_seconds)
+                continue
+            await self.work(claim)
+            await self._retrying(
+                partial(service.complete_if_done, self.db, self.actor, claim.run_id, self.clock())
+            )
+        return self.processed
+
+    async def _retrying(self, call: Callable[[], Any]) -> Any:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((Unavailable, ConnectionError, OSError)),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5),
+            stop=stop_after_delay(OUTAGE_PATIENCE),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning(
+                        "retrying after a database error",
+                        extra={
+                            "worker": self.worker_id,
+                            "attempt": attempt.retry_state.attempt_number,
+                        },
+                    )
+                return await call()
+        return None  # pragma: no cover - reraise=True
+
+    async def _running_runs(self, run_id: str | None) -> list[str]:
+        async with self.db.transaction() as session:
+            query = select(MigrationRun.id).where(MigrationRun.state.in_(list(CLAIMABLE)))
+            if run_id is not None:
+                query = query.where(MigrationRun.id == run_id)
+            return list((await session.execute(query)).scalars())
+
+    async def _has_work(self, run_id: str | None) -> bool:
+        return bool(await self._retrying(lambda: self._running_runs(run_id)))
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    async def claim(self, *, run_id: str | None = None) -> Claim | None:
+        """Take up to a batch of accounts of the oldest running run that has any to give
+        (in its window), in claim order: the lowest unfinished wave, then priority."""
+        now = self.clock()
+        async with self.db.transaction() as session:
+            query = (
+                select(MigrationRun)
+                .where(MigrationRun.state.in_(list(CLAIMABLE)))
+                .order_by(MigrationRun.created_at)
+            )
+            if run_id is not None:
+                query = query.where(MigrationRun.id == run_id)
+            for run in (await session.execute(query)).scalars():
+                options = RunOptions.model_validate(run.options)
+                rollback = run.phase == Phase.ROLLBACK
+                if not rollback and options.window and not options.window.contains(now):
+                    continue
+                picked = await self._pick(session, run, options, now, rollback=rollback)
+                if not picked:
+                    continue
+                wave, ids = picked
+                starts = await self._pace(session, run, options, len(ids), now)
+                batch_id = str(uuid.uuid4())
+                lease = now + timedelta(seconds=options.lease_seconds)
+                await session.execute(
+                    update(RunAccount)
+                    .where(
+                        RunAccount.run_id == run.id, RunAccount.account_id.in_([i for i, _ in ids])
+                    )
+                    .values(
+                        state=AccountState.CLAIMED,
+                        batch_id=batch_id,
+                        lease_owner=self.worker_id,
+                        lease_expires_at=lease,
+                        updated_at=now,
+                    )
+                )
+                return Claim(
+                    run_id=run.id,
+                    phase=Phase(run.phase),
+                    options=options,
+                    rules_hash=run.rules_hash,
+                    batch_id=batch_id,
+                    wave=wave,
+                    accounts=[(a, d, s) for (a, d), s in zip(ids, starts, strict=True)],
+                    lease_until=lease,
+                    cutoff_at=run.cutoff_at,
+                )
+        return None
+
+    async def _pick(
+        self, session: Any, run: MigrationRun, options: RunOptions, now: datetime, *, rollback: bool
+    ) -> tuple[int, list[tuple[str, str | None]]] | None:
+        lapsed = (RunAccount.state == AccountState.CLAIMED) & (RunAccount.lease_expires_at < now)
+        if rollback:
+            query = (
+                select(RunAccount.account_id, RunAccount.expected_digest)
+                .where(
+                    RunAccount.run_id == run.id,
+                    or_(
+                        RunAccount.state.in_(
+                            [AccountState.MIGRATED, AccountState.PREPARED, AccountState.SCHEDULED]
+                        ),
+                        lapsed,
+                    ),
+                )
+                # Newest first: the reverse of the order they were moved in.
+                .order_by(RunAccount.done_at.desc(), RunAccount.position.desc())
+            )
+            wave = -1
+        else:
+            wave = (
+                await session.execute(
+                    select(func.min(RunAccount.wave)).where(
+                        RunAccount.run_id == run.id,
+                        RunAccount.state.in_([AccountState.PENDING, AccountState.CLAIMED]),
+                    )
+                )
+            ).scalar_one_or_none()
+            if wave is None:
+                return None
+            query = (
+                select(RunAccount.account_id, RunAccount.expected_digest)
+                .where(
+                    RunAccount.run_id == run.id,
+                    RunAccount.wave == wave,
+                    or_(RunAccount.state == AccountState.PENDING, lapsed),
+                )
+                .order_by(RunAccount.priority.desc(), RunAccount.position)
+            )
+        rows = (
+            await session.execute(query.limit(options.batch_size).with_for_update(skip_locked=True))
+        ).all()
+        if not rows:
+            return None
+        return wave, [(r[0], r[1]) for r in rows]
+
+    async def _pace(
+        self, session: Any, run: MigrationRun, options: RunOptions, count: int, now: datetime
+    ) -> list[datetime]:
+        """When each claimed account may start, under the run's rate shared by every worker:
+        the run row keeps the next free moment (a generic cell rate algorithm)."""
+        if options.rate is None:
+            return [now] * count
+        locked = await service.get(session, run.id, lock=True)
+        cursor = locked.rate_cursor
+        if cursor is not None and cursor.tzinfo is None:
+            cursor = cursor.replace(tzinfo=now.tzinfo)
+        start = max(cursor or now, now)
+        step = timedelta(seconds=1 / options.rate)
+        locked.rate_cursor = start + step * count
+        return [start + step * i for i in range(count)]
+
+    # -- working a batch -----------------------------------------------------------------------
+
+    async def work(self, claim: Claim) -> None:
+        """Each account of the batch in turn; stop early (releasing the rest) when asked to
+        stop, or when the run left the running state."""
+        rules = await self._rules_for(claim.rules_hash)
+        for index, (account_id, expected, start_at) in enumerate(claim.accounts):
+            if self.stopping.is_set() or not await self._still_running(claim):
+                await self._release([a for a, _, _ in claim.accounts[index:]], claim)
+                return
+            delay = (start_at - self.clock()).total_seconds()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._renew_if_due(claim)
+            try:
+                await self._retrying(partial(self._one, claim, rules, account_id, expected))
+            except Unavailable:
+                # The database stayed down past our patience: leave the rest to the lease.
+                log.error("database unavailable; leaving the batch to its lease")
+                return
+            self.processed += 1
+
+    async def _rules_for(self, digest: str) -> MigrationRules:
+        if digest not in self._rules:
+            from keyshift.migration.executor import rules_by_hash
+
+            async with self.db.transaction() as session:
+                self._rules[digest] = await rules_by_hash(session, digest)
+        return self._rules[digest]
+
+    async def _still_running(self, claim: Claim) -> bool:
+        async with self.db.transaction() as session:
+            state, phase = (
+                await session.execute(
+                    select(MigrationRun.state, MigrationRun.phase).where(
+                        MigrationRun.id == claim.run_id
+                    )
+                )
+            ).one()
+        return state in CLAIMABLE and phase == claim.phase
+
+    async def _renew_if_due(self, claim: Claim) -> None:
+        now = self.clock()
+        half = timedelta(seconds=claim.options.lease_seconds / 2)
+        if claim.lease_until - now > half:
+            return
+        claim.lease_until = now + timedelta(seconds=claim.options.lease_seconds)
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(RunAccount)
+                .where(
+                    RunAccount.run_id == claim.run_id,
+                    RunAccount.batch_id == claim.batch_id,
+                    RunAccount.state == AccountState.CLAIMED,
+                )
+                .values(lease_expires_at=claim.lease_until)
+            )
+
+    async def _release(self, account_ids: list[str], claim: Claim) -> None:
+        """Give claimed rows back (SIGTERM, a pause): pending again, or — in a rollback — as
+        they were, which their migrations tell."""
+        if not account_ids:
+            return
+        async with self.db.transaction() as session:
+            for account_id in account_ids:
+                state = AccountState.PENDING
+                if claim.phase == Phase.ROLLBACK:
+                    state = await self._forward_state(session, claim.run_id, account_id)
+                await session.execute(
+                    update(RunAccount)
+                    .where(
+                        RunAccount.run_id == claim.run_id,
+                        RunAccount.account_id == account_id,
+                        RunAccount.batch_id == claim.batch_id,
+                        RunAccount.state == AccountState.CLAIMED,
+                    )
+                    .values(state=state, lease_owner=None, lease_expires_at=None)
+                )
+
+    async def _forward_state(self, session: Any, run_id: str, account_id: str) -> AccountState:
+        latest = await _run_migration(session, run_id, account_id)
+        if latest is None or latest.state in (
+            MigrationState.ROLLED_BACK,
+            MigrationState.CANCELLED,
+            MigrationState.REFUSED,
+            MigrationState.FAILED,
+        ):
+            return AccountState.ROLLED_BACK
+        if latest.state == MigrationState.PREPARED:
+            return AccountState.PREPARED
+        if latest.state in WAITING:
+            return AccountState.SCHEDULED
+        return AccountState.MIGRATED
+
+    # -- one account ---------------------------------------------------------------------------
+
+    async def _one(
+        self, claim: Claim, rules: MigrationRules, account_id: str, expected: str | None
+    ) -> None:
+        if claim.phase == Phase.ROLLBACK:
+            state, error, migration_id = await self._roll_back_one(claim, account_id)
+        else:
+            state, error, migration_id = await self._forward_one(claim, rules, account_id, expected)
+        await self._settle(claim, account_id, state, error, migration_id)
+
+    async def _forward_one(
+        self, claim: Claim, rules: MigrationRules, account_id: str, expected: str | None
+    ) -> tuple[AccountState | None, str | None, str | None]:
+        """Migrate (or prepare, or flip) one account. Returns its new state (None: a failed
+        attempt), an error, and the migration's id."""
+        until = Step.PREPARE if claim.phase == Phase.PREPARE else None
+        async with self.db.transaction() as session:
+            existing = await _run_migration(session, claim.run_id, account_id)
+        try:
+            if existing is not None and existing.state in IN_FLIGHT:
+                if claim.phase == Phase.FLIP and claim.cutoff_at is not None:
+                    await self._stamp_cutoff(existing.id, claim.cutoff_at)
+                row = await self.executor.run(self.actor, existing.id, until=until)
+            elif existing is not None and existing.state == MigrationState.COMPLETED:
+                row = existing
+            else:
+                # Planned once, inside the request, against the approved outcome digest.
+                row = await self.executor.request(
+                    self.actor, rules, account_id, run_id=claim.run_id, expect=expected
+                )
+                if row.state == MigrationState.LOCKED:
+                    row = await self.executor.run(self.actor, row.id, until=until)
+        except Unavailable:
+            raise
+        except OutcomeChanged as error:
+            return AccountState.HELD, error.message, None
+        except (NotEligible, MigrationBlocked, AccountNotFound) as error:
+            return AccountState.SKIPPED, error.message, None
+        except KeyshiftError as error:
+            return None, error.message, existing.id if existing is not None else None
+        return _outcome(row)
+
+    async def _stamp_cutoff(self, migration_id: str, cutoff: datetime) -> None:
+        """Blue-green: the run's cutoff is the effective time on the receipt."""
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(Migration)
+                .where(Migration.id == migration_id, Migration.state == MigrationState.PREPARED)
+                .values(effective_at=cutoff)
+            )
+
+    async def _roll_back_one(
+        self, claim: Claim, account_id: str
+    ) -> tuple[AccountState | None, str | None, str | None]:
+        async with self.db.transaction() as session:
+            rows = list(
+                (
+                    await session.execute(
+                        select(Migration)
+                        .where(Migration.run_id == claim.run_id, Migration.account_id == account_id)
+                        .order_by(Migration.created_at.desc())
+                    )
+                ).scalars()
+            )
+        try:
+            for row in rows:
+                if row.state in REVERSIBLE:
+                    await migration_rollback.rollback(
+                        self.executor, self.actor, row.id, reason=f"run {claim.run_id} rolled back"
+                    )
+                elif row.state in WAITING:
+                    await migration_rollback.cancel(self.executor, self.actor, row.id)
+        except Unavailable:
+            raise
+        except KeyshiftError as error:
+            return None, error.message, rows[0].id if rows else None
+        return AccountState.ROLLED_BACK, None, rows[0].id if rows else None
+
+    async def _settle(
+        self,
+        claim: Claim,
+        account_id: str,
+        state: AccountState | None,
+        error: str | None,
+        migration_id: str | None,
+    ) -> None:
+        """Record the account's outcome (only if this worker still holds it), count the
+        attempt, quarantine after too many, and halt the run when its wave fails too often
+        or its canary's verification found a difference."""
+        now = self.clock()
+        async with self.db.transaction() as session:
+            row = (
+                await session.execute(
+                    select(RunAccount)
+                    .where(
+                        RunAccount.run_id == claim.run_id,
+                        RunAccount.account_id == account_id,
+                        RunAccount.batch_id == claim.batch_id,
+                        RunAccount.state == AccountState.CLAIMED,
+                    )
+                    .with_for_update()
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                return  # the lease ran out and another worker took it: its outcome counts
+            row.attempts += 1
+            row.migration_id = migration_id or row.migration_id
+            row.lease_owner, row.lease_expires_at, row.updated_at = None, None, now
+            if state is None:
+                row.error = error
+                quarantine = row.attempts >= claim.options.max_attempts
+                row.state = AccountState.QUARANTINED if quarantine else AccountState.PENDING
+                if quarantine:
+                    row.done_at = now
+            else:
+                row.state, row.done_at = state, now
+                if state in (AccountState.HELD, AccountState.SKIPPED):
+                    row.error = error
+            await session.flush()
+            if state is None and claim.phase != Phase.ROLLBACK:
+                await self._maybe_halt(session, claim, account_id, error or "", now)
+
+    async def _maybe_halt(
+        self, session: Any, claim: Claim, account_id: str, error: str, now: datetime
+    ) -> None:
+        canary = claim.wave == 0 and (claim.options.canary or claim.options.canary_percent)
+        reason = None
+        if canary and "verification failed" in error:
+            reason = (
+                f"the canary's verification found a difference on account {account_id}: {error}"
+            )
+        else:
+            tried, failed = (
+                await session.execute(
+                    select(
+                        func.count(),
+                        func.count(RunAccount.error),
+                    ).where(
+                        RunAccount.run_id == claim.run_id,
+                        RunAccount.wave == claim.wave,
+                        RunAccount.attempts > 0,
+                    )
+                )
+            ).one()
+            if failure_rate_exceeded(int(tried), int(failed), claim.options):
+                reason = (
+                    f"wave {claim.wave}: {failed} of {tried} accounts failed, over the"
+                    f" threshold of {claim.options.failure_threshold:.0%}"
+                )
+        if reason is None:
+            return
+        run = await service.get(session, claim.run_id, lock=True)
+        if run.state != RunState.RUNNING:
+            return
+        run.state, run.halted_reason, run.updated_at = RunState.PAUSED, reason, now
+        await audit.record(
+            session,
+            self.actor,
+            "run.halt",
+            "run",
+            run.id,
+            details={"reason": reason, "from": RunState.RUNNING, "to": RunState.PAUSED},
+        )
+
+
+async def _run_migration(session: Any, run_id: str, account_id: str) -> Migration | None:
+    """The account's latest migration made by this run, if any."""
+    row: Migration | None = (
+        (
+            await session.execute(
+                select(Migration)
+                .where(Migration.run_id == run_id, Migration.account_id == account_id)
+                .order_by(Migration.created_at.desc())
+                .limit(1)
+                .execution_options(populate_existing=True)
+            )
+        )
+        .scalars()
+        .first()
+    )
+    return row
+
+
+def _outcome(row: Migration) -> tuple[AccountState | None, str | None, str | None]:
+    match row.state:
+        case MigrationState.COMPLETED | MigrationState.FINALIZED:
+            return AccountState.MIGRATED, None, row.id
+        case MigrationState.PREPARED:
+            return AccountState.PREPARED, None, row.id
+        case MigrationState.SCHEDULED | MigrationState.QUEUED | MigrationState.HELD:
+            return AccountState.SCHEDULED, None, row.id
+        case MigrationState.REFUSED:
+            return AccountState.SKIPPED, row.error, row.id
+    return None, row.error or f"the migration ended {row.state}", row.id
