@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -929,6 +929,7 @@ async def verify_sample(
 
     from keyshift.db.tables import Migration
     from keyshift.migration.executor import compare_after_cutover
+    from keyshift.migration.state import Snapshot
 
     chosen: list[tuple[int, str, str | None]] = []
 
@@ -969,6 +970,8 @@ async def verify_sample(
             )
             continue
         expected = row.plan["expected"]
-        problems = compare_after_cutover(expected, actual, row.snapshot or {"taken_at": ""})
+        # A finalized migration has retired its snapshot; only its time was wanted here.
+        snapshot = cast(Snapshot, row.snapshot or {"taken_at": ""})
+        problems = compare_after_cutover(expected, actual, snapshot)
         out.append(Verified(account_id, row.id, problems))
     return out
