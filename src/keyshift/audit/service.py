@@ -7,8 +7,9 @@ itself is ``keyshift.audit.chain``).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -52,9 +53,51 @@ async def record(
     )
 
 
+#: ``session.info`` key of a list that collects events instead of appending them (``deferred``).
+_DEFERRED = "keyshift.audit.deferred"
+
+
+@contextlib.contextmanager
+def deferred(session: AsyncSession) -> Iterator[list[tuple[Actor, EventIn]]]:
+    """Collect the events recorded in ``session`` inside the block instead of appending each
+    at once; the caller appends them with ``append_deferred`` when its work is done. A batch
+    of accounts in one transaction takes the chain's head once, at its end, instead of
+    holding it from its first account's event to its commit (every other writer would wait)."""
+    collected: list[tuple[Actor, EventIn]] = []
+    outer = session.info.get(_DEFERRED)
+    session.info[_DEFERRED] = collected
+    try:
+        yield collected
+    finally:
+        if outer is None:
+            session.info.pop(_DEFERRED, None)
+        else:
+            session.info[_DEFERRED] = outer
+
+
+async def append_deferred(
+    session: AsyncSession, collected: Sequence[tuple[Actor, EventIn]]
+) -> None:
+    """Append collected events in order, one statement per run of events by the same actor."""
+    group: list[EventIn] = []
+    actor: Actor | None = None
+    for who, event in collected:
+        if actor is not None and who != actor:
+            await record_many(session, actor, group)
+            group = []
+        actor = who
+        group.append(event)
+    if actor is not None:
+        await record_many(session, actor, group)
+
+
 async def record_many(session: AsyncSession, actor: Actor, events: Sequence[EventIn]) -> None:
     """Append events in one statement, under a row lock on the head (the chain cannot fork)."""
     if not events:
+        return
+    collecting = session.info.get(_DEFERRED)
+    if collecting is not None:
+        collecting.extend((actor, event) for event in events)
         return
     head = (
         await session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update())

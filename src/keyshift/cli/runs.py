@@ -467,7 +467,7 @@ def _line(body: dict[str, Any]) -> str:
 async def _watch(db: Database, run_id: str) -> None:
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from keyshift.runs.model import CLAIMABLE
+    from keyshift.runs.model import CLAIMABLE, AccountState
 
     columns = [
         TextColumn("[bold]{task.fields[state]}"),
@@ -490,8 +490,10 @@ async def _watch(db: Database, run_id: str) -> None:
                 rate=f"{p['rate']:.1f}/s" if p["rate"] else "-/s",
                 eta=f"{p['eta_seconds']:.0f}s" if p["eta_seconds"] else "-",
                 detail=(
-                    f"failed {p['failed_attempts']} quarantined {s.get('quarantined', 0)}"
-                    f" held {s.get('held', 0)} rolled back {s.get('rolled_back', 0)}"
+                    f"failed {p['failed_attempts']}"
+                    f" quarantined {s.get(AccountState.QUARANTINED, 0)}"
+                    f" held {s.get(AccountState.HELD, 0)}"
+                    f" rolled back {s.get(AccountState.ROLLED_BACK, 0)}"
                 ),
             )
             if body["state"] not in CLAIMABLE:

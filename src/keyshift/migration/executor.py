@@ -11,7 +11,7 @@ import hashlib
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -35,7 +35,14 @@ from keyshift.db.tables import (
     MigrationRulesVersion,
 )
 from keyshift.db.types import utcnow
-from keyshift.errors import AccountNotFound, InvalidInput, MigrationInProgress, NotFound
+from keyshift.errors import (
+    AccountNotFound,
+    InvalidInput,
+    KeyshiftError,
+    MigrationInProgress,
+    NotFound,
+    Unavailable,
+)
 from keyshift.migration import repository
 from keyshift.migration.errors import (
     MigrationBlocked,
@@ -227,117 +234,17 @@ class Executor:
         # before the account (as registering the rules used to) deadlocks against an admin
         # change that holds the account and waits for the head.
         async def lock(session: AsyncSession) -> Migration:
-            events: list[audit.EventIn] = []
-            plan, _ = await preview(session, rules, account_id, now=now, migration_id=migration_id)
-            holder = await repository.active_migration(session, account_id)
-            in_run = await repository.holding_run(session, account_id)
-            if in_run is not None and in_run != run_id:
-                raise MigrationInProgress(
-                    f"account {account_id} is in run {in_run}; the run moves it",
-                    field="account_id",
-                    run_id=in_run,
-                )
-            if expect is not None and plan.outcome_digest() != expect:
-                raise OutcomeChanged(
-                    "it plans differently from the approved report (now: "
-                    + ("eligible" if plan.eligible else "not eligible")
-                    + (", blocked" if plan.blocked else "")
-                    + (f"; {'; '.join(plan.reasons)}" if plan.reasons else "")
-                    + ")",
-                    field="account_id",
-                )
-            queued = holder is not None and on_pending == "queue"
-            # A queued change is planned against the state its predecessor leaves, when
-            # it is taken up; now only the rules themselves are checked.
-            if not plan.eligible and not queued:
-                raise NotEligible(
-                    "the account is not eligible: " + "; ".join(plan.reasons),
-                    field="account_id",
-                    reasons=list(plan.reasons),
-                )
-            if plan.blocked and not queued:
-                raise MigrationBlocked(
-                    "the rules block this migration: " + "; ".join(plan.reasons),
-                    field="account_id",
-                    reasons=list(plan.reasons),
-                )
-            effective_at = parse_iso(plan.effective_at)
-            scheduled = effective_at is not None and effective_at > now
-            if holder is not None:
-                if holder.state not in REPLACEABLE or on_pending == "refuse":
-                    raise MigrationInProgress(
-                        f"account {account_id} already has migration {holder.id} ({holder.state})",
-                        field="account_id",
-                        migration_id=holder.id,
-                    )
-                if on_pending == "replace":
-                    holder.state, holder.lock_account_id = MigrationState.CANCELLED, None
-                    holder.finished_at = now
-                    holder.error = f"replaced by migration {migration_id}"
-                    await session.flush()
-                    events.append(
-                        audit.EventIn(
-                            "migration.cancel",
-                            "migration",
-                            holder.id,
-                            account_id,
-                            {"replaced_by": migration_id},
-                        )
-                    )
-            row = Migration(
-                id=migration_id,
-                account_id=account_id,
-                lock_account_id=None if queued else account_id,
-                state=(
-                    MigrationState.QUEUED
-                    if queued
-                    else MigrationState.SCHEDULED
-                    if scheduled
-                    else MigrationState.LOCKED
-                ),
-                rules_ref=rules.ref,
-                rules_hash=rules.content_hash(),
-                source_ref=plan.source_ref,
-                source_hash=None,
-                target_ref=plan.target_ref,
-                target_hash=plan.target_hash,
-                effective_at=effective_at,
-                outcome_digest=None if queued else plan.outcome_digest(),
-                plan=plan.to_dict() if (scheduled or queued) else None,
-                created_by=actor.id,
-                created_at=now,
-                updated_at=now,
+            return await self._lock_one(
+                session,
+                actor,
+                rules,
+                account_id,
+                migration_id=migration_id,
+                now=now,
+                on_pending=on_pending,
                 run_id=run_id,
+                expect=expect,
             )
-            session.add(row)
-            await session.flush()
-            registered = await register_rules(session, actor, rules)
-            if registered is not None:
-                events.insert(0, registered)
-            if row.state == MigrationState.LOCKED:
-                await repository.write_step(
-                    session, row, Step.LOCK, details={"rules": rules.ref}, now=now
-                )
-            events.append(
-                audit.EventIn(
-                    f"migration.{row.state if row.state != MigrationState.LOCKED else 'start'}",
-                    "migration",
-                    row.id,
-                    account_id,
-                    {
-                        "rules": rules.ref,
-                        "rules_hash": row.rules_hash,
-                        "from": plan.source_ref,
-                        "to": plan.target_ref,
-                        "to_hash": plan.target_hash,
-                        "effective_at": plan.effective_at,
-                    },
-                )
-            )
-            await audit.record_many(session, actor, events)
-            await session.flush()
-            fault_point("inside:lock")
-            return row
 
         try:
             row = await self.db.run(lock)
@@ -351,6 +258,133 @@ class Executor:
         fault_point("after:lock")
         return row
 
+    async def _lock_one(
+        self,
+        session: AsyncSession,
+        actor: Actor,
+        rules: MigrationRules,
+        account_id: str,
+        *,
+        migration_id: str,
+        now: datetime,
+        on_pending: str = "refuse",
+        run_id: str | None = None,
+        expect: str | None = None,
+    ) -> Migration:
+        """The lock step's work for one account, in the caller's transaction (see
+        ``request``)."""
+        events: list[audit.EventIn] = []
+        plan, _ = await preview(session, rules, account_id, now=now, migration_id=migration_id)
+        holder = await repository.active_migration(session, account_id)
+        in_run = await repository.holding_run(session, account_id)
+        if in_run is not None and in_run != run_id:
+            raise MigrationInProgress(
+                f"account {account_id} is in run {in_run}; the run moves it",
+                field="account_id",
+                run_id=in_run,
+            )
+        if expect is not None and plan.outcome_digest() != expect:
+            raise OutcomeChanged(
+                "it plans differently from the approved report (now: "
+                + ("eligible" if plan.eligible else "not eligible")
+                + (", blocked" if plan.blocked else "")
+                + (f"; {'; '.join(plan.reasons)}" if plan.reasons else "")
+                + ")",
+                field="account_id",
+            )
+        queued = holder is not None and on_pending == "queue"
+        # A queued change is planned against the state its predecessor leaves, when
+        # it is taken up; now only the rules themselves are checked.
+        if not plan.eligible and not queued:
+            raise NotEligible(
+                "the account is not eligible: " + "; ".join(plan.reasons),
+                field="account_id",
+                reasons=list(plan.reasons),
+            )
+        if plan.blocked and not queued:
+            raise MigrationBlocked(
+                "the rules block this migration: " + "; ".join(plan.reasons),
+                field="account_id",
+                reasons=list(plan.reasons),
+            )
+        effective_at = parse_iso(plan.effective_at)
+        scheduled = effective_at is not None and effective_at > now
+        if holder is not None:
+            if holder.state not in REPLACEABLE or on_pending == "refuse":
+                raise MigrationInProgress(
+                    f"account {account_id} already has migration {holder.id} ({holder.state})",
+                    field="account_id",
+                    migration_id=holder.id,
+                )
+            if on_pending == "replace":
+                holder.state, holder.lock_account_id = MigrationState.CANCELLED, None
+                holder.finished_at = now
+                holder.error = f"replaced by migration {migration_id}"
+                await session.flush()
+                events.append(
+                    audit.EventIn(
+                        "migration.cancel",
+                        "migration",
+                        holder.id,
+                        account_id,
+                        {"replaced_by": migration_id},
+                    )
+                )
+        row = Migration(
+            id=migration_id,
+            account_id=account_id,
+            lock_account_id=None if queued else account_id,
+            state=(
+                MigrationState.QUEUED
+                if queued
+                else MigrationState.SCHEDULED
+                if scheduled
+                else MigrationState.LOCKED
+            ),
+            rules_ref=rules.ref,
+            rules_hash=rules.content_hash(),
+            source_ref=plan.source_ref,
+            source_hash=None,
+            target_ref=plan.target_ref,
+            target_hash=plan.target_hash,
+            effective_at=effective_at,
+            outcome_digest=None if queued else plan.outcome_digest(),
+            plan=plan.to_dict() if (scheduled or queued) else None,
+            created_by=actor.id,
+            created_at=now,
+            updated_at=now,
+            run_id=run_id,
+        )
+        session.add(row)
+        await session.flush()
+        registered = await register_rules(session, actor, rules)
+        if registered is not None:
+            events.insert(0, registered)
+        if row.state == MigrationState.LOCKED:
+            await repository.write_step(
+                session, row, Step.LOCK, details={"rules": rules.ref}, now=now
+            )
+        events.append(
+            audit.EventIn(
+                f"migration.{row.state if row.state != MigrationState.LOCKED else 'start'}",
+                "migration",
+                row.id,
+                account_id,
+                {
+                    "rules": rules.ref,
+                    "rules_hash": row.rules_hash,
+                    "from": plan.source_ref,
+                    "to": plan.target_ref,
+                    "to_hash": plan.target_hash,
+                    "effective_at": plan.effective_at,
+                },
+            )
+        )
+        await audit.record_many(session, actor, events)
+        await session.flush()
+        fault_point("inside:lock")
+        return row
+
     async def apply(self, actor: Actor, rules: MigrationRules, account_id: str) -> Migration:
         """Request and, unless it is scheduled for later, run to the end."""
         row = await self.request(actor, rules, account_id)
@@ -362,19 +396,13 @@ class Executor:
         """Run (or resume) every step not yet in the ledger — up to and including ``until``
         if given (a blue-green run prepares every account before its cutoff). Safe to call
         again after a crash at any point: a committed step is skipped, an uncommitted one is
-        redone."""
-        for step in RUN_STEPS:
-            fault_point(f"before:{step}")
-            outcome = await self._step(actor, migration_id, step)
-            fault_point(f"after:{step}")
-            if outcome == Flow.STOP:
-                break
-            if outcome == Flow.VERIFY_FAILED:
-                await rollback(self, actor, migration_id, reason="verification failed")
-                break
-            if step == until:
-                break
-        return await self.get(migration_id)
+        redone. A batch of one: the same path as a run's batches (``run_batch``)."""
+        result = (await self.run_batch(actor, [migration_id], until=until)).get(migration_id)
+        if isinstance(result, KeyshiftError):
+            raise result
+        if result is None:
+            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
+        return result
 
     async def get(self, migration_id: str) -> Migration:
         async with self.db.transaction() as session:
@@ -395,23 +423,151 @@ class Executor:
         }
 
     async def _step(self, actor: Actor, migration_id: str, step: Step) -> Flow:
-        """One step in one transaction with its ledger row; run again whole if the database
-        rolls it back to break a deadlock (a step is idempotent, and nothing of it was kept)."""
+        """One step of one migration in its own transaction (a batch of one)."""
+        flow = (await self._batch_step(actor, [migration_id], step))[migration_id]
+        if isinstance(flow, KeyshiftError):
+            raise flow
+        return flow
 
-        async def work(session: AsyncSession) -> Flow:
-            row = await repository.lock_migration(session, migration_id)
-            if row is None:
-                raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-            done = await repository.steps_done(session, migration_id)
-            if step in done:
-                return Flow.NEXT
-            if row.state not in IN_FLIGHT:
-                return Flow.STOP
-            now = self.clock()
-            outcome = await self._handlers[step](session, actor, row, now)
-            await session.flush()  # every effect is in the database, only the commit is left
+    async def _step_in(
+        self, session: AsyncSession, actor: Actor, migration_id: str, step: Step
+    ) -> Flow:
+        """One migration's step in the caller's transaction, with its ledger row; a step
+        already in the ledger is skipped."""
+        row = await repository.lock_migration(session, migration_id)
+        if row is None:
+            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
+        done = await repository.steps_done(session, migration_id)
+        if step in done:
+            return Flow.NEXT
+        if row.state not in IN_FLIGHT:
+            return Flow.STOP
+        now = self.clock()
+        outcome = await self._handlers[step](session, actor, row, now)
+        await session.flush()  # every effect is in the database, only the commit is left
+        return outcome
+
+    # -- batches -------------------------------------------------------------------------------
+
+    async def request_many(
+        self,
+        actor: Actor,
+        rules: MigrationRules,
+        accounts: Sequence[tuple[str, str | None]],
+        *,
+        run_id: str | None = None,
+    ) -> dict[str, Migration | KeyshiftError]:
+        """The lock step for many accounts — (account id, expected outcome digest) each — in
+        ONE transaction, each account in a savepoint of its own: one that is refused (not
+        eligible, held by another migration, planned differently …) gets its error and leaves
+        the others be. Their audit events are appended together at the end."""
+        fault_point("before:lock")
+        now = self.clock()
+
+        async def work(session: AsyncSession) -> dict[str, Migration | KeyshiftError]:
+            out: dict[str, Migration | KeyshiftError] = {}
+            events: list[tuple[Actor, audit.EventIn]] = []
+            for account_id, expect in sorted(accounts):
+                with audit.deferred(session) as mine:
+                    try:
+                        async with session.begin_nested():
+                            out[account_id] = await self._lock_one(
+                                session,
+                                actor,
+                                rules,
+                                account_id,
+                                migration_id=str(uuid.uuid4()),
+                                now=now,
+                                run_id=run_id,
+                                expect=expect,
+                            )
+                    except IntegrityError as exc:
+                        if "lock_account_id" not in str(exc.orig):
+                            raise
+                        out[account_id] = MigrationInProgress(
+                            f"account {account_id} already has a migration in progress",
+                            field="account_id",
+                        )
+                        continue
+                    except KeyshiftError as error:
+                        if isinstance(error, Unavailable):
+                            raise  # the transaction is gone: the whole batch is retried
+                        out[account_id] = error
+                        continue
+                events += mine
+            await audit.append_deferred(session, events)
+            fault_point("inside:lock")
+            return out
+
+        result = await self.db.run(work)
+        fault_point("after:lock")
+        return result
+
+    async def run_batch(
+        self, actor: Actor, migration_ids: Sequence[str], *, until: Step | None = None
+    ) -> dict[str, Migration | KeyshiftError]:
+        """Run (or resume) many migrations together: each step is ONE transaction over the
+        batch, while every migration keeps its own ledger row per step, its own snapshot
+        hash and its own atomic cutover (its cutover's writes are all in that one
+        transaction). Each migration's step runs in a savepoint: one that fails leaves its
+        neighbours be (its error is returned; it is retried alone by the caller). Safe to
+        call again after a crash at any point, as ``run``."""
+        failed: dict[str, KeyshiftError] = {}
+        going = list(dict.fromkeys(migration_ids))
+        for step in RUN_STEPS:
+            if not going:
+                break
+            fault_point(f"before:{step}")
+            flows = await self._batch_step(actor, going, step)
+            fault_point(f"after:{step}")
+            ahead = []
+            for migration_id in going:
+                flow = flows[migration_id]
+                if isinstance(flow, KeyshiftError):
+                    failed[migration_id] = flow
+                elif flow == Flow.VERIFY_FAILED:
+                    await rollback(self, actor, migration_id, reason="verification failed")
+                elif flow == Flow.NEXT and step != until:
+                    ahead.append(migration_id)
+            going = ahead
+        async with self.db.transaction() as session:
+            rows = (
+                (
+                    await session.execute(
+                        select(Migration)
+                        .where(Migration.id.in_(list(migration_ids)))
+                        .execution_options(populate_existing=True)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        out: dict[str, Migration | KeyshiftError] = {r.id: r for r in rows}
+        out.update(failed)
+        return out
+
+    async def _batch_step(
+        self, actor: Actor, migration_ids: Sequence[str], step: Step
+    ) -> dict[str, Flow | KeyshiftError]:
+        async def work(session: AsyncSession) -> dict[str, Flow | KeyshiftError]:
+            out: dict[str, Flow | KeyshiftError] = {}
+            events: list[tuple[Actor, audit.EventIn]] = []
+            for migration_id in migration_ids:
+                with audit.deferred(session) as mine:
+                    try:
+                        async with session.begin_nested():
+                            out[migration_id] = await self._step_in(
+                                session, actor, migration_id, step
+                            )
+                    except KeyshiftError as error:
+                        if isinstance(error, Unavailable):
+                            raise  # the transaction is gone: the whole batch is retried
+                        out[migration_id] = error
+                        continue
+                events += mine
+            await audit.append_deferred(session, events)
             fault_point(f"inside:{step}")
-            return outcome
+            return out
 
         return await self.db.run(work)
 

@@ -263,24 +263,83 @@ class Worker:
     # -- working a batch -----------------------------------------------------------------------
 
     async def work(self, claim: Claim) -> None:
-        """Each account of the batch in turn; stop early (releasing the rest) when asked to
-        stop, or when the run left the running state."""
+        """Work the batch: forward phases as one batch through the executor (each step one
+        transaction over the batch) — or, under a rate limit, in batches of one at their
+        paced moments; a rollback account by account. Stop early (releasing the rest) when
+        asked to stop, or when the run left the state the batch was claimed in."""
         rules = await self._rules_for(claim.rules_hash)
-        for index, (account_id, expected, start_at) in enumerate(claim.accounts):
+        paced = claim.options.rate is not None or claim.phase == Phase.ROLLBACK
+        groups = [[item] for item in claim.accounts] if paced else [list(claim.accounts)]
+        for index, group in enumerate(groups):
             if self.stopping.is_set() or not await self._still_running(claim):
-                await self._release([a for a, _, _ in claim.accounts[index:]], claim)
+                rest = [a for g in groups[index:] for a, _, _ in g]
+                await self._release(rest, claim)
                 return
-            delay = (start_at - self.clock()).total_seconds()
+            delay = (group[0][2] - self.clock()).total_seconds()
             if delay > 0:
                 await asyncio.sleep(delay)
             await self._renew_if_due(claim)
             try:
-                await self._retrying(partial(self._one, claim, rules, account_id, expected))
+                if claim.phase == Phase.ROLLBACK:
+                    account_id, expected, _ = group[0]
+                    await self._retrying(partial(self._one, claim, rules, account_id, expected))
+                else:
+                    pairs = [(a, expected) for a, expected, _ in group]
+                    await self._retrying(partial(self._forward, claim, rules, pairs))
             except Unavailable:
                 # The database stayed down past our patience: leave the rest to the lease.
                 log.error("database unavailable; leaving the batch to its lease")
                 return
-            self.processed += 1
+            self.processed += len(group)
+
+    async def _forward(
+        self, claim: Claim, rules: MigrationRules, pairs: list[tuple[str, str | None]]
+    ) -> None:
+        """Migrate (or prepare, or flip) a batch: accounts this run already started are
+        resumed from their ledger, the others are locked together (each planned against its
+        approved outcome digest), then every one is driven through the remaining steps as one
+        batch. Safe to call again after any failure: what committed is found and resumed."""
+        until = Step.PREPARE if claim.phase == Phase.PREPARE else None
+        ids = [a for a, _ in pairs]
+        async with self.db.transaction() as session:
+            existing = {m.account_id: m for m in await _run_migrations(session, claim.run_id, ids)}
+        outcomes: dict[str, tuple[AccountState | None, str | None, str | None]] = {}
+        to_run: list[str] = []
+        fresh: list[tuple[str, str | None]] = []
+        locked: dict[str, Migration | KeyshiftError] = {}
+        for account_id, expected in pairs:
+            row = existing.get(account_id)
+            if row is not None and row.state in IN_FLIGHT:
+                if claim.phase == Phase.FLIP and claim.cutoff_at is not None:
+                    await self._stamp_cutoff(row.id, claim.cutoff_at)
+                to_run.append(row.id)
+            elif row is not None and row.state == MigrationState.COMPLETED:
+                outcomes[account_id] = _outcome(row)
+            else:
+                fresh.append((account_id, expected))
+        if fresh:
+            locked = await self.executor.request_many(self.actor, rules, fresh, run_id=claim.run_id)
+            for account_id, result in locked.items():
+                if isinstance(result, KeyshiftError):
+                    outcomes[account_id] = _refusal(result)
+                elif result.state == MigrationState.LOCKED:
+                    to_run.append(result.id)
+                else:
+                    outcomes[account_id] = _outcome(result)
+        if to_run:
+            ran = await self.executor.run_batch(self.actor, to_run, until=until)
+            account_of = {m.id: m.account_id for m in existing.values()}
+            account_of.update(
+                {r.id: r.account_id for r in locked.values() if not isinstance(r, KeyshiftError)}
+                if fresh
+                else {}
+            )
+            for migration_id, result in ran.items():
+                if isinstance(result, KeyshiftError):
+                    outcomes[account_of[migration_id]] = (None, result.message, migration_id)
+                else:
+                    outcomes[result.account_id] = _outcome(result)
+        await self._settle_many(claim, outcomes)
 
     async def _rules_for(self, digest: str) -> MigrationRules:
         if digest not in self._rules:
@@ -433,6 +492,41 @@ class Worker:
             return None, error.message, rows[0].id if rows else None
         return AccountState.ROLLED_BACK, None, rows[0].id if rows else None
 
+    async def _settle_many(
+        self,
+        claim: Claim,
+        outcomes: dict[str, tuple[AccountState | None, str | None, str | None]],
+    ) -> None:
+        """Record a batch's outcomes in one transaction (see ``_settle``)."""
+        now = self.clock()
+        async with self.db.transaction() as session:
+            rows = (
+                (
+                    await session.execute(
+                        select(RunAccount)
+                        .where(
+                            RunAccount.run_id == claim.run_id,
+                            RunAccount.account_id.in_(sorted(outcomes)),
+                            RunAccount.batch_id == claim.batch_id,
+                            RunAccount.state == AccountState.CLAIMED,
+                        )
+                        .order_by(RunAccount.account_id)
+                        .with_for_update()
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            first_failure: tuple[str, str] | None = None
+            for row in rows:
+                state, error, migration_id = outcomes[row.account_id]
+                _apply_outcome(row, claim, state, error, migration_id, now)
+                if state is None and first_failure is None:
+                    first_failure = (row.account_id, error or "")
+            await session.flush()
+            if first_failure is not None and claim.phase != Phase.ROLLBACK:
+                await self._maybe_halt(session, claim, *first_failure, now)
+
     async def _settle(
         self,
         claim: Claim,
@@ -460,19 +554,7 @@ class Worker:
             ).scalar_one_or_none()
             if row is None:
                 return  # the lease ran out and another worker took it: its outcome counts
-            row.attempts += 1
-            row.migration_id = migration_id or row.migration_id
-            row.lease_owner, row.lease_expires_at, row.updated_at = None, None, now
-            if state is None:
-                row.error = error
-                quarantine = row.attempts >= claim.options.max_attempts
-                row.state = AccountState.QUARANTINED if quarantine else AccountState.PENDING
-                if quarantine:
-                    row.done_at = now
-            else:
-                row.state, row.done_at = state, now
-                if state in (AccountState.HELD, AccountState.SKIPPED):
-                    row.error = error
+            _apply_outcome(row, claim, state, error, migration_id, now)
             await session.flush()
             if state is None and claim.phase != Phase.ROLLBACK:
                 await self._maybe_halt(session, claim, account_id, error or "", now)
@@ -536,6 +618,61 @@ async def _run_migration(session: Any, run_id: str, account_id: str) -> Migratio
         .first()
     )
     return row
+
+
+def _apply_outcome(
+    row: RunAccount,
+    claim: Claim,
+    state: AccountState | None,
+    error: str | None,
+    migration_id: str | None,
+    now: datetime,
+) -> None:
+    """Count the attempt; a failed one goes back to the queue (to be retried alone) or, after
+    ``max_attempts``, is quarantined."""
+    row.attempts += 1
+    row.migration_id = migration_id or row.migration_id
+    row.lease_owner, row.lease_expires_at, row.updated_at = None, None, now
+    if state is None:
+        row.error = error
+        quarantine = row.attempts >= claim.options.max_attempts
+        row.state = AccountState.QUARANTINED if quarantine else AccountState.PENDING
+        if quarantine:
+            row.done_at = now
+    else:
+        row.state, row.done_at = state, now
+        if state in (AccountState.HELD, AccountState.SKIPPED):
+            row.error = error
+
+
+def _refusal(error: KeyshiftError) -> tuple[AccountState | None, str | None, str | None]:
+    """What a refused lock step means for the account: a changed outcome is held, one that
+    is not eligible (or blocked, or gone) is skipped; anything else is a failed attempt."""
+    if isinstance(error, OutcomeChanged):
+        return AccountState.HELD, error.message, None
+    if isinstance(error, NotEligible | MigrationBlocked | AccountNotFound):
+        return AccountState.SKIPPED, error.message, None
+    return None, error.message, None
+
+
+async def _run_migrations(session: Any, run_id: str, account_ids: list[str]) -> list[Migration]:
+    """Each account's latest migration made by this run (accounts with none are left out)."""
+    rows = (
+        (
+            await session.execute(
+                select(Migration)
+                .where(Migration.run_id == run_id, Migration.account_id.in_(account_ids))
+                .order_by(Migration.created_at)
+                .execution_options(populate_existing=True)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    latest: dict[str, Migration] = {}
+    for row in rows:
+        latest[row.account_id] = row  # ordered by creation: the last one wins
+    return list(latest.values())
 
 
 def _outcome(row: Migration) -> tuple[AccountState | None, str | None, str | None]:
