@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.migrate import upgrade_to_head
-from keyshift.db.tables import Activation, AuditEvent, License, Subscription
+from keyshift.db.tables import Activation, AuditEvent, DataObject, License, Subscription
 from keyshift.errors import Conflict, InvalidInput
 from keyshift.licensing.service import reveal_key
 from keyshift.migration import repository
@@ -211,14 +211,29 @@ async def test_the_spread_gives_the_example_rules_something_to_decide(
                 )
             ).scalars()
         )
-        outcomes = {"eligible": 0, "ineligible": 0, "over_storage": 0, "blocked": 0}
+        outcomes = {"eligible": 0, "ineligible": 0, "over_storage": 0}
         for account_id in pro_2023:
             plan, _ = await preview(session, rules, account_id, now=AT)
             outcomes["eligible" if plan.eligible else "ineligible"] += 1
-            outcomes["blocked"] += plan.eligible and plan.blocked
             outcomes["over_storage"] += any(c.quota == "storage_gb" for c in plan.conflicts)
+        # Seats over pro@2025's 10: the rules block them (seats = "keep").
+        over_seats = list(
+            (
+                await session.execute(
+                    select(DataObject.account_id)
+                    .join(Subscription, Subscription.account_id == DataObject.account_id)
+                    .where(DataObject.quota == "seats", Subscription.plan_version == "2023")
+                    .where(Subscription.plan_key == "pro-seat")
+                    .distinct()
+                )
+            ).scalars()
+        )
+        for account_id in over_seats:
+            plan, _ = await preview(session, rules, account_id, now=AT)
+            assert plan.blocked and any(c.quota == "seats" for c in plan.conflicts)
     assert all(count > 0 for count in outcomes.values()), outcomes
     assert outcomes["eligible"] > outcomes["ineligible"]
+    assert over_seats
 
 
 async def test_a_seeded_account_migrates_and_rolls_back_to_its_checksum(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from keyshift import dates
 from keyshift.cli.output import emit_json
 from keyshift.cli.runtime import run
 
@@ -64,7 +65,8 @@ def export(
         typer.echo(exported.text, nl=False)
     else:
         out.write_text(exported.text)
-        typer.echo(f"wrote {out} (valid until {exported.file_expires_at.isoformat()})", err=True)
+        until = dates.rfc3339(exported.file_expires_at)
+        typer.echo(f"wrote {out} (valid until {until})", err=True)
 
 
 def _public_keys(path: Path) -> dict[str, str]:

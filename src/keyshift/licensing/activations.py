@@ -286,4 +286,6 @@ async def list_activations(session: AsyncSession, license_id: str) -> list[Activ
 
 
 def _iso(value: datetime | None) -> str | None:
+    """The audit details' form (``…+00:00``), hashed into the chain: it stays as it is, unlike
+    the answers' instants (``keyshift.dates.rfc3339``)."""
     return value.isoformat() if value else None

@@ -96,8 +96,7 @@ async def issue_license(
         expires_at=body.expires_at,
         max_activations_override=body.max_activations,
     )
-    row = issued.license
-    out = LicenseOut.of(row, await service.license_standing(session, row))
+    out = await _out(session, issued.license)
     return LicenseIssued(**out.model_dump(), key=issued.key)
 
 
