@@ -6,7 +6,7 @@ cutoff."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 
 import pytest
@@ -177,7 +177,7 @@ async def test_a_paused_run_or_one_outside_its_window_starts_nothing(
     assert await Worker(executor, CREATOR).claim(run_id=run.id) is None
     await service.resume(db, CREATOR, run.id)
     hour = datetime.now(UTC).hour
-    closed = Window(start=time((hour + 2) % 24), end=time((hour + 3) % 24))
+    closed = Window(start=f"{(hour + 2) % 24:02d}:00", end=f"{(hour + 3) % 24:02d}:00")
     async with db.transaction() as session:
         await session.execute(
             update(MigrationRun)

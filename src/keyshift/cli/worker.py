@@ -32,8 +32,9 @@ def worker(
     ),
     poll: float = typer.Option(1.0, min=0.05, max=60, help="Seconds between looks for work."),
 ) -> None:
-    """Claim and migrate accounts of running runs until stopped (SIGTERM finishes the account
-    in hand and gives the rest of its batch back)."""
+    """Claim and migrate accounts of running runs until stopped.
+
+    SIGTERM finishes the batch in hand, or gives it back if it has not started."""
 
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.cli.runs import stop_on_signals

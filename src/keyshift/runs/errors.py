@@ -15,6 +15,13 @@ class CohortInvalid(InvalidInput):
     code = "invalid_cohort"
 
 
+class OptionsInvalid(InvalidInput):
+    """A run's options do not fit together (a canary on a blue-green run, an unknown time
+    zone …)."""
+
+    code = "invalid_options"
+
+
 class AccountsInAnotherRun(Conflict):
     """Some accounts of the cohort are held by another active run."""
 

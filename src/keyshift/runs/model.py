@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 from datetime import datetime, time
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keyshift.catalog.manifests import REF_PATTERN
 from keyshift.errors import Conflict
@@ -126,11 +126,19 @@ class Sample(_Strict):
     percent: float | None = Field(default=None, gt=0, le=100)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
 
-    @model_validator(mode="after")
-    def _one(self) -> Sample:
+    def problems(self) -> list[tuple[str, str]]:
         if (self.count is None) == (self.percent is None):
-            raise ValueError("give exactly one of count and percent")
-        return self
+            return [("sample", "give exactly one of count and percent")]
+        return []
+
+
+class Where(_Strict):
+    """One test on an account attribute, as in the rules' eligibility (docs/migration-rules.md):
+    ``op`` is eq, ne, in, not_in, exists, missing, gte or lte."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    op: Literal["eq", "ne", "in", "not_in", "exists", "missing", "gte", "lte"]
+    value: str | int | float | bool | list[str | int | float] | None = None
 
 
 class Cohort(_Strict):
@@ -140,52 +148,65 @@ class Cohort(_Strict):
     ``sample`` of those."""
 
     plans: list[Ref] | None = Field(default=None, min_length=1, max_length=50)
-    where: list[AttributePredicate] = Field(default_factory=list, max_length=50)
+    where: list[Where] = Field(default_factory=list, max_length=50)
     statuses: list[AccountStatus] | None = Field(default=None, min_length=1)
     ids: list[AccountId] | None = Field(default=None, min_length=1, max_length=MAX_IDS)
     sample: Sample | None = None
 
-    @field_validator("ids")
-    @classmethod
-    def _unique(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return value
-        seen: set[str] = set()
-        duplicates = sorted({i for i in value if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
-        if duplicates:
-            shown = ", ".join(duplicates[:5]) + (" …" if len(duplicates) > 5 else "")
-            raise ValueError(f"{len(duplicates)} duplicate id(s): {shown}")
-        return value
+    def predicates(self) -> list[AttributePredicate]:
+        """``where`` in the rules' eligibility language (call after ``problems``)."""
+        return [AttributePredicate.model_validate(w.model_dump()) for w in self.where]
+
+    def problems(self) -> list[tuple[str, str]]:
+        """What no schema can say: duplicate ids, a sample of both kinds, a predicate whose
+        value does not fit its op. (field, reason) each; empty if the cohort is sound."""
+        out: list[tuple[str, str]] = []
+        if self.ids is not None:
+            seen: set[str] = set()
+            duplicates = sorted({i for i in self.ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+            if duplicates:
+                shown = ", ".join(duplicates[:5]) + (" …" if len(duplicates) > 5 else "")
+                out.append(("ids", f"{len(duplicates)} duplicate id(s): {shown}"))
+        if self.sample is not None:
+            out += self.sample.problems()
+        for index, clause in enumerate(self.where):
+            try:
+                AttributePredicate.model_validate(clause.model_dump())
+            except ValidationError as error:
+                reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+                out.append((f"where[{index}]", reason))
+        return out
 
 
 class Window(_Strict):
     """When workers may start accounts: from ``start`` to ``end`` (local time in
     ``timezone``); an end before the start spans midnight (22:00 to 04:00)."""
 
-    start: time
-    end: time
-    timezone: str = "UTC"
+    start: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", examples=["01:00"])]
+    end: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", examples=["05:00"])]
+    timezone: Annotated[str, Field(min_length=1, max_length=64)] = "UTC"
 
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
+    def problems(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
         try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {value!r}") from exc
-        return value
-
-    @model_validator(mode="after")
-    def _span(self) -> Window:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            out.append(("window.timezone", f"unknown time zone {self.timezone!r}"))
         if self.start == self.end:
-            raise ValueError("start and end are the same time: the window would be empty")
-        return self
+            out.append(("window", "start and end are the same time: the window would be empty"))
+        return out
+
+    @staticmethod
+    def _time(text: str) -> time:
+        hours, minutes = text.split(":")
+        return time(int(hours), int(minutes))
 
     def contains(self, when: datetime) -> bool:
         local = when.astimezone(ZoneInfo(self.timezone)).time().replace(tzinfo=None)
-        if self.start < self.end:
-            return self.start <= local < self.end
-        return local >= self.start or local < self.end
+        start, end = self._time(self.start), self._time(self.end)
+        if start < end:
+            return start <= local < end
+        return local >= start or local < end
 
 
 class Priority(_Strict):
@@ -218,13 +239,18 @@ class RunOptions(_Strict):
     lease_seconds: int = Field(default=60, ge=5, le=3600)
     priority: Priority | None = None
 
-    @model_validator(mode="after")
-    def _canary(self) -> RunOptions:
+    def problems(self) -> list[tuple[str, str]]:
+        """What no schema can say (field, reason); empty if the options are sound."""
+        out: list[tuple[str, str]] = []
         if self.canary and self.canary_percent is not None:
-            raise ValueError("give canary or canary_percent, not both")
+            out.append(("canary", "give canary or canary_percent, not both"))
         if self.strategy is Strategy.BLUE_GREEN and (self.canary or self.canary_percent):
-            raise ValueError("a blue-green run has no canary: its cutoff flips the whole cohort")
-        return self
+            out.append(
+                ("canary", "a blue-green run has no canary: its cutoff flips the whole cohort")
+            )
+        if self.window is not None:
+            out += self.window.problems()
+        return out
 
     def canary_size(self, total: int) -> int:
         if self.canary_percent is not None:

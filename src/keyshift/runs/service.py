@@ -36,6 +36,7 @@ from keyshift.runs.errors import (
     AccountsInAnotherRun,
     CohortInvalid,
     FourEyes,
+    OptionsInvalid,
     RunChanged,
     RunNotFound,
 )
@@ -94,6 +95,7 @@ async def _candidates(
     if plans is not None:
         wanted = {tuple(ref.split("@", 1)) for ref in plans}
     statuses = set(cohort.statuses) if cohort.statuses else None
+    predicates = cohort.predicates()
     ids = sorted(cohort.ids) if cohort.ids is not None else None
     after = ""
     while True:
@@ -124,7 +126,7 @@ async def _candidates(
             if statuses is not None and status not in statuses:
                 continue
             attrs = attributes or {}
-            if not all(p.holds(attrs) for p in cohort.where):
+            if not all(p.holds(attrs) for p in predicates):
                 continue
             yield account_id, attrs
         after = rows[-1][0]
@@ -178,6 +180,13 @@ async def create(
     """A draft run holding every account of the cohort. Refused, with nothing written, if the
     rules do not fit the catalog, the cohort names unknown plans or ids or selects nothing,
     or another active run holds some of its accounts."""
+    for found, error in ((cohort.problems(), CohortInvalid), (options.problems(), OptionsInvalid)):
+        if found:
+            where = "cohort" if error is CohortInvalid else "options"
+            raise error(
+                "; ".join(f"{where}.{field}: {reason}" for field, reason in found),
+                field=f"{where}.{found[0][0]}",
+            )
     now = clock()
     run_id = str(uuid.uuid4())
     async with db.transaction() as session:
