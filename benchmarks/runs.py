@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -153,7 +154,12 @@ def main(argv: list[str]) -> int:
             script="runs.py",
             argv=argv,
             parameters=harness.parameters(args, "worker_counts"),
-            machine=harness.machine(args.pg_url),
+            machine={
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "postgresql": pg(args.pg_url, "SHOW server_version"),
+                "load_average_before": [round(x, 2) for x in os.getloadavg()],
+            },
             results={str(r["workers"]): r["accounts_per_s"] for r in rows},
             runs={"rows": rows},
         )
