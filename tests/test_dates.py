@@ -24,3 +24,18 @@ def test_rfc3339_is_utc_with_z(value: datetime, text: str) -> None:
 
 def test_rfc3339_keeps_none() -> None:
     assert rfc3339(None) is None
+
+
+def test_the_cli_prints_instants_in_the_same_form(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from keyshift.cli.output import emit_json
+
+    emit_json(
+        {"aware": datetime(2026, 1, 1, tzinfo=UTC), "naive": datetime(2026, 1, 1, 0, 0, 0, 5)}
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {
+        "aware": rfc3339(datetime(2026, 1, 1, tzinfo=UTC)),
+        "naive": "2026-01-01T00:00:00.000005Z",
+    }

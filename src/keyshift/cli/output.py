@@ -77,8 +77,13 @@ def fail_unexpected(error: BaseException, *, debug: bool = False) -> NoReturn:
     raise typer.Exit(code)
 
 
+#: Instants as every answer writes them (``keyshift.dates.rfc3339``): UTC with ``Z``; a naive
+#: value (as SQLite returns a stored instant) is UTC.
+_JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
 def emit_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+    sys.stdout.write(orjson.dumps(value, option=_JSON_OPTIONS, default=str).decode() + "\n")
 
 
 def readable(value: Any) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NotRequired, TypeVar, cast, overload
 
 from pydantic import ConfigDict, with_config
@@ -33,6 +33,7 @@ from pydantic import ConfigDict, with_config
 # typing_extensions' TypedDict: pydantic reads its shape on Python 3.11 (typing's from 3.12).
 from typing_extensions import TypedDict
 
+from keyshift import dates
 from keyshift.canonical import content_hash
 
 #: Free-form JSON the account's owner gives (attributes, preferences): carried, never read
@@ -199,11 +200,8 @@ def iso(value: None) -> None: ...
 @overload
 def iso(value: datetime | None) -> str | None: ...
 def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    """``keyshift.dates.rfc3339``, typed for the state's fields (a datetime gives a str)."""
+    return dates.rfc3339(value)
 
 
 def as_snapshot(stored: dict[str, Any] | None) -> Snapshot:
