@@ -37,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--batch-size", type=int, default=100)
     add("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test")
     add("--no-record", action="store_true", help="print only; write no JSON result")
+    add("--profile", type=Path, help="run each worker under py-spy; collapsed stacks to DIR")
     add("--results", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
     try:
@@ -101,7 +102,9 @@ async def outcome(url: str, run_id: str) -> dict[str, Any]:
         await db.dispose()
 
 
-def measure(admin_url: str, accounts: int, workers: int, batch_size: int) -> dict[str, Any]:
+def measure(
+    admin_url: str, accounts: int, workers: int, batch_size: int, profile: Path | None = None
+) -> dict[str, Any]:
     name = f"keyshift_runs_{os.getpid()}_{workers}"
     _, url = harness.database_urls(admin_url, name)
     pg(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -115,10 +118,16 @@ def measure(admin_url: str, accounts: int, workers: int, batch_size: int) -> dic
             "KEYSHIFT_SECRETS_DIR": str(secrets_dir),
         }
         command = [sys.executable, "-m", "keyshift.cli", "worker", "--until-idle", "--poll", "0.2"]
+        commands = [command] * workers
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
+            commands = [
+                [*spy, "-o", str(profile / f"worker-{workers}-{i}.txt"), "--", *command]
+                for i in range(workers)
+            ]
         started = time.perf_counter()
-        processes = [
-            subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL) for _ in range(workers)
-        ]
+        processes = [subprocess.Popen(c, env=env, stderr=subprocess.DEVNULL) for c in commands]
         for process in processes:
             process.wait(timeout=3600)
         seconds = time.perf_counter() - started
@@ -141,7 +150,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for workers in args.worker_counts:
         progress(f"{workers} worker(s), {args.accounts} accounts seeded")
-        rows.append(measure(args.pg_url, args.accounts, workers, args.batch_size))
+        rows.append(measure(args.pg_url, args.accounts, workers, args.batch_size, args.profile))
         progress(f"  {rows[-1]}")
     for row in rows:
         print(
