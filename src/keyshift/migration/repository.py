@@ -295,6 +295,21 @@ async def lock_subscription(session: AsyncSession, account_id: str) -> Subscript
     ).scalar_one_or_none()
 
 
+async def lock_for_snapshot(session: AsyncSession, account_ids: Sequence[str]) -> None:
+    """Lock the accounts' subscriptions and licenses (what admin changes go through), each
+    table in one statement, in key order."""
+    ids = sorted(set(account_ids))
+    await session.execute(
+        select(Subscription.account_id)
+        .where(Subscription.account_id.in_(ids))
+        .order_by(Subscription.account_id)
+        .with_for_update()
+    )
+    await session.execute(
+        select(License.id).where(License.account_id.in_(ids)).order_by(License.id).with_for_update()
+    )
+
+
 async def lock_migration(session: AsyncSession, migration_id: str) -> Migration | None:
     """The migration row, locked: concurrent resumers of one migration take turns."""
     return (
@@ -305,6 +320,42 @@ async def lock_migration(session: AsyncSession, migration_id: str) -> Migration 
             .execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
+
+
+async def lock_migrations(
+    session: AsyncSession, migration_ids: Sequence[str]
+) -> dict[str, Migration]:
+    """Many migration rows, locked in id order (two batches that share rows cannot deadlock
+    on them); missing ids are left out."""
+    rows = (
+        await session.execute(
+            select(Migration)
+            .where(Migration.id.in_(sorted(set(migration_ids))))
+            .order_by(Migration.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    return {row.id: row for row in rows}
+
+
+async def ledger_steps(session: AsyncSession, migration_ids: Sequence[str]) -> dict[str, set[Step]]:
+    """The steps each migration has in its ledger (every id is a key)."""
+    done: dict[str, set[Step]] = {m: set() for m in migration_ids}
+    rows = await session.execute(
+        select(MigrationStep.migration_id, MigrationStep.step).where(
+            MigrationStep.migration_id.in_(list(done))
+        )
+    )
+    for migration_id, step in rows:
+        done[migration_id].add(Step(step))
+    return done
+
+
+async def insert_steps(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Ledger rows (as ``write_step`` makes them), in one statement."""
+    if rows:
+        await session.execute(insert(MigrationStep), list(rows))
 
 
 async def steps_done(session: AsyncSession, migration_id: str) -> dict[str, MigrationStep]:
@@ -357,6 +408,30 @@ async def active_migration(session: AsyncSession, account_id: str) -> Migration 
             .execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
+
+
+async def active_migrations(
+    session: AsyncSession, account_ids: Sequence[str]
+) -> dict[str, Migration]:
+    """The migration holding each of the accounts, for those one holds."""
+    rows = (
+        await session.execute(
+            select(Migration)
+            .where(Migration.lock_account_id.in_(list(account_ids)))
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    return {row.account_id: row for row in rows}
+
+
+async def holding_runs(session: AsyncSession, account_ids: Sequence[str]) -> dict[str, str]:
+    """The active run holding each of the accounts, for those one holds."""
+    rows = await session.execute(
+        select(RunAccount.hold_account_id, RunAccount.run_id).where(
+            RunAccount.hold_account_id.in_(list(account_ids))
+        )
+    )
+    return {account_id: run_id for account_id, run_id in rows if account_id is not None}
 
 
 async def holding_run(session: AsyncSession, account_id: str) -> str | None:
