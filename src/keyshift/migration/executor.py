@@ -30,8 +30,10 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import (
     Activation,
     DataObject,
+    License,
     Migration,
     MigrationRulesVersion,
+    Subscription,
 )
 from keyshift.db.types import utcnow
 from keyshift.errors import (
@@ -214,7 +216,16 @@ class Batch:
     _pairs: dict[str, PlanPair | None] = field(default_factory=dict)
     _rules: dict[str, MigrationRules] = field(default_factory=dict)
     _problems: dict[str, list[Any]] = field(default_factory=dict)
+    #: Accounts whose licenses changed, announced by ``flush`` (to ``announce_to`` only, if
+    #: given; else to every subscriber).
+    changed: list[str] = field(default_factory=list)
+    announce_to: Callable[[str], None] | None = None
     _registered: set[str] = field(default_factory=set)
+    _digest: tuple[MigrationRules, str] | None = None
+    #: Read ahead for a cutover: subscriptions and licenses (locked), and activations.
+    subscriptions: dict[str, Subscription] | None = None
+    licenses: dict[str, list[License]] = field(default_factory=dict)
+    machines: dict[str, list[Any]] = field(default_factory=dict)
     #: Read ahead by ``read_holders``: the migration holding each account, the run holding it.
     _holders: dict[str, Migration] | None = None
     _runs: dict[str, str] | None = None
@@ -235,7 +246,7 @@ class Batch:
 
     async def register(self, actor: Actor, rules: MigrationRules) -> audit.EventIn | None:
         """``register_rules``, once per rules content in the batch."""
-        digest = rules.content_hash()
+        digest = self.digest(rules)
         if digest in self._registered:
             return None
         self._registered.add(digest)
@@ -250,9 +261,15 @@ class Batch:
             self._pairs[ref] = await plan_pair(self.session, ref)
         return self._pairs[ref]
 
+    def digest(self, rules: MigrationRules) -> str:
+        """The rules' content hash, computed once per batch."""
+        if self._digest is None or self._digest[0] is not rules:
+            self._digest = (rules, rules.content_hash())
+        return self._digest[1]
+
     async def check(self, rules: MigrationRules) -> list[Any]:
         """``check_rules``, once per rules content in the batch."""
-        digest = rules.content_hash()
+        digest = self.digest(rules)
         if digest not in self._problems:
             sources = {ref: await self.plan_pair(ref) for ref in rules.rules.from_plans}
             target = await self.plan_pair(rules.rules.to)
@@ -291,8 +308,12 @@ class Batch:
         done.add(step)
 
     async def flush(self) -> None:
+        """Insert the ledger rows and announce the accounts whose licenses changed (caches
+        drop them when the transaction commits)."""
         rows, self.ledger = self.ledger, []
         await repository.insert_steps(self.session, rows)
+        changed, self.changed = self.changed, []
+        await changes.announce_accounts(self.session, changed, to=self.announce_to)
 
 
 # -- the executor -------------------------------------------------------------------------------
@@ -486,7 +507,7 @@ class Executor:
                 else MigrationState.LOCKED
             ),
             rules_ref=rules.ref,
-            rules_hash=rules.content_hash(),
+            rules_hash=batch.digest(rules),
             source_ref=plan.source_ref,
             source_hash=None,
             target_ref=plan.target_ref,
@@ -576,6 +597,7 @@ class Executor:
         ledger read in one query each, the accounts' states read ahead in one query per
         table where the step reads them, and the ledger rows inserted together."""
         batch = Batch(session, self.clock())
+        batch.announce_to = self.cache.apply if self.cache is not None else None
         rows = await repository.lock_migrations(session, migration_ids)
         batch.done = await repository.ledger_steps(session, list(rows))
         out: dict[str, Flow | KeyshiftError] = {}
@@ -600,9 +622,17 @@ class Executor:
             await repository.lock_for_snapshot(session, accounts)
         if todo and step in (Step.SNAPSHOT, Step.VERIFY):
             await batch.read_states(accounts)
+        if todo and step == Step.CUTOVER:
+            # In the order every seat change takes them: subscriptions, then licenses.
+            batch.subscriptions = await repository.lock_subscriptions(session, accounts)
+            batch.licenses = await repository.lock_licenses(session, accounts)
+            batch.machines = await repository.read_machines(session, accounts)
         handler = self._handlers[step]
-        for row in todo:
-            out[row.id] = await handler(session, actor, row, batch)
+        # The rows' changes are flushed together at the end (one executemany per shape of
+        # change) instead of before each next account's first statement.
+        with session.no_autoflush:
+            for row in todo:
+                out[row.id] = await handler(session, actor, row, batch)
         await session.flush()
         await batch.flush()  # every effect is in the database, only the commit is left
         return out
@@ -874,7 +904,10 @@ class Executor:
         plan = row.plan or {}
         expected: ExpectedState = plan["expected"]
         snapshot = as_snapshot(row.snapshot)
-        sub = await repository.lock_subscription(session, row.account_id)
+        if batch.subscriptions is None:
+            sub = await repository.lock_subscription(session, row.account_id)
+        else:
+            sub = batch.subscriptions.get(row.account_id)
         before = snapshot.get("subscription")
         if sub is None or sub.plan_hash != (before["plan_hash"] if before else None):
             row.state, row.lock_account_id, row.finished_at = MigrationState.FAILED, None, now
@@ -886,14 +919,22 @@ class Executor:
         assert expected["subscription"] is not None  # a plan always puts the target plan
         repository.put_subscription(sub, expected["subscription"], now)
         license_changes = await repository.put_license_overrides(
-            session, row.account_id, expected["licenses"], now
+            session,
+            row.account_id,
+            expected["licenses"],
+            now,
+            locked=batch.licenses.get(row.account_id),
         )
         removed = []
         if plan.get("deactivate"):
             by_id = {a["id"]: a for a in snapshot.get("activations", [])}
             await session.execute(delete(Activation).where(Activation.id.in_(plan["deactivate"])))
             removed = [by_id[i] for i in plan["deactivate"] if i in by_id]
-        converted = await _convert_machines(session, row.account_id, plan, now)
+        machines = batch.machines.get(row.account_id)
+        if machines is not None:  # read before the deactivations above
+            gone = set(plan.get("deactivate") or ())
+            machines = [m for m in machines if m.id not in gone]
+        converted = await _convert_machines(session, row.account_id, plan, now, machines)
         archived = list(plan.get("archive", []))
         if archived:
             await session.execute(
@@ -908,11 +949,7 @@ class Executor:
             )
         moves = [CounterMove(**m) for m in plan.get("counter_moves", [])]
         counters = await _move_counters(session, row.account_id, moves)
-        await changes.announce(
-            session,
-            account_id=row.account_id,
-            to=self.cache.apply if self.cache is not None else None,
-        )
+        batch.changed.append(row.account_id)  # announced together, in ``Batch.flush``
         row.state, row.cutover_at = MigrationState.CUTOVER, now
         # keep_all over a lower cap: the pins were written with the license overrides above.
         grandfathered = list((plan.get("changes") or {}).get("activations_grandfathered", []))
@@ -1114,7 +1151,11 @@ def _mode_problems(
 
 
 async def _convert_machines(
-    session: AsyncSession, account_id: str, plan: dict[str, Any], now: datetime
+    session: AsyncSession,
+    account_id: str,
+    plan: dict[str, Any],
+    now: datetime,
+    machines: list[Any] | None,
 ) -> list[dict[str, Any]]:
     """Put every machine that holds a seat into the target's activation mode: the ones the plan
     converts, and any activated since the snapshot under the old plan's terms. A floating one
@@ -1126,7 +1167,13 @@ async def _convert_machines(
     floating = terms["mode"] == "floating"
     lease = now + timedelta(seconds=int(terms["lease_seconds"])) if floating else None
     return await repository.convert_machines(
-        session, account_id, terms["mode"], lease, now, also=set(plan.get("convert", []))
+        session,
+        account_id,
+        terms["mode"],
+        lease,
+        now,
+        also=set(plan.get("convert", [])),
+        machines=machines,
     )
 
 

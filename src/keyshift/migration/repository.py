@@ -310,6 +310,66 @@ async def lock_for_snapshot(session: AsyncSession, account_ids: Sequence[str]) -
     )
 
 
+async def lock_subscriptions(
+    session: AsyncSession, account_ids: Sequence[str]
+) -> dict[str, Subscription]:
+    """The accounts' subscriptions, locked in key order, by account."""
+    rows = (
+        await session.execute(
+            select(Subscription)
+            .where(Subscription.account_id.in_(sorted(set(account_ids))))
+            .order_by(Subscription.account_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    return {row.account_id: row for row in rows}
+
+
+async def lock_licenses(
+    session: AsyncSession, account_ids: Sequence[str]
+) -> dict[str, list[License]]:
+    """The accounts' licenses, locked in key order, by account (every id is a key)."""
+    out: dict[str, list[License]] = {a: [] for a in account_ids}
+    rows = (
+        await session.execute(
+            select(License)
+            .where(License.account_id.in_(sorted(out)))
+            .order_by(License.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    for row in rows:
+        out[row.account_id].append(row)
+    return out
+
+
+#: The columns of a machine ``convert_machines`` reads.
+_MACHINE_COLUMNS = (
+    Activation.account_id,
+    Activation.id,
+    Activation.license_id,
+    Activation.fingerprint,
+    Activation.mode,
+    Activation.lease_expires_at,
+)
+
+
+async def read_machines(session: AsyncSession, account_ids: Sequence[str]) -> dict[str, list[Any]]:
+    """The accounts' activations (the columns ``convert_machines`` needs), by account, in id
+    order (every id is a key)."""
+    out: dict[str, list[Any]] = {a: [] for a in account_ids}
+    rows = await session.execute(
+        select(*_MACHINE_COLUMNS)
+        .where(Activation.account_id.in_(sorted(out)))
+        .order_by(Activation.id)
+    )
+    for row in rows:
+        out[row.account_id].append(row)
+    return out
+
+
 async def lock_migration(session: AsyncSession, migration_id: str) -> Migration | None:
     """The migration row, locked: concurrent resumers of one migration take turns."""
     return (
@@ -565,19 +625,20 @@ def put_subscription(sub: Subscription, wanted: SubscriptionData, now: datetime)
 
 
 async def put_license_overrides(
-    session: AsyncSession, account_id: str, wanted: list[LicenseData], now: datetime
+    session: AsyncSession,
+    account_id: str,
+    wanted: list[LicenseData],
+    now: datetime,
+    *,
+    locked: Sequence[License] | None = None,
 ) -> list[str]:
     """Give the account's licenses the hand-set cap and overrides of ``wanted`` (rows of a
-    state), locked; returns the ids that changed (their ``version`` bumped)."""
+    state), locked (or already ``locked`` by the caller); returns the ids that changed (their
+    ``version`` bumped)."""
     by_id = {lic["id"]: lic for lic in wanted}
-    rows = (
-        await session.execute(
-            select(License)
-            .where(License.account_id == account_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-    ).scalars()
+    rows = locked
+    if rows is None:
+        rows = (await lock_licenses(session, [account_id]))[account_id]
     changed = []
     for row in rows:
         want = by_id.get(row.id)
@@ -592,7 +653,8 @@ async def put_license_overrides(
             row.version += 1
             row.updated_at = now
             changed.append(row.id)
-    await session.flush()
+    if locked is None:
+        await session.flush()
     return changed
 
 
@@ -605,26 +667,19 @@ async def convert_machines(
     *,
     also: set[str] | frozenset[str] = frozenset(),
     skip: set[str] | frozenset[str] = frozenset(),
+    machines: Sequence[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Put every machine of the account that holds a seat (no lease, or a lease running past
     ``now``; plus the ids in ``also``) and is not in ``mode`` into it, with ``lease`` (None for
     node-locked). Ids in ``skip`` are left as they are. A lapsed lease is a free seat, not a
     machine: left as it is. The caller holds the account's license locks (every seat change
-    takes them first). Returns each change with the values before and after, per machine."""
+    takes them first); ``machines``: the account's activations as ``read_machines`` gives them,
+    if the caller read them. Returns each change with the values before and after, per
+    machine."""
     floating = mode == "floating"
-    rows = (
-        await session.execute(
-            select(
-                Activation.id,
-                Activation.license_id,
-                Activation.fingerprint,
-                Activation.mode,
-                Activation.lease_expires_at,
-            )
-            .where(Activation.account_id == account_id)
-            .order_by(Activation.id)
-        )
-    ).all()
+    rows = machines
+    if rows is None:
+        rows = (await read_machines(session, [account_id]))[account_id]
     changed = [
         r
         for r in rows

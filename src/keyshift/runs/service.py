@@ -10,7 +10,7 @@ import hashlib
 import random
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -514,16 +514,29 @@ class Planner:
             self._pairs[ref] = await plan_pair(session, ref)
         return self._pairs[ref]
 
-    async def plan(self, session: AsyncSession, account_id: str, now: datetime) -> Any:
-        snapshot = await migrations.read_state(session, account_id, now)
-        if snapshot is None:
-            return None
+    async def plans(
+        self, session: AsyncSession, account_ids: Sequence[str], now: datetime
+    ) -> dict[str, Any]:
+        """Each account's plan (None for an account that is gone), from states read in one
+        query per table."""
+        states = {
+            s["account"]["id"]: s for s in await migrations.read_states(session, account_ids, now)
+        }
         target = await self.pair(session, self.rules.rules.to)
         if target is None:
             raise RunChanged(f"the target plan {self.rules.rules.to} is not published")
-        sub = snapshot.get("subscription")
-        source = await self.pair(session, sub["plan"]) if sub is not None else None
-        return plan_migration(snapshot, self.rules, source, target, migration_id="run", now=now)
+        out: dict[str, Any] = {}
+        for account_id in account_ids:
+            snapshot = states.get(account_id)
+            if snapshot is None:
+                out[account_id] = None
+                continue
+            sub = snapshot.get("subscription")
+            source = await self.pair(session, sub["plan"]) if sub is not None else None
+            out[account_id] = plan_migration(
+                snapshot, self.rules, source, target, migration_id="run", now=now
+            )
+        return out
 
 
 def verdict_of(plan: Any) -> str:
@@ -582,8 +595,9 @@ async def report(
             if not rows:
                 break
             updates = []
+            plans = await planner.plans(session, [account_id for account_id, _ in rows], now)
             for account_id, _ in rows:
-                plan = await planner.plan(session, account_id, now)
+                plan = plans[account_id]
                 verdict = verdict_of(plan)
                 verdicts[verdict] += 1
                 if plan is not None:
