@@ -226,6 +226,10 @@ class Batch:
     subscriptions: dict[str, Subscription] | None = None
     licenses: dict[str, list[License]] = field(default_factory=dict)
     machines: dict[str, list[Any]] = field(default_factory=dict)
+    #: Machines to put in another mode, by (mode, lease): written together by ``flush``.
+    conversions: dict[tuple[str, datetime | None], list[str]] = field(default_factory=dict)
+    #: Read ahead for a verify: every license of the batch's accounts, as validation loads it.
+    loaded: dict[str, license_cache.CachedLicense] | None = None
     #: Read ahead by ``read_holders``: the migration holding each account, the run holding it.
     _holders: dict[str, Migration] | None = None
     _runs: dict[str, str] | None = None
@@ -308,10 +312,13 @@ class Batch:
         done.add(step)
 
     async def flush(self) -> None:
-        """Insert the ledger rows and announce the accounts whose licenses changed (caches
+        """Insert the ledger rows, convert the machines collected, and announce the accounts whose licenses changed (caches
         drop them when the transaction commits)."""
         rows, self.ledger = self.ledger, []
         await repository.insert_steps(self.session, rows)
+        conversions, self.conversions = self.conversions, {}
+        for (mode, lease), ids in conversions.items():
+            await repository.convert_now(self.session, mode, lease, ids)
         changed, self.changed = self.changed, []
         await changes.announce_accounts(self.session, changed, to=self.announce_to)
 
@@ -622,6 +629,11 @@ class Executor:
             await repository.lock_for_snapshot(session, accounts)
         if todo and step in (Step.SNAPSHOT, Step.VERIFY):
             await batch.read_states(accounts)
+        if todo and step == Step.VERIFY:
+            batch.loaded = await validation.load_many(
+                session,
+                [lic["key_lookup"] for s in batch.states.values() for lic in s["licenses"]],
+            )
         if todo and step == Step.CUTOVER:
             # In the order every seat change takes them: subscriptions, then licenses.
             batch.subscriptions = await repository.lock_subscriptions(session, accounts)
@@ -934,7 +946,7 @@ class Executor:
         if machines is not None:  # read before the deactivations above
             gone = set(plan.get("deactivate") or ())
             machines = [m for m in machines if m.id not in gone]
-        converted = await _convert_machines(session, row.account_id, plan, now, machines)
+        converted = await _convert_machines(session, row.account_id, plan, now, machines, batch)
         archived = list(plan.get("archive", []))
         if archived:
             await session.execute(
@@ -1001,7 +1013,10 @@ class Executor:
         converted = set(plan.get("convert", []))
         over_cap_before = set(plan.get("over_cap_before", []))
         for lic in actual["licenses"]:
-            loaded = await validation.load(session, lic["key_lookup"])
+            if batch.loaded is None:
+                loaded = await validation.load(session, lic["key_lookup"])
+            else:
+                loaded = batch.loaded.get(lic["key_lookup"])
             if loaded is None:
                 problems.append(f"license {lic['id']}: its key no longer finds it")
                 continue
@@ -1156,6 +1171,7 @@ async def _convert_machines(
     plan: dict[str, Any],
     now: datetime,
     machines: list[Any] | None,
+    batch: Batch,
 ) -> list[dict[str, Any]]:
     """Put every machine that holds a seat into the target's activation mode: the ones the plan
     converts, and any activated since the snapshot under the old plan's terms. A floating one
@@ -1174,6 +1190,7 @@ async def _convert_machines(
         now,
         also=set(plan.get("convert", [])),
         machines=machines,
+        pending=batch.conversions,
     )
 
 

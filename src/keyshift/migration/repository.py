@@ -658,6 +658,17 @@ async def put_license_overrides(
     return changed
 
 
+async def convert_now(
+    session: AsyncSession, mode: str, lease: datetime | None, ids: Sequence[str]
+) -> None:
+    """Put the activations ``ids`` into ``mode`` with ``lease`` (see ``convert_machines``)."""
+    await session.execute(
+        update(Activation)
+        .where(Activation.id.in_(list(ids)))
+        .values(mode=mode, lease_expires_at=lease)
+    )
+
+
 async def convert_machines(
     session: AsyncSession,
     account_id: str,
@@ -668,13 +679,15 @@ async def convert_machines(
     also: set[str] | frozenset[str] = frozenset(),
     skip: set[str] | frozenset[str] = frozenset(),
     machines: Sequence[Any] | None = None,
+    pending: dict[tuple[str, datetime | None], list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Put every machine of the account that holds a seat (no lease, or a lease running past
     ``now``; plus the ids in ``also``) and is not in ``mode`` into it, with ``lease`` (None for
     node-locked). Ids in ``skip`` are left as they are. A lapsed lease is a free seat, not a
     machine: left as it is. The caller holds the account's license locks (every seat change
     takes them first); ``machines``: the account's activations as ``read_machines`` gives them,
-    if the caller read them. Returns each change with the values before and after, per
+    if the caller read them; ``pending``: collects the ids by (mode, lease) for the caller to
+    write with ``convert_now`` (a batch writes all its accounts' together). Returns each change with the values before and after, per
     machine."""
     floating = mode == "floating"
     rows = machines
@@ -689,11 +702,10 @@ async def convert_machines(
     ]
     if not changed:
         return []
-    await session.execute(
-        update(Activation)
-        .where(Activation.id.in_([r.id for r in changed]))
-        .values(mode=mode, lease_expires_at=lease)
-    )
+    if pending is not None:
+        pending.setdefault((mode, lease), []).extend(r.id for r in changed)
+    else:
+        await convert_now(session, mode, lease, [r.id for r in changed])
     return [
         {
             "id": r.id,
