@@ -123,6 +123,31 @@ async def test_a_failure_rate_over_the_threshold_halts_the_run_until_resumed(
     assert (await run_row(db, run.id)).state == "completed"
 
 
+async def test_held_and_skipped_accounts_are_not_failures_of_the_rate(
+    db: Database, secrets: Secrets, executor: Executor
+) -> None:
+    """Held and skipped accounts carry their reason as an error; the failure rate counts only
+    accounts whose last attempt failed (here 1 of 4, under a 50 % threshold)."""
+    ids = await cohort(db, secrets, 4)
+    await _corrupt_an_archived_object(db, ids[0])
+    options = RunOptions(max_attempts=1, failure_threshold=0.5, min_attempts=1)
+    run = await approved_run(db, options=options)
+    async with db.transaction() as session:  # planned differently now: held
+        await session.execute(
+            update(Account).where(Account.id.in_(ids[1:3])).values(status="suspended")
+        )
+    await service.start(db, CREATOR, run.id)
+    await drive(executor, run.id)
+
+    assert await states(db, run.id) == {
+        ids[0]: "quarantined",
+        ids[1]: "held",
+        ids[2]: "held",
+        ids[3]: "migrated",
+    }
+    assert (await run_row(db, run.id)).state == "completed"
+
+
 async def test_a_lapsed_lease_is_taken_over_and_nothing_runs_twice(
     db: Database, secrets: Secrets, executor: Executor, clock: Clock
 ) -> None:

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -573,7 +573,10 @@ class Worker:
                 await session.execute(
                     select(
                         func.count(),
-                        func.count(RunAccount.error),
+                        # Accounts whose last attempt failed: not one held or skipped by
+                        # design (they carry the reason as their error), nor one that failed
+                        # once and then migrated.
+                        func.coalesce(func.sum(case((_LAST_ATTEMPT_FAILED, 1), else_=0)), 0),
                     ).where(
                         RunAccount.run_id == claim.run_id,
                         RunAccount.wave == claim.wave,
@@ -618,6 +621,12 @@ async def _run_migration(session: Any, run_id: str, account_id: str) -> Migratio
         .first()
     )
     return row
+
+
+#: A run account whose last attempt failed: back in the queue, taken again, or quarantined.
+_LAST_ATTEMPT_FAILED = RunAccount.error.is_not(None) & RunAccount.state.in_(
+    [AccountState.PENDING, AccountState.CLAIMED, AccountState.QUARANTINED]
+)
 
 
 def _apply_outcome(
