@@ -197,7 +197,7 @@ async def _create(scratch: Scratch) -> None:
     """Create the scratch PostgreSQL database, C collation (the checksum's id order)."""
     from sqlalchemy.engine import make_url
 
-    shown = make_url(scratch.server or "").render_as_string(hide_password=True)
+    shown = make_url(scratch.server or "").set(drivername="postgresql").render_as_string()
     try:
         await _on_server(
             scratch,
@@ -205,8 +205,9 @@ async def _create(scratch: Scratch) -> None:
             "LC_COLLATE 'C' LC_CTYPE 'C'",
         )
     except Exception as error:
-        first = (str(error).strip().splitlines() or [""])[0]
-        _bad(f"cannot create a scratch database on {shown}: {type(error).__name__}: {first}", 6)
+        cause = getattr(error, "orig", None) or error  # a DBAPIError wraps the driver's
+        first = (str(cause).strip().splitlines() or [""])[0]
+        _bad(f"cannot create a scratch database on {shown}: {type(cause).__name__}: {first}", 6)
 
 
 async def _drop(scratch: Scratch) -> None:
@@ -252,10 +253,9 @@ def rehearse(
 ) -> None:
     """Rehearse a whole migration run on synthetic accounts in a scratch database.
 
-    Seed N accounts, report, approve (as a second person), roll out (the canary, then the rest)
-    with K workers, verify every account, and print the throughput, the failures and the final
-    state's checksum. Exit status 0 only if the run completed and every account checks out;
-    `keyshift simulate seed` only seeds."""
+    Seeds N accounts, reports, approves (as a second person), rolls out with K workers (the canary, then the rest), verifies every account, and prints the throughput, the failures and the final state's checksum.
+
+    Exit status 0 only if the run completed and every account checks out. `keyshift simulate seed` only seeds."""
     if ctx.invoked_subcommand is not None:
         return
     if accounts is None:
@@ -409,6 +409,9 @@ class _Rehearsal:
         ended = await rehearsal.outcome(db, run_id)
         verified = await rehearsal.verify_every_account(db, run_id, before, anchor)
         migrated = ended.by_state.get(AccountState.MIGRATED, 0)
+        processed = ended.total - sum(
+            ended.by_state.get(s, 0) for s in (AccountState.PENDING, AccountState.CLAIMED)
+        )
         found.update(
             state=ended.state,
             halted_reason=ended.halted_reason,
@@ -416,7 +419,9 @@ class _Rehearsal:
             by_state=ended.by_state,
             retried=ended.retried,
             seconds=round(seconds, 3),
-            accounts_per_second=round(migrated / seconds, 2) if seconds > 0 else None,
+            processed=processed,
+            accounts_per_second=round(processed / seconds, 2) if seconds > 0 else None,
+            migrated_per_second=round(migrated / seconds, 2) if seconds > 0 else None,
             verified={
                 "migrated": verified.migrated,
                 "unchanged": verified.unchanged,
@@ -455,10 +460,11 @@ class _Rehearsal:
         for line in found.get("worker_failures", []):
             typer.echo(f"worker failed: {line}", err=True)
         migrated = found["by_state"].get(A.MIGRATED, 0)
+        workers = f"{found['workers']} worker{'s' if found['workers'] > 1 else ''}"
         typer.echo(
-            f"run {found['run']} {state}: {migrated:,} of {found['total']:,} accounts migrated in"
-            f" {found['seconds']:.1f} s = {found['accounts_per_second'] or 0:,.1f} accounts/s"
-            f" ({found['workers']} worker{'s' if found['workers'] > 1 else ''})"
+            f"run {found['run']} {state}: {found['processed']:,} of {found['total']:,} accounts"
+            f" in {found['seconds']:.1f} s = {found['accounts_per_second'] or 0:,.1f} accounts/s"
+            f" with {workers}; {migrated:,} migrated = {found['migrated_per_second'] or 0:,.1f}/s"
         )
         typer.echo("accounts: " + ", ".join(f"{n} {c:,}" for n, c in found["by_state"].items()))
         by_state = found["by_state"]
