@@ -376,6 +376,7 @@ class _Rehearsal:
             accounts=self.accounts,
             workers=self.workers,
             database="sqlite" if self.scratch.server is None else "postgresql",
+            scratch=self.scratch.name,
             seeded_checksum=await state_checksum(db, at=anchor),
         )
         self.say(
