@@ -34,6 +34,8 @@ ENVIRON_READERS = {
     "migration/executor.py",
     # Writes the resolved database URL and secrets directory for the spawned workers.
     "cli/serve.py",
+    # The same for a rehearsal's `keyshift worker` processes (its scratch database).
+    "cli/simulate.py",
 }
 
 

@@ -226,44 +226,51 @@ def report(
         if json_out:
             emit_json(row.report)
         else:
-            _print_report(row.id, row.report)
+            print_report(row.id, row.report)
 
     run(work)
 
 
-def _print_report(run_id: str, body: dict[str, Any]) -> None:
+def print_report(run_id: str, body: dict[str, Any], *, hints: bool = True) -> None:
+    """A report as tables; ``hints``: the estimated duration and the next command too."""
     from rich.console import Console
     from rich.table import Table
 
+    def titled(title: str) -> Table:
+        """A table at least as wide as its title: Rich wraps a title to the table's width."""
+        return Table(title=title, min_width=len(title) + 2)
+
     console = Console()
-    outcomes = Table(title=f"run {run_id}: {body['total']} accounts")
+    outcomes = titled(f"run {run_id}: {body['total']} accounts")
     outcomes.add_column("outcome")
     outcomes.add_column("accounts", justify="right")
     for name, count in body["outcomes"].items():
         outcomes.add_row(name, str(count))
     console.print(outcomes)
     if body["ineligible_reasons"]:
-        reasons = Table(title="not migrating, by reason")
+        reasons = titled("not migrating, by reason")
         reasons.add_column("reason")
         reasons.add_column("accounts", justify="right")
         for reason, count in body["ineligible_reasons"].items():
             reasons.add_row(reason, str(count))
         console.print(reasons)
     if body["conflict_policies"]:
-        policies = Table(title="quota conflicts, by policy")
+        policies = titled("quota conflicts, by policy")
         policies.add_column("policy")
         policies.add_column("accounts", justify="right")
         for policy, count in body["conflict_policies"].items():
             policies.add_row(policy, str(count))
         console.print(policies)
     if body["risks"]:
-        risks = Table(title="accounts at risk")
+        risks = titled("accounts at risk")
         risks.add_column("risk")
         risks.add_column("accounts", justify="right")
         risks.add_column("first ones")
         for risk, item in body["risks"].items():
             risks.add_row(risk, str(item["count"]), ", ".join(item["accounts"][:3]))
         console.print(risks)
+    if not hints:
+        return
     estimate = body["estimate"]
     if estimate["seconds"] is not None:
         console.print(

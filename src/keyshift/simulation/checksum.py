@@ -9,22 +9,30 @@ shows can be found account by account with ``account_hashes``. The state leaves 
 on its own (an activation's ``last_seen_at`` and ``lease_expires_at``); counters are those of
 the periods current at ``at``. Read in chunks of accounts in id order, in one transaction
 (REPEATABLE READ on PostgreSQL: one snapshot), so memory stays constant.
+
+The outcome checksum (``outcome_checksum``) is the same over a view of each state that leaves
+out what differs between two runs reaching the same outcome: the ids of data objects (an
+archive copy's id derives from its migration's random id) and the instant a grace ends (set
+from the migration's clock), counted instead in whole days after ``at``. It tells whether two
+rehearsals of the same seed ended in the same state, however many workers moved the accounts.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterable
-from datetime import datetime
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from keyshift.canonical import content_hash
 from keyshift.db.engine import Database
 from keyshift.db.tables import Account
 from keyshift.db.types import utcnow
 from keyshift.migration.repository import read_states
-from keyshift.migration.state import state_hash
+from keyshift.migration.state import Snapshot, hashable, parse_iso, state_hash
 
 CHUNK = 1_000
 
@@ -53,6 +61,64 @@ async def account_hashes(
 ) -> AsyncIterator[tuple[str, str]]:
     """(account id, state hash) for each account, in id order, read ``chunk`` accounts at a
     time in one transaction."""
+    async for state in account_states(db, account_ids, at=at, chunk=chunk):
+        yield state["account"]["id"], state_hash(state)
+
+
+async def outcome_checksum(
+    db: Database,
+    account_ids: Iterable[str] | None = None,
+    *,
+    at: datetime,
+    chunk: int = CHUNK,
+) -> str:
+    """SHA-256 (hex) over the outcome hashes (``outcome_hash``) of ``account_ids`` (default:
+    every account) in id order: equal for two databases whose accounts reached the same
+    outcome, whichever migrations (and so whichever random ids and clock readings) got them
+    there. ``at`` is the instant the data is anchored on (a seed's anchor)."""
+    digest = hashlib.sha256()
+    async for state in account_states(db, account_ids, at=at, chunk=chunk):
+        digest.update(outcome_hash(state, at).encode())
+    return digest.hexdigest()
+
+
+def outcome_hash(state: Mapping[str, Any], at: datetime) -> str:
+    return content_hash(outcome_view(state, at))
+
+
+def outcome_view(state: Mapping[str, Any], at: datetime) -> dict[str, Any]:
+    """What ``state_hash`` covers, less what two runs to the same outcome may differ in: data
+    objects without their ids (sorted by what they hold instead), and a grace's end as whole
+    days after ``at`` (a migration sets it from its own clock: now + the rules' days)."""
+    view = hashable(state)
+    view["objects"] = sorted(
+        ({k: v for k, v in o.items() if k != "id"} for o in view.get("objects", [])),
+        key=lambda o: tuple(str(o.get(k)) for k in sorted(o)),
+    )
+    subscription = view.get("subscription")
+    grace = (subscription or {}).get("overrides", {}).get("grace")
+    if subscription is not None and grace is not None:
+        until = parse_iso(grace.get("until"))
+        days = None if until is None else round((until - at) / timedelta(days=1))
+        view["subscription"] = {
+            **subscription,
+            "overrides": {
+                **subscription["overrides"],
+                "grace": {**{k: v for k, v in grace.items() if k != "until"}, "until_days": days},
+            },
+        }
+    return view
+
+
+async def account_states(
+    db: Database,
+    account_ids: Iterable[str] | None = None,
+    *,
+    at: datetime | None = None,
+    chunk: int = CHUNK,
+) -> AsyncIterator[Snapshot]:
+    """Each account's state (``read_states``), in id order, read ``chunk`` accounts at a time
+    in one transaction."""
     now = at or utcnow()
     async with db.engine.connect() as connection:
         if connection.dialect.name == "postgresql":
@@ -60,7 +126,7 @@ async def account_hashes(
         async with connection.begin():
             async for ids in _chunks(connection, account_ids, chunk):
                 for state in await read_states(connection, ids, now):
-                    yield state["account"]["id"], state_hash(state)
+                    yield state
 
 
 async def _chunks(
