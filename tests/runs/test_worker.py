@@ -314,12 +314,18 @@ async def test_a_run_rolls_back_as_a_whole_newest_first(
             .scalars()
             .all()
         )
+        # A batch cuts over in one transaction, at one moment: within it, the run's order.
         done_order = (
             (
                 await session.execute(
                     select(Migration.account_id)
+                    .join(
+                        RunAccount,
+                        (RunAccount.run_id == Migration.run_id)
+                        & (RunAccount.account_id == Migration.account_id),
+                    )
                     .where(Migration.run_id == run.id)
-                    .order_by(Migration.cutover_at)
+                    .order_by(Migration.cutover_at, RunAccount.position)
                 )
             )
             .scalars()

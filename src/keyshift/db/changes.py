@@ -64,6 +64,25 @@ async def announce(
         )
 
 
+async def announce_accounts(
+    session: AsyncSession, account_ids: list[str], *, to: Subscriber | None = None
+) -> None:
+    """``announce`` for each of many accounts: the same messages, and on PostgreSQL one
+    statement for all their ``pg_notify`` calls (a batch of migrations cuts over together)."""
+    if not account_ids:
+        return
+    messages = [message_for(None, account_id) for account_id in account_ids]
+    pending: list[tuple[Subscriber | None, str]] = session.sync_session.info.setdefault(
+        _PENDING, []
+    )
+    pending += [(to, message) for message in messages]
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(
+            text("SELECT pg_notify(:channel, m) FROM unnest(CAST(:messages AS text[])) AS m"),
+            {"channel": CHANNEL, "messages": messages},
+        )
+
+
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
     for to, message in session.info.pop(_PENDING, []):

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from keyshift.db.types import JSONType, UTCDateTime, utcnow
+from keyshift.db.types import JSONDocument, JSONType, UTCDateTime, utcnow
 from keyshift.states import MigrationState, Step, StepOutcome
 
 NAMING = {
@@ -348,10 +348,10 @@ class Migration(Base):
     target_hash: Mapped[str] = mapped_column(String(64))
     effective_at: Mapped[datetime | None] = mapped_column()
     outcome_digest: Mapped[str | None] = mapped_column(String(64))
-    snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
     snapshot_hash: Mapped[str | None] = mapped_column(String(64))
-    plan: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
-    receipt: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    receipt: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
     error: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

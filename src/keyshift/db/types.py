@@ -12,6 +12,10 @@ from sqlalchemy.types import TypeDecorator
 
 #: JSON everywhere, JSONB on PostgreSQL.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+#: A document written once and read whole, never queried inside (a migration's snapshot, plan
+#: and receipt): ``json`` on PostgreSQL, whose text is read back as written, where ``jsonb``
+#: is rendered anew on every read.
+JSONDocument = JSON()
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -33,6 +33,7 @@ from keyshift.db.tables import (
     License,
     Migration,
     MigrationRulesVersion,
+    Subscription,
 )
 from keyshift.db.types import utcnow
 from keyshift.errors import (
@@ -80,8 +81,9 @@ class Flow(StrEnum):
     VERIFY_FAILED = "verify_failed"
 
 
-#: One step's work, given the locked migration row; it writes the step's ledger row.
-StepHandler = Callable[[AsyncSession, Actor, Migration, datetime], Awaitable[Flow]]
+#: One step's work, given the locked migration row and the batch it is part of; it writes
+#: the step's ledger row (``Batch.write_step``).
+StepHandler = Callable[[AsyncSession, Actor, Migration, "Batch"], Awaitable[Flow]]
 
 
 #: Test hook: ``KEYSHIFT_FAULT_POINT=inside:cutover`` makes the process SIGKILL itself there.
@@ -176,22 +178,149 @@ async def preview(
     *,
     now: datetime,
     migration_id: str = "preview",
+    batch: Batch | None = None,
 ) -> tuple[MigrationPlan, Snapshot]:
-    """The plan for one account, from its state now; reads only."""
-    snapshot = await repository.read_state(session, account_id, now)
+    """The plan for one account, from its state now; reads only. In a ``batch``, the state
+    read ahead for the batch and the catalog lookups it already made are used."""
+    snapshot = batch.states.get(account_id) if batch is not None else None
+    if snapshot is None:
+        snapshot = await repository.read_state(session, account_id, now)
     if snapshot is None:
         raise AccountNotFound(f"no account {account_id}", field="account_id")
-    problems = await check_rules(session, rules)
+    pairs = batch if batch is not None else Batch(session, now)
+    problems = await pairs.check(rules)
     if problems:
         raise RulesInvalid(problems)
-    target = await plan_pair(session, rules.rules.to)
+    target = await pairs.plan_pair(rules.rules.to)
     assert target is not None  # check_rules found it
     source = None
     sub = snapshot.get("subscription")
     if sub is not None:
-        source = await plan_pair(session, sub["plan"])
+        source = await pairs.plan_pair(sub["plan"])
     plan = plan_migration(snapshot, rules, source, target, migration_id=migration_id, now=now)
     return plan, snapshot
+
+
+@dataclass
+class Batch:
+    """What one step over a batch of migrations shares inside its transaction: the states
+    read ahead for every account in one query per table, the catalog and rules lookups (made
+    once, not once per account), the steps each migration has in its ledger, and the ledger
+    rows written, inserted together at the end (``flush``)."""
+
+    session: AsyncSession
+    now: datetime
+    done: dict[str, set[Step]] = field(default_factory=dict)
+    states: dict[str, Snapshot] = field(default_factory=dict)
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    _pairs: dict[str, PlanPair | None] = field(default_factory=dict)
+    _rules: dict[str, MigrationRules] = field(default_factory=dict)
+    _problems: dict[str, list[Any]] = field(default_factory=dict)
+    #: Accounts whose licenses changed, announced by ``flush`` (to ``announce_to`` only, if
+    #: given; else to every subscriber).
+    changed: list[str] = field(default_factory=list)
+    announce_to: Callable[[str], None] | None = None
+    _registered: set[str] = field(default_factory=set)
+    _digest: tuple[MigrationRules, str] | None = None
+    #: Read ahead for a cutover: subscriptions and licenses (locked), and activations.
+    subscriptions: dict[str, Subscription] | None = None
+    licenses: dict[str, list[License]] = field(default_factory=dict)
+    machines: dict[str, list[Any]] = field(default_factory=dict)
+    #: Machines to put in another mode, by (mode, lease): written together by ``flush``.
+    conversions: dict[tuple[str, datetime | None], list[str]] = field(default_factory=dict)
+    #: Read ahead for a verify: every license of the batch's accounts, as validation loads it.
+    loaded: dict[str, license_cache.CachedLicense] | None = None
+    #: Read ahead by ``read_holders``: the migration holding each account, the run holding it.
+    _holders: dict[str, Migration] | None = None
+    _runs: dict[str, str] | None = None
+
+    async def read_holders(self, account_ids: Sequence[str]) -> None:
+        self._holders = await repository.active_migrations(self.session, account_ids)
+        self._runs = await repository.holding_runs(self.session, account_ids)
+
+    async def holder(self, account_id: str) -> Migration | None:
+        if self._holders is None:
+            return await repository.active_migration(self.session, account_id)
+        return self._holders.get(account_id)
+
+    async def holding_run(self, account_id: str) -> str | None:
+        if self._runs is None:
+            return await repository.holding_run(self.session, account_id)
+        return self._runs.get(account_id)
+
+    async def register(self, actor: Actor, rules: MigrationRules) -> audit.EventIn | None:
+        """``register_rules``, once per rules content in the batch."""
+        digest = self.digest(rules)
+        if digest in self._registered:
+            return None
+        self._registered.add(digest)
+        return await register_rules(self.session, actor, rules)
+
+    async def read_states(self, account_ids: Sequence[str]) -> None:
+        for state in await repository.read_states(self.session, account_ids, self.now):
+            self.states[state["account"]["id"]] = state
+
+    async def plan_pair(self, ref: str) -> PlanPair | None:
+        if ref not in self._pairs:
+            self._pairs[ref] = await plan_pair(self.session, ref)
+        return self._pairs[ref]
+
+    def digest(self, rules: MigrationRules) -> str:
+        """The rules' content hash, computed once per batch."""
+        if self._digest is None or self._digest[0] is not rules:
+            self._digest = (rules, rules.content_hash())
+        return self._digest[1]
+
+    async def check(self, rules: MigrationRules) -> list[Any]:
+        """``check_rules``, once per rules content in the batch."""
+        digest = self.digest(rules)
+        if digest not in self._problems:
+            sources = {ref: await self.plan_pair(ref) for ref in rules.rules.from_plans}
+            target = await self.plan_pair(rules.rules.to)
+            self._problems[digest] = check_against_catalog(rules, sources, target)
+        return self._problems[digest]
+
+    async def rules(self, digest: str) -> MigrationRules:
+        if digest not in self._rules:
+            self._rules[digest] = await rules_by_hash(self.session, digest)
+        return self._rules[digest]
+
+    def write_step(
+        self,
+        migration: Migration,
+        step: Step,
+        *,
+        outcome: StepOutcome = StepOutcome.DONE,
+        snapshot_hash: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """The step's ledger row (as ``repository.write_step``), inserted by ``flush``; its
+        primary key (migration, step) still makes a replay fail loudly."""
+        done = self.done.setdefault(migration.id, set())
+        self.ledger.append(
+            {
+                "migration_id": migration.id,
+                "step": step,
+                "account_id": migration.account_id,
+                "seq": len(done) + 1,
+                "outcome": outcome,
+                "snapshot_hash": snapshot_hash,
+                "details": details or {},
+                "at": self.now,
+            }
+        )
+        done.add(step)
+
+    async def flush(self) -> None:
+        """Insert the ledger rows, convert the machines collected, and announce the accounts whose licenses changed (caches
+        drop them when the transaction commits)."""
+        rows, self.ledger = self.ledger, []
+        await repository.insert_steps(self.session, rows)
+        conversions, self.conversions = self.conversions, {}
+        for (mode, lease), ids in conversions.items():
+            await repository.convert_now(self.session, mode, lease, ids)
+        changed, self.changed = self.changed, []
+        await changes.announce_accounts(self.session, changed, to=self.announce_to)
 
 
 # -- the executor -------------------------------------------------------------------------------
@@ -234,17 +363,20 @@ class Executor:
         # before the account (as registering the rules used to) deadlocks against an admin
         # change that holds the account and waits for the head.
         async def lock(session: AsyncSession) -> Migration:
-            return await self._lock_one(
-                session,
+            batch = Batch(session, now)
+            row = await self._lock_one(
+                batch,
                 actor,
                 rules,
                 account_id,
                 migration_id=migration_id,
-                now=now,
                 on_pending=on_pending,
                 run_id=run_id,
                 expect=expect,
             )
+            await batch.flush()
+            fault_point("inside:lock")
+            return row
 
         try:
             row = await self.db.run(lock)
@@ -260,23 +392,45 @@ class Executor:
 
     async def _lock_one(
         self,
-        session: AsyncSession,
+        batch: Batch,
         actor: Actor,
         rules: MigrationRules,
         account_id: str,
         *,
         migration_id: str,
-        now: datetime,
         on_pending: str = "refuse",
         run_id: str | None = None,
         expect: str | None = None,
     ) -> Migration:
-        """The lock step's work for one account, in the caller's transaction (see
-        ``request``)."""
-        events: list[audit.EventIn] = []
-        plan, _ = await preview(session, rules, account_id, now=now, migration_id=migration_id)
-        holder = await repository.active_migration(session, account_id)
-        in_run = await repository.holding_run(session, account_id)
+        """The lock step's work for one account, in the batch's transaction (see
+        ``request``): checks that may refuse it first, writing nothing, then its writes."""
+        plan, holder, queued = await self._check_lock(
+            batch, rules, account_id, migration_id, on_pending, run_id, expect
+        )
+        return await self._write_lock(
+            batch, actor, rules, account_id, plan, holder, queued, migration_id, run_id, on_pending
+        )
+
+    async def _check_lock(
+        self,
+        batch: Batch,
+        rules: MigrationRules,
+        account_id: str,
+        migration_id: str,
+        on_pending: str,
+        run_id: str | None,
+        expect: str | None,
+    ) -> tuple[MigrationPlan, Migration | None, bool]:
+        """Plan the account and refuse it — writing nothing — if it may not be locked:
+        another run holds it, it plans differently from ``expect``, it is not eligible or
+        blocked, or another migration holds it. The plan, the migration holding the account
+        (if any) and whether the new one queues behind it."""
+        session = batch.session
+        plan, _ = await preview(
+            session, rules, account_id, now=batch.now, migration_id=migration_id, batch=batch
+        )
+        holder = await batch.holder(account_id)
+        in_run = await batch.holding_run(account_id)
         if in_run is not None and in_run != run_id:
             raise MigrationInProgress(
                 f"account {account_id} is in run {in_run}; the run moves it",
@@ -307,29 +461,47 @@ class Executor:
                 field="account_id",
                 reasons=list(plan.reasons),
             )
+        if holder is not None and (holder.state not in REPLACEABLE or on_pending == "refuse"):
+            raise MigrationInProgress(
+                f"account {account_id} already has migration {holder.id} ({holder.state})",
+                field="account_id",
+                migration_id=holder.id,
+            )
+        return plan, holder, queued
+
+    async def _write_lock(
+        self,
+        batch: Batch,
+        actor: Actor,
+        rules: MigrationRules,
+        account_id: str,
+        plan: MigrationPlan,
+        holder: Migration | None,
+        queued: bool,
+        migration_id: str,
+        run_id: str | None,
+        on_pending: str,
+    ) -> Migration:
+        """The lock step's writes for a checked account: the migration row (whose unique
+        ``lock_account_id`` holds the account), the rules registered, the ledger row."""
+        session, now = batch.session, batch.now
+        events: list[audit.EventIn] = []
         effective_at = parse_iso(plan.effective_at)
         scheduled = effective_at is not None and effective_at > now
-        if holder is not None:
-            if holder.state not in REPLACEABLE or on_pending == "refuse":
-                raise MigrationInProgress(
-                    f"account {account_id} already has migration {holder.id} ({holder.state})",
-                    field="account_id",
-                    migration_id=holder.id,
+        if holder is not None and on_pending == "replace":
+            holder.state, holder.lock_account_id = MigrationState.CANCELLED, None
+            holder.finished_at = now
+            holder.error = f"replaced by migration {migration_id}"
+            await session.flush()
+            events.append(
+                audit.EventIn(
+                    "migration.cancel",
+                    "migration",
+                    holder.id,
+                    account_id,
+                    {"replaced_by": migration_id},
                 )
-            if on_pending == "replace":
-                holder.state, holder.lock_account_id = MigrationState.CANCELLED, None
-                holder.finished_at = now
-                holder.error = f"replaced by migration {migration_id}"
-                await session.flush()
-                events.append(
-                    audit.EventIn(
-                        "migration.cancel",
-                        "migration",
-                        holder.id,
-                        account_id,
-                        {"replaced_by": migration_id},
-                    )
-                )
+            )
         row = Migration(
             id=migration_id,
             account_id=account_id,
@@ -342,7 +514,7 @@ class Executor:
                 else MigrationState.LOCKED
             ),
             rules_ref=rules.ref,
-            rules_hash=rules.content_hash(),
+            rules_hash=batch.digest(rules),
             source_ref=plan.source_ref,
             source_hash=None,
             target_ref=plan.target_ref,
@@ -356,14 +528,11 @@ class Executor:
             run_id=run_id,
         )
         session.add(row)
-        await session.flush()
-        registered = await register_rules(session, actor, rules)
+        registered = await batch.register(actor, rules)
         if registered is not None:
             events.insert(0, registered)
         if row.state == MigrationState.LOCKED:
-            await repository.write_step(
-                session, row, Step.LOCK, details={"rules": rules.ref}, now=now
-            )
+            batch.write_step(row, Step.LOCK, details={"rules": rules.ref})
         events.append(
             audit.EventIn(
                 f"migration.{row.state if row.state != MigrationState.LOCKED else 'start'}",
@@ -381,8 +550,6 @@ class Executor:
             )
         )
         await audit.record_many(session, actor, events)
-        await session.flush()
-        fault_point("inside:lock")
         return row
 
     async def apply(self, actor: Actor, rules: MigrationRules, account_id: str) -> Migration:
@@ -429,23 +596,58 @@ class Executor:
             raise flow
         return flow
 
-    async def _step_in(
-        self, session: AsyncSession, actor: Actor, migration_id: str, step: Step
-    ) -> Flow:
-        """One migration's step in the caller's transaction, with its ledger row; a step
-        already in the ledger is skipped."""
-        row = await repository.lock_migration(session, migration_id)
-        if row is None:
-            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        done = await repository.steps_done(session, migration_id)
-        if step in done:
-            return Flow.NEXT
-        if row.state not in IN_FLIGHT:
-            return Flow.STOP
-        now = self.clock()
-        outcome = await self._handlers[step](session, actor, row, now)
-        await session.flush()  # every effect is in the database, only the commit is left
-        return outcome
+    async def _steps_in(
+        self, session: AsyncSession, actor: Actor, migration_ids: Sequence[str], step: Step
+    ) -> dict[str, Flow | KeyshiftError]:
+        """One step of many migrations in the caller's transaction, each with its ledger row;
+        a step already in a migration's ledger is skipped. The rows are locked and the
+        ledger read in one query each, the accounts' states read ahead in one query per
+        table where the step reads them, and the ledger rows inserted together."""
+        batch = Batch(session, self.clock())
+        batch.announce_to = self.cache.apply if self.cache is not None else None
+        rows = await repository.lock_migrations(session, migration_ids)
+        batch.done = await repository.ledger_steps(session, list(rows))
+        out: dict[str, Flow | KeyshiftError] = {}
+        todo: list[Migration] = []
+        for migration_id in migration_ids:
+            row = rows.get(migration_id)
+            if row is None:
+                out[migration_id] = MigrationNotFound(
+                    f"no migration {migration_id}", field="migration_id"
+                )
+            elif step in batch.done[migration_id]:
+                out[migration_id] = Flow.NEXT
+            elif row.state not in IN_FLIGHT:
+                out[migration_id] = Flow.STOP
+            else:
+                todo.append(row)
+        accounts = [row.account_id for row in todo]
+        if todo and step == Step.SNAPSHOT:
+            # Lock what admin changes go through (the subscriptions and the licenses) before
+            # reading, so each snapshot is a consistent cut: a concurrent admin change lands
+            # before it or is refused after it (the account is held).
+            await repository.lock_for_snapshot(session, accounts)
+        if todo and step in (Step.SNAPSHOT, Step.VERIFY):
+            await batch.read_states(accounts)
+        if todo and step == Step.VERIFY:
+            batch.loaded = await validation.load_many(
+                session,
+                [lic["key_lookup"] for s in batch.states.values() for lic in s["licenses"]],
+            )
+        if todo and step == Step.CUTOVER:
+            # In the order every seat change takes them: subscriptions, then licenses.
+            batch.subscriptions = await repository.lock_subscriptions(session, accounts)
+            batch.licenses = await repository.lock_licenses(session, accounts)
+            batch.machines = await repository.read_machines(session, accounts)
+        handler = self._handlers[step]
+        # The rows' changes are flushed together at the end (one executemany per shape of
+        # change) instead of before each next account's first statement.
+        with session.no_autoflush:
+            for row in todo:
+                out[row.id] = await handler(session, actor, row, batch)
+        await session.flush()
+        await batch.flush()  # every effect is in the database, only the commit is left
+        return out
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -458,29 +660,56 @@ class Executor:
         run_id: str | None = None,
     ) -> dict[str, Migration | KeyshiftError]:
         """The lock step for many accounts — (account id, expected outcome digest) each — in
-        ONE transaction, each account in a savepoint of its own: one that is refused (not
-        eligible, held by another migration, planned differently …) gets its error and leaves
-        the others be. Their audit events are appended together at the end."""
+        ONE transaction: their states are read in one query per table, each is checked (one
+        that is refused — not eligible, held by another migration, planned differently … —
+        gets its error, having written nothing) and the others' rows written together. If a
+        write fails (two lockers raced for an account), the transaction is rolled back and
+        done again with each account in a savepoint of its own. Audit events are appended
+        together at the end."""
         fault_point("before:lock")
         now = self.clock()
+        ordered = sorted(dict(accounts).items())
+        ids = {account_id: str(uuid.uuid4()) for account_id, _ in ordered}
 
-        async def work(session: AsyncSession) -> dict[str, Migration | KeyshiftError]:
+        async def lock(
+            batch: Batch, account_id: str, expect: str | None
+        ) -> Migration | KeyshiftError:
+            try:
+                plan, holder, queued = await self._check_lock(
+                    batch, rules, account_id, ids[account_id], "refuse", run_id, expect
+                )
+            except KeyshiftError as error:
+                if isinstance(error, Unavailable):
+                    raise
+                return error
+            return await self._write_lock(
+                batch, actor, rules, account_id, plan, holder, queued, ids[account_id], run_id,
+                "refuse",
+            )  # fmt: skip
+
+        async def together(session: AsyncSession) -> dict[str, Migration | KeyshiftError]:
+            batch = Batch(session, now)
+            with audit.deferred(session) as events:
+                await batch.read_states([a for a, _ in ordered])
+                await batch.read_holders([a for a, _ in ordered])
+                out = {a: await lock(batch, a, expect) for a, expect in ordered}
+                await session.flush()
+                await batch.flush()
+            await audit.append_deferred(session, events)
+            fault_point("inside:lock")
+            return out
+
+        async def apart(session: AsyncSession) -> dict[str, Migration | KeyshiftError]:
             out: dict[str, Migration | KeyshiftError] = {}
             events: list[tuple[Actor, audit.EventIn]] = []
-            for account_id, expect in sorted(accounts):
+            for account_id, expect in ordered:
                 with audit.deferred(session) as mine:
                     try:
                         async with session.begin_nested():
-                            out[account_id] = await self._lock_one(
-                                session,
-                                actor,
-                                rules,
-                                account_id,
-                                migration_id=str(uuid.uuid4()),
-                                now=now,
-                                run_id=run_id,
-                                expect=expect,
-                            )
+                            batch = Batch(session, now)
+                            out[account_id] = await lock(batch, account_id, expect)
+                            await session.flush()
+                            await batch.flush()
                     except IntegrityError as exc:
                         if "lock_account_id" not in str(exc.orig):
                             raise
@@ -499,7 +728,15 @@ class Executor:
             fault_point("inside:lock")
             return out
 
-        result = await self.db.run(work)
+        result: dict[str, Migration | KeyshiftError] | None = None
+        if len(ordered) > 1:
+            try:
+                result = await self.db.run(together)
+            except IntegrityError as exc:
+                if "lock_account_id" not in str(exc.orig):
+                    raise
+        if result is None:
+            result = await self.db.run(apart)
         fault_point("after:lock")
         return result
 
@@ -549,16 +786,26 @@ class Executor:
     async def _batch_step(
         self, actor: Actor, migration_ids: Sequence[str], step: Step
     ) -> dict[str, Flow | KeyshiftError]:
-        async def work(session: AsyncSession) -> dict[str, Flow | KeyshiftError]:
+        """One step over the batch in ONE transaction. First all together; if one account
+        fails, that transaction is rolled back and the step is done again with each account
+        in a savepoint of its own, so the one that fails gets its error and leaves its
+        neighbours be. Audit events are appended together at the end either way."""
+
+        async def together(session: AsyncSession) -> dict[str, Flow | KeyshiftError]:
+            with audit.deferred(session) as events:
+                out = await self._steps_in(session, actor, migration_ids, step)
+            await audit.append_deferred(session, events)
+            fault_point(f"inside:{step}")
+            return out
+
+        async def apart(session: AsyncSession) -> dict[str, Flow | KeyshiftError]:
             out: dict[str, Flow | KeyshiftError] = {}
             events: list[tuple[Actor, audit.EventIn]] = []
             for migration_id in migration_ids:
                 with audit.deferred(session) as mine:
                     try:
                         async with session.begin_nested():
-                            out[migration_id] = await self._step_in(
-                                session, actor, migration_id, step
-                            )
+                            out |= await self._steps_in(session, actor, [migration_id], step)
                     except KeyshiftError as error:
                         if isinstance(error, Unavailable):
                             raise  # the transaction is gone: the whole batch is retried
@@ -569,33 +816,35 @@ class Executor:
             fault_point(f"inside:{step}")
             return out
 
-        return await self.db.run(work)
+        if len(migration_ids) > 1:
+            try:
+                return await self.db.run(together)
+            except KeyshiftError as error:
+                if isinstance(error, Unavailable):
+                    raise
+        return await self.db.run(apart)
 
     # -- the steps ---------------------------------------------------------------------------
 
     async def _snapshot(
-        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
     ) -> Flow:
-        # Lock what admin changes go through (the subscription and the licenses), so the
-        # snapshot is a consistent cut: a concurrent admin change lands before it or is
-        # refused after it (the account is held).
-        await repository.lock_subscription(session, row.account_id)
-        await session.execute(
-            select(License.id).where(License.account_id == row.account_id).with_for_update()
+        now = batch.now
+        # The batch locked what admin changes go through (every account's subscription and
+        # licenses) before it read the states: each snapshot is a consistent cut.
+        rules = await batch.rules(row.rules_hash)
+        plan, snapshot = await preview(
+            session, rules, row.account_id, now=now, migration_id=row.id, batch=batch
         )
-        rules = await rules_by_hash(session, row.rules_hash)
-        plan, snapshot = await preview(session, rules, row.account_id, now=now, migration_id=row.id)
         snapshot_hash = content_hash_of(snapshot)
         if not plan.can_apply:
             row.state, row.lock_account_id, row.finished_at = MigrationState.REFUSED, None, now
             row.error = "; ".join(plan.reasons)
-            await repository.write_step(
-                session,
+            batch.write_step(
                 row,
                 Step.SNAPSHOT,
                 outcome=StepOutcome.REFUSED,
                 details={"reasons": list(plan.reasons)},
-                now=now,
             )
             await audit.record(
                 session,
@@ -613,18 +862,16 @@ class Executor:
         sub = snapshot["subscription"]
         row.source_hash = sub["plan_hash"] if sub else None
         row.state = MigrationState.SNAPSHOTTED
-        await repository.write_step(
-            session,
+        batch.write_step(
             row,
             Step.SNAPSHOT,
             snapshot_hash=snapshot_hash,
             details={"taken_at": snapshot["taken_at"], "risks": list(plan.risks)},
-            now=now,
         )
         return Flow.NEXT
 
     async def _prepare(
-        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
     ) -> Flow:
         """Stage archive copies beside the originals, each verified by hash. Nothing the app
         reads changes."""
@@ -658,41 +905,48 @@ class Executor:
                 raise NotFound(f"the archive copy of {object_id} does not match its hash")
             staged.append(copy_id)
         row.state = MigrationState.PREPARED
-        await repository.write_step(session, row, Step.PREPARE, details={"staged": staged}, now=now)
+        batch.write_step(row, Step.PREPARE, details={"staged": staged})
         return Flow.NEXT
 
     async def _cutover(
-        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
     ) -> Flow:
         """ONE transaction: the plan, overrides, activations, objects and counters flip."""
+        now = batch.now
         plan = row.plan or {}
         expected: ExpectedState = plan["expected"]
         snapshot = as_snapshot(row.snapshot)
-        sub = await repository.lock_subscription(session, row.account_id)
+        if batch.subscriptions is None:
+            sub = await repository.lock_subscription(session, row.account_id)
+        else:
+            sub = batch.subscriptions.get(row.account_id)
         before = snapshot.get("subscription")
         if sub is None or sub.plan_hash != (before["plan_hash"] if before else None):
             row.state, row.lock_account_id, row.finished_at = MigrationState.FAILED, None, now
             row.error = "the account's plan changed after the snapshot"
-            await repository.write_step(
-                session,
-                row,
-                Step.CUTOVER,
-                outcome=StepOutcome.FAILED,
-                details={"error": row.error},
-                now=now,
+            batch.write_step(
+                row, Step.CUTOVER, outcome=StepOutcome.FAILED, details={"error": row.error}
             )
             return Flow.STOP
         assert expected["subscription"] is not None  # a plan always puts the target plan
         repository.put_subscription(sub, expected["subscription"], now)
         license_changes = await repository.put_license_overrides(
-            session, row.account_id, expected["licenses"], now
+            session,
+            row.account_id,
+            expected["licenses"],
+            now,
+            locked=batch.licenses.get(row.account_id),
         )
         removed = []
         if plan.get("deactivate"):
             by_id = {a["id"]: a for a in snapshot.get("activations", [])}
             await session.execute(delete(Activation).where(Activation.id.in_(plan["deactivate"])))
             removed = [by_id[i] for i in plan["deactivate"] if i in by_id]
-        converted = await _convert_machines(session, row.account_id, plan, now)
+        machines = batch.machines.get(row.account_id)
+        if machines is not None:  # read before the deactivations above
+            gone = set(plan.get("deactivate") or ())
+            machines = [m for m in machines if m.id not in gone]
+        converted = await _convert_machines(session, row.account_id, plan, now, machines, batch)
         archived = list(plan.get("archive", []))
         if archived:
             await session.execute(
@@ -707,11 +961,7 @@ class Executor:
             )
         moves = [CounterMove(**m) for m in plan.get("counter_moves", [])]
         counters = await _move_counters(session, row.account_id, moves)
-        await changes.announce(
-            session,
-            account_id=row.account_id,
-            to=self.cache.apply if self.cache is not None else None,
-        )
+        batch.changed.append(row.account_id)  # announced together, in ``Batch.flush``
         row.state, row.cutover_at = MigrationState.CUTOVER, now
         # keep_all over a lower cap: the pins were written with the license overrides above.
         grandfathered = list((plan.get("changes") or {}).get("activations_grandfathered", []))
@@ -725,7 +975,7 @@ class Executor:
             "objects_archived": archived,
             "counters": counters,
         }
-        await repository.write_step(session, row, Step.CUTOVER, details=details, now=now)
+        batch.write_step(row, Step.CUTOVER, details=details)
         await audit.record(
             session,
             actor,
@@ -745,24 +995,28 @@ class Executor:
         return Flow.NEXT
 
     async def _verify(
-        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
     ) -> Flow:
         """Actual == expected (counters: nothing below what the plan expected; activations:
         every expected one present, new ones allowed, each machine holding a seat in the
         target's mode), and every active license validates under the new plan with its key
         and with the fingerprint of each machine kept that held a seat at the snapshot — and,
         unless it was already over its cap at the snapshot, is not over its cap now."""
+        now = batch.now
         plan = row.plan or {}
         expected: ExpectedState = plan["expected"]
         snapshot = as_snapshot(row.snapshot)
-        actual = await repository.read_state(session, row.account_id, now)
+        actual = batch.states.get(row.account_id)
         assert actual is not None
         problems = compare_after_cutover(expected, actual, snapshot)
         machines = kept_machines(expected, snapshot)
         converted = set(plan.get("convert", []))
         over_cap_before = set(plan.get("over_cap_before", []))
         for lic in actual["licenses"]:
-            loaded = await validation.load(session, lic["key_lookup"])
+            if batch.loaded is None:
+                loaded = await validation.load(session, lic["key_lookup"])
+            else:
+                loaded = batch.loaded.get(lic["key_lookup"])
             if loaded is None:
                 problems.append(f"license {lic['id']}: its key no longer finds it")
                 continue
@@ -792,23 +1046,19 @@ class Executor:
                         f"license {lic['id']}: {who} validates as {decision.code.value}"
                     )
         if problems:
-            await repository.write_step(
-                session,
-                row,
-                Step.VERIFY,
-                outcome=StepOutcome.FAILED,
-                details={"problems": problems},
-                now=now,
+            batch.write_step(
+                row, Step.VERIFY, outcome=StepOutcome.FAILED, details={"problems": problems}
             )
             row.error = "verification failed: " + "; ".join(problems[:5])
             return Flow.VERIFY_FAILED
         row.state = MigrationState.VERIFIED
-        await repository.write_step(session, row, Step.VERIFY, details={"checked": True}, now=now)
+        batch.write_step(row, Step.VERIFY, details={"checked": True})
         return Flow.NEXT
 
     async def _receipt(
-        self, session: AsyncSession, actor: Actor, row: Migration, now: datetime
+        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
     ) -> Flow:
+        now = batch.now
         body = {
             "migration_id": row.id,
             "account_id": row.account_id,
@@ -835,7 +1085,7 @@ class Executor:
             "algorithm": "ed25519",
         }
         row.state, row.lock_account_id, row.finished_at = MigrationState.COMPLETED, None, now
-        await repository.write_step(session, row, Step.RECEIPT, details={"keyid": kid}, now=now)
+        batch.write_step(row, Step.RECEIPT, details={"keyid": kid})
         await audit.record(
             session,
             actor,
@@ -916,7 +1166,12 @@ def _mode_problems(
 
 
 async def _convert_machines(
-    session: AsyncSession, account_id: str, plan: dict[str, Any], now: datetime
+    session: AsyncSession,
+    account_id: str,
+    plan: dict[str, Any],
+    now: datetime,
+    machines: list[Any] | None,
+    batch: Batch,
 ) -> list[dict[str, Any]]:
     """Put every machine that holds a seat into the target's activation mode: the ones the plan
     converts, and any activated since the snapshot under the old plan's terms. A floating one
@@ -928,7 +1183,14 @@ async def _convert_machines(
     floating = terms["mode"] == "floating"
     lease = now + timedelta(seconds=int(terms["lease_seconds"])) if floating else None
     return await repository.convert_machines(
-        session, account_id, terms["mode"], lease, now, also=set(plan.get("convert", []))
+        session,
+        account_id,
+        terms["mode"],
+        lease,
+        now,
+        also=set(plan.get("convert", [])),
+        machines=machines,
+        pending=batch.conversions,
     )
 
 

@@ -295,6 +295,81 @@ async def lock_subscription(session: AsyncSession, account_id: str) -> Subscript
     ).scalar_one_or_none()
 
 
+async def lock_for_snapshot(session: AsyncSession, account_ids: Sequence[str]) -> None:
+    """Lock the accounts' subscriptions and licenses (what admin changes go through), each
+    table in one statement, in key order."""
+    ids = sorted(set(account_ids))
+    await session.execute(
+        select(Subscription.account_id)
+        .where(Subscription.account_id.in_(ids))
+        .order_by(Subscription.account_id)
+        .with_for_update()
+    )
+    await session.execute(
+        select(License.id).where(License.account_id.in_(ids)).order_by(License.id).with_for_update()
+    )
+
+
+async def lock_subscriptions(
+    session: AsyncSession, account_ids: Sequence[str]
+) -> dict[str, Subscription]:
+    """The accounts' subscriptions, locked in key order, by account."""
+    rows = (
+        await session.execute(
+            select(Subscription)
+            .where(Subscription.account_id.in_(sorted(set(account_ids))))
+            .order_by(Subscription.account_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    return {row.account_id: row for row in rows}
+
+
+async def lock_licenses(
+    session: AsyncSession, account_ids: Sequence[str]
+) -> dict[str, list[License]]:
+    """The accounts' licenses, locked in key order, by account (every id is a key)."""
+    out: dict[str, list[License]] = {a: [] for a in account_ids}
+    rows = (
+        await session.execute(
+            select(License)
+            .where(License.account_id.in_(sorted(out)))
+            .order_by(License.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    for row in rows:
+        out[row.account_id].append(row)
+    return out
+
+
+#: The columns of a machine ``convert_machines`` reads.
+_MACHINE_COLUMNS = (
+    Activation.account_id,
+    Activation.id,
+    Activation.license_id,
+    Activation.fingerprint,
+    Activation.mode,
+    Activation.lease_expires_at,
+)
+
+
+async def read_machines(session: AsyncSession, account_ids: Sequence[str]) -> dict[str, list[Any]]:
+    """The accounts' activations (the columns ``convert_machines`` needs), by account, in id
+    order (every id is a key)."""
+    out: dict[str, list[Any]] = {a: [] for a in account_ids}
+    rows = await session.execute(
+        select(*_MACHINE_COLUMNS)
+        .where(Activation.account_id.in_(sorted(out)))
+        .order_by(Activation.id)
+    )
+    for row in rows:
+        out[row.account_id].append(row)
+    return out
+
+
 async def lock_migration(session: AsyncSession, migration_id: str) -> Migration | None:
     """The migration row, locked: concurrent resumers of one migration take turns."""
     return (
@@ -305,6 +380,42 @@ async def lock_migration(session: AsyncSession, migration_id: str) -> Migration 
             .execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
+
+
+async def lock_migrations(
+    session: AsyncSession, migration_ids: Sequence[str]
+) -> dict[str, Migration]:
+    """Many migration rows, locked in id order (two batches that share rows cannot deadlock
+    on them); missing ids are left out."""
+    rows = (
+        await session.execute(
+            select(Migration)
+            .where(Migration.id.in_(sorted(set(migration_ids))))
+            .order_by(Migration.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    return {row.id: row for row in rows}
+
+
+async def ledger_steps(session: AsyncSession, migration_ids: Sequence[str]) -> dict[str, set[Step]]:
+    """The steps each migration has in its ledger (every id is a key)."""
+    done: dict[str, set[Step]] = {m: set() for m in migration_ids}
+    rows = await session.execute(
+        select(MigrationStep.migration_id, MigrationStep.step).where(
+            MigrationStep.migration_id.in_(list(done))
+        )
+    )
+    for migration_id, step in rows:
+        done[migration_id].add(Step(step))
+    return done
+
+
+async def insert_steps(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Ledger rows (as ``write_step`` makes them), in one statement."""
+    if rows:
+        await session.execute(insert(MigrationStep), list(rows))
 
 
 async def steps_done(session: AsyncSession, migration_id: str) -> dict[str, MigrationStep]:
@@ -357,6 +468,30 @@ async def active_migration(session: AsyncSession, account_id: str) -> Migration 
             .execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
+
+
+async def active_migrations(
+    session: AsyncSession, account_ids: Sequence[str]
+) -> dict[str, Migration]:
+    """The migration holding each of the accounts, for those one holds."""
+    rows = (
+        await session.execute(
+            select(Migration)
+            .where(Migration.lock_account_id.in_(list(account_ids)))
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    return {row.account_id: row for row in rows}
+
+
+async def holding_runs(session: AsyncSession, account_ids: Sequence[str]) -> dict[str, str]:
+    """The active run holding each of the accounts, for those one holds."""
+    rows = await session.execute(
+        select(RunAccount.hold_account_id, RunAccount.run_id).where(
+            RunAccount.hold_account_id.in_(list(account_ids))
+        )
+    )
+    return {account_id: run_id for account_id, run_id in rows if account_id is not None}
 
 
 async def holding_run(session: AsyncSession, account_id: str) -> str | None:
@@ -490,19 +625,20 @@ def put_subscription(sub: Subscription, wanted: SubscriptionData, now: datetime)
 
 
 async def put_license_overrides(
-    session: AsyncSession, account_id: str, wanted: list[LicenseData], now: datetime
+    session: AsyncSession,
+    account_id: str,
+    wanted: list[LicenseData],
+    now: datetime,
+    *,
+    locked: Sequence[License] | None = None,
 ) -> list[str]:
     """Give the account's licenses the hand-set cap and overrides of ``wanted`` (rows of a
-    state), locked; returns the ids that changed (their ``version`` bumped)."""
+    state), locked (or already ``locked`` by the caller); returns the ids that changed (their
+    ``version`` bumped)."""
     by_id = {lic["id"]: lic for lic in wanted}
-    rows = (
-        await session.execute(
-            select(License)
-            .where(License.account_id == account_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-    ).scalars()
+    rows = locked
+    if rows is None:
+        rows = (await lock_licenses(session, [account_id]))[account_id]
     changed = []
     for row in rows:
         want = by_id.get(row.id)
@@ -517,8 +653,20 @@ async def put_license_overrides(
             row.version += 1
             row.updated_at = now
             changed.append(row.id)
-    await session.flush()
+    if locked is None:
+        await session.flush()
     return changed
+
+
+async def convert_now(
+    session: AsyncSession, mode: str, lease: datetime | None, ids: Sequence[str]
+) -> None:
+    """Put the activations ``ids`` into ``mode`` with ``lease`` (see ``convert_machines``)."""
+    await session.execute(
+        update(Activation)
+        .where(Activation.id.in_(list(ids)))
+        .values(mode=mode, lease_expires_at=lease)
+    )
 
 
 async def convert_machines(
@@ -530,26 +678,21 @@ async def convert_machines(
     *,
     also: set[str] | frozenset[str] = frozenset(),
     skip: set[str] | frozenset[str] = frozenset(),
+    machines: Sequence[Any] | None = None,
+    pending: dict[tuple[str, datetime | None], list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Put every machine of the account that holds a seat (no lease, or a lease running past
     ``now``; plus the ids in ``also``) and is not in ``mode`` into it, with ``lease`` (None for
     node-locked). Ids in ``skip`` are left as they are. A lapsed lease is a free seat, not a
     machine: left as it is. The caller holds the account's license locks (every seat change
-    takes them first). Returns each change with the values before and after, per machine."""
+    takes them first); ``machines``: the account's activations as ``read_machines`` gives them,
+    if the caller read them; ``pending``: collects the ids by (mode, lease) for the caller to
+    write with ``convert_now`` (a batch writes all its accounts' together). Returns each change with the values before and after, per
+    machine."""
     floating = mode == "floating"
-    rows = (
-        await session.execute(
-            select(
-                Activation.id,
-                Activation.license_id,
-                Activation.fingerprint,
-                Activation.mode,
-                Activation.lease_expires_at,
-            )
-            .where(Activation.account_id == account_id)
-            .order_by(Activation.id)
-        )
-    ).all()
+    rows = machines
+    if rows is None:
+        rows = (await read_machines(session, [account_id]))[account_id]
     changed = [
         r
         for r in rows
@@ -559,11 +702,10 @@ async def convert_machines(
     ]
     if not changed:
         return []
-    await session.execute(
-        update(Activation)
-        .where(Activation.id.in_([r.id for r in changed]))
-        .values(mode=mode, lease_expires_at=lease)
-    )
+    if pending is not None:
+        pending.setdefault((mode, lease), []).extend(r.id for r in changed)
+    else:
+        await convert_now(session, mode, lease, [r.id for r in changed])
     return [
         {
             "id": r.id,

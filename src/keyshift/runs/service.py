@@ -10,7 +10,7 @@ import hashlib
 import random
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -514,16 +514,29 @@ class Planner:
             self._pairs[ref] = await plan_pair(session, ref)
         return self._pairs[ref]
 
-    async def plan(self, session: AsyncSession, account_id: str, now: datetime) -> Any:
-        snapshot = await migrations.read_state(session, account_id, now)
-        if snapshot is None:
-            return None
+    async def plans(
+        self, session: AsyncSession, account_ids: Sequence[str], now: datetime
+    ) -> dict[str, Any]:
+        """Each account's plan (None for an account that is gone), from states read in one
+        query per table."""
+        states = {
+            s["account"]["id"]: s for s in await migrations.read_states(session, account_ids, now)
+        }
         target = await self.pair(session, self.rules.rules.to)
         if target is None:
             raise RunChanged(f"the target plan {self.rules.rules.to} is not published")
-        sub = snapshot.get("subscription")
-        source = await self.pair(session, sub["plan"]) if sub is not None else None
-        return plan_migration(snapshot, self.rules, source, target, migration_id="run", now=now)
+        out: dict[str, Any] = {}
+        for account_id in account_ids:
+            snapshot = states.get(account_id)
+            if snapshot is None:
+                out[account_id] = None
+                continue
+            sub = snapshot.get("subscription")
+            source = await self.pair(session, sub["plan"]) if sub is not None else None
+            out[account_id] = plan_migration(
+                snapshot, self.rules, source, target, migration_id="run", now=now
+            )
+        return out
 
 
 def verdict_of(plan: Any) -> str:
@@ -582,8 +595,9 @@ async def report(
             if not rows:
                 break
             updates = []
+            plans = await planner.plans(session, [account_id for account_id, _ in rows], now)
             for account_id, _ in rows:
-                plan = await planner.plan(session, account_id, now)
+                plan = plans[account_id]
                 verdict = verdict_of(plan)
                 verdicts[verdict] += 1
                 if plan is not None:
@@ -892,27 +906,10 @@ async def finalize(
     async with db.transaction() as session:
         run = await get(session, run_id)
         check_move("finalize", run.state, run.id)
-    after = -1
-    while True:
-        async with db.transaction() as session:
-            rows = (
-                await session.execute(
-                    select(RunAccount.position, RunAccount.migration_id)
-                    .where(
-                        RunAccount.run_id == run_id,
-                        RunAccount.state == AccountState.MIGRATED,
-                        RunAccount.position > after,
-                    )
-                    .order_by(RunAccount.position)
-                    .limit(CHUNK)
-                )
-            ).all()
-        if not rows:
-            break
-        for _, migration_id in rows:
+    async for chunk in migrated_accounts(db, run_id):
+        for _, migration_id in chunk:
             if migration_id is not None:
                 await finalize_one(migration_id)
-        after = rows[-1][0]
 
     async def apply(session: AsyncSession, run: MigrationRun) -> None:
         run.state = RunState.FINALIZED
@@ -941,11 +938,56 @@ async def verify_sample(
     from keyshift.migration.state import Snapshot
 
     chosen: list[tuple[int, str, str | None]] = []
-
     async with db.transaction() as session:
         await get(session, run_id)
-        after = -1
-        while True:
+    async for chunk in migrated_accounts(db, run_id):
+        for account_id, migration_id in chunk:
+            item = (-_sample_key(seed, f"{run_id}:{account_id}"), account_id, migration_id)
+            if len(chosen) < size:
+                heapq.heappush(chosen, item)
+            elif item[0] > chosen[0][0]:
+                heapq.heapreplace(chosen, item)
+    out = []
+    now = clock()
+    picked = sorted(chosen, key=lambda c: c[1])
+    for start in range(0, len(picked), CHUNK):
+        part = picked[start : start + CHUNK]
+        async with db.transaction() as session:
+            ids = [m for _, _, m in part if m]
+            rows = {
+                r.id: r
+                for r in (await session.execute(select(Migration).where(Migration.id.in_(ids))))
+                .scalars()
+                .all()
+            }
+            states = {
+                s["account"]["id"]: s
+                for s in await migrations.read_states(session, [a for _, a, _ in part], now)
+            }
+        for _, account_id, migration_id in part:
+            row = rows.get(migration_id) if migration_id else None
+            actual = states.get(account_id)
+            if row is None or actual is None or row.plan is None:
+                out.append(
+                    Verified(account_id, migration_id or "", ["the migration or account is gone"])
+                )
+                continue
+            expected = row.plan["expected"]
+            # A finalized migration has retired its snapshot; only its time was wanted here.
+            snapshot = cast(Snapshot, row.snapshot or {"taken_at": ""})
+            problems = compare_after_cutover(expected, actual, snapshot)
+            out.append(Verified(account_id, row.id, problems))
+    return out
+
+
+async def migrated_accounts(
+    db: Database, run_id: str
+) -> AsyncIterator[list[tuple[str, str | None]]]:
+    """The run's migrated accounts — (account id, migration id) — in chunks of ``CHUNK``, in
+    the run's order, one transaction per chunk (constant memory over any cohort)."""
+    after = -1
+    while True:
+        async with db.transaction() as session:
             rows = (
                 await session.execute(
                     select(RunAccount.position, RunAccount.account_id, RunAccount.migration_id)
@@ -958,29 +1000,7 @@ async def verify_sample(
                     .limit(CHUNK)
                 )
             ).all()
-            if not rows:
-                break
-            for _, account_id, migration_id in rows:
-                item = (-_sample_key(seed, f"{run_id}:{account_id}"), account_id, migration_id)
-                if len(chosen) < size:
-                    heapq.heappush(chosen, item)
-                elif item[0] > chosen[0][0]:
-                    heapq.heapreplace(chosen, item)
-            after = rows[-1][0]
-    out = []
-    now = clock()
-    for _, account_id, migration_id in sorted(chosen, key=lambda c: c[1]):
-        async with db.transaction() as session:
-            row = await session.get(Migration, migration_id) if migration_id else None
-            actual = await migrations.read_state(session, account_id, now)
-        if row is None or actual is None or row.plan is None:
-            out.append(
-                Verified(account_id, migration_id or "", ["the migration or account is gone"])
-            )
-            continue
-        expected = row.plan["expected"]
-        # A finalized migration has retired its snapshot; only its time was wanted here.
-        snapshot = cast(Snapshot, row.snapshot or {"taken_at": ""})
-        problems = compare_after_cutover(expected, actual, snapshot)
-        out.append(Verified(account_id, row.id, problems))
-    return out
+        if not rows:
+            return
+        yield [(account_id, migration_id) for _, account_id, migration_id in rows]
+        after = rows[-1][0]
