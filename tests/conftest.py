@@ -24,6 +24,8 @@ from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.db.migrate import upgrade_to_head
 from keyshift.security.secrets_store import Secrets, ensure_secrets
+from tests.private_postgres import PostgresMissing, PrivatePostgres
+from tests.private_postgres import private_postgres as _private
 from tests.support import (
     IN_CI,
     LiveServer,
@@ -133,3 +135,15 @@ def live_server(
         env.update({k: str(v) for k, v in marker.kwargs.items()})
     with serving(env, tmp_path / "serve.log") as server:
         yield server
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL instance of this test's own (``tests/private_postgres.py``): initdb in a
+    temporary directory, its own port, a database ``keyshift``; stop, start or restart it at
+    will. Skips the test when PostgreSQL's programs are not installed."""
+    try:
+        with _private() as instance:
+            yield instance
+    except PostgresMissing as missing:  # raised only while starting it
+        pytest.skip(str(missing))

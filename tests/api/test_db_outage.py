@@ -1,6 +1,6 @@
 """A database outage against a real server: a PRIVATE PostgreSQL instance (initdb into a
-temporary directory, its own port — never the shared one) is stopped under a running
-`keyshift serve`. Requests that need the database get 503 with ``Retry-After`` and the usual
+temporary directory, its own port — never the shared one: the ``private_postgres``
+fixture) is stopped under a running `keyshift serve`. Requests that need the database get 503 with ``Retry-After`` and the usual
 error body, the log says so once (no traceback per request), a validation already in the
 cache keeps answering from it, and when the instance is back everything works again with
 no restart of the server.
@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,88 +25,10 @@ from keyshift.licensing import service as licensing
 from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers
-from tests.support import free_port, serving
+from tests.private_postgres import PrivatePostgres
+from tests.support import serving
 
 pytestmark = pytest.mark.server
-
-_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
-
-
-def _pg_bin(name: str) -> str:
-    found = shutil.which(name) or (str(_BIN / name) if _BIN and (_BIN / name).exists() else None)
-    if found is None:
-        pytest.skip(f"PostgreSQL's {name} is not installed")
-    return found
-
-
-@dataclass
-class PrivatePostgres:
-    """A PostgreSQL instance of this test's own; ``stop`` and ``start`` it at will."""
-
-    data: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/keyshift"
-
-    def _ctl(self, *args: str) -> None:
-        command = [_pg_bin("pg_ctl"), "-D", str(self.data), *args]
-        subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=60)
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._ctl("-o", options, "-l", str(self.data / "server.log"), "-w", "start")
-
-    def stop(self) -> None:
-        self._ctl("-m", "fast", "-w", "stop")
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    """initdb and postgres refuse to run as root: as root, run them as the postgres user."""
-    if os.geteuid() != 0:
-        return command
-    if shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: cannot start a private PostgreSQL")
-    return ["runuser", "-u", "postgres", "--", *command]
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    # Not under pytest's tmp_path: as root that is 0700, and the postgres user must get in.
-    root = Path(tempfile.mkdtemp(prefix="keyshift-private-pg-"))
-    data = root / "data"
-    data.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(data, "postgres")
-    subprocess.run(
-        _as_postgres(
-            [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-        ),
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    instance = PrivatePostgres(data, free_port())
-    instance.start()
-    try:
-        subprocess.run(
-            _as_postgres(
-                [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(instance.port), "keyshift"]
-            ),
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        yield instance
-    finally:
-        subprocess.run(
-            _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-            capture_output=True,
-            timeout=60,
-        )
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _seed(url: str, secrets: Secrets) -> tuple[str, str, str, str]:

@@ -5,6 +5,7 @@ cutoff."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -165,6 +166,44 @@ async def test_a_lapsed_lease_is_taken_over_and_nothing_runs_twice(
     # The dead worker comes back and tries to record its outcome: its claim is gone.
     await dead._settle(taken, ids[0], None, "late", None)
     assert (await states(db, run.id))[ids[0]] == "migrated"
+
+
+async def test_a_live_worker_keeps_its_lease_while_a_slow_batch_is_worked(
+    db: Database, secrets: Secrets, executor: Executor
+) -> None:
+    """A batch slower than its lease (here: held up by a row lock) stays with the worker
+    working it: the lease is renewed while it works, so no other worker takes the accounts
+    and migrates them beside it. Before, the lease was renewed only between groups, and a
+    slow batch of a live worker was taken by every other worker in turn (found by the chaos
+    test: a run on a loaded machine made no progress)."""
+    if db.dialect != "postgresql":
+        pytest.skip("a row lock holds the batch up; on SQLite it would hold every writer")
+    ids = await cohort(db, secrets, 2)
+    run = await approved_run(db, options=RunOptions(lease_seconds=5, batch_size=2))
+    await service.start(db, CREATOR, run.id)
+    async with db.transaction() as blocker:
+        await blocker.execute(select(Account).where(Account.id == ids[0]).with_for_update())
+        slow = asyncio.create_task(drive(executor, run.id, worker_id="slow"))
+        deadline = asyncio.get_running_loop().time() + 30
+        while set((await states(db, run.id)).values()) != {"claimed"}:
+            assert asyncio.get_running_loop().time() < deadline, "the batch was never claimed"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(7)  # past the 5 s lease the batch was claimed with
+
+        other = Worker(executor, CREATOR, worker_id="other")
+        assert await other.claim(run_id=run.id) is None
+        async with db.transaction() as session:
+            leases = (
+                await session.execute(
+                    select(RunAccount.lease_owner, RunAccount.lease_expires_at).where(
+                        RunAccount.run_id == run.id
+                    )
+                )
+            ).all()
+        assert [owner for owner, _ in leases] == ["slow", "slow"]
+        assert all(until > utcnow() for _, until in leases)
+    await asyncio.wait_for(slow, 60)
+    assert await states(db, run.id) == {i: "migrated" for i in ids}
 
 
 async def test_a_worker_resumes_a_migration_a_dead_worker_left_in_flight(

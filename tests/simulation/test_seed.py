@@ -7,7 +7,7 @@ suspended), and real: its keys validate, and one-account migrations run on it.""
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -310,3 +310,71 @@ def test_the_cli_seeds_a_fresh_database_and_prints_its_checksum(
         failed = run_keyshift(env, "simulate", "seed", *bad, cwd=ROOT)
         assert failed.returncode == 2
         assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1
+
+
+async def test_across_runs_the_checksum_ignores_when_and_by_which_migration_but_not_what(
+    db: Database, secrets: Secrets
+) -> None:
+    """Migrated twice (rolled back between), an hour apart: the archive copies get other ids
+    and the graces other ends, so the plain checksum differs; ``across_runs`` writes those
+    relative to their migration and agrees. A real difference still shows in it."""
+    await _seed(db, secrets, 400, seed_value=53)
+    rules, _ = load_rules(PRO_RULES)
+    graced = archiving = None
+    async with db.transaction() as session:
+        candidates = (
+            await session.execute(
+                select(Subscription.account_id)
+                .where(Subscription.plan_key == "pro-seat", Subscription.plan_version == "2023")
+                .order_by(Subscription.account_id)
+            )
+        ).scalars()
+        for candidate in candidates:
+            plan, _ = await preview(session, rules, candidate, now=datetime.now(UTC))
+            if not plan.can_apply:
+                continue
+            if graced is None and plan.expected["subscription"]["overrides"].get("grace"):
+                graced = candidate
+            if archiving is None and plan.archive:
+                archiving = candidate
+    assert graced is not None and archiving is not None
+    ids = [graced, archiving]
+
+    async def both() -> tuple[str, str]:
+        plain = await state_checksum(db, ids, at=AT)
+        return plain, await state_checksum(db, ids, at=AT, across_runs=True)
+
+    before = await both()
+    assert before[0] == before[1]  # nothing migrated: nothing to write relative to a migration
+
+    first = Executor(db, secrets.signing)
+    migrations = [await first.apply(SYSTEM, rules, account_id) for account_id in ids]
+    assert [m.state for m in migrations] == [MigrationState.COMPLETED] * 2
+    once = await both()
+    for migration in migrations:
+        await rollback(first, SYSTEM, migration.id)
+    assert await both() == before
+
+    later = Executor(db, secrets.signing, clock=lambda: datetime.now(UTC) + timedelta(hours=1))
+    migrations = [await later.apply(SYSTEM, rules, account_id) for account_id in ids]
+    assert [m.state for m in migrations] == [MigrationState.COMPLETED] * 2
+    twice = await both()
+    assert twice[0] != once[0]
+    assert twice[1] == once[1] != before[1]
+
+    # What the migration made, not when: one unit more on the archive copy is a difference.
+    async with db.transaction() as session:
+        copy = (
+            (
+                await session.execute(
+                    select(DataObject).where(
+                        DataObject.account_id == archiving, DataObject.migration_id.is_not(None)
+                    )
+                )
+            )
+            .scalars()
+            .first()
+        )
+        assert copy is not None
+        copy.units += 1
+    assert (await both())[1] != once[1]

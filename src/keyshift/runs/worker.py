@@ -266,30 +266,39 @@ class Worker:
         """Work the batch: forward phases as one batch through the executor (each step one
         transaction over the batch) — or, under a rate limit, in batches of one at their
         paced moments; a rollback account by account. Stop early (releasing the rest) when
-        asked to stop, or when the run left the state the batch was claimed in."""
-        rules = await self._rules_for(claim.rules_hash)
+        asked to stop, or when the run left the state the batch was claimed in. The lease is
+        renewed all the while (``_heartbeat``); a database that stays down past our patience
+        leaves the rest of the batch to its lease."""
+        ended = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(claim, ended))
+        try:
+            await self._work(claim)
+        except Unavailable:
+            log.error("database unavailable; leaving the batch to its lease")
+        finally:
+            ended.set()
+            await heartbeat
+
+    async def _work(self, claim: Claim) -> None:
+        rules = await self._retrying(partial(self._rules_for, claim.rules_hash))
         paced = claim.options.rate is not None or claim.phase == Phase.ROLLBACK
         groups = [[item] for item in claim.accounts] if paced else [list(claim.accounts)]
         for index, group in enumerate(groups):
-            if self.stopping.is_set() or not await self._still_running(claim):
+            if self.stopping.is_set() or not await self._retrying(
+                partial(self._still_running, claim)
+            ):
                 rest = [a for g in groups[index:] for a, _, _ in g]
-                await self._release(rest, claim)
+                await self._retrying(partial(self._release, rest, claim))
                 return
             delay = (group[0][2] - self.clock()).total_seconds()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self._renew_if_due(claim)
-            try:
-                if claim.phase == Phase.ROLLBACK:
-                    account_id, expected, _ = group[0]
-                    await self._retrying(partial(self._one, claim, rules, account_id, expected))
-                else:
-                    pairs = [(a, expected) for a, expected, _ in group]
-                    await self._retrying(partial(self._forward, claim, rules, pairs))
-            except Unavailable:
-                # The database stayed down past our patience: leave the rest to the lease.
-                log.error("database unavailable; leaving the batch to its lease")
-                return
+            if claim.phase == Phase.ROLLBACK:
+                account_id, expected, _ = group[0]
+                await self._retrying(partial(self._one, claim, rules, account_id, expected))
+            else:
+                pairs = [(a, expected) for a, expected, _ in group]
+                await self._retrying(partial(self._forward, claim, rules, pairs))
             self.processed += len(group)
 
     async def _forward(
@@ -360,20 +369,39 @@ class Worker:
             ).one()
         return state in CLAIMABLE and phase == claim.phase
 
-    async def _renew_if_due(self, claim: Claim) -> None:
+    async def _heartbeat(self, claim: Claim, ended: asyncio.Event) -> None:
+        """Renew the claim's lease every third of it until ``ended``: a batch that takes
+        longer than its lease (a slow database, a long outage of a step) is not taken over by
+        another worker while this one is alive and working it. A renewal that fails is tried
+        again at the next beat; the lease covers two of them."""
+        every = claim.options.lease_seconds / 3
+        while not ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), every)
+                return
+            try:
+                await self._renew(claim)
+            except (Unavailable, ConnectionError, OSError) as error:
+                log.warning("could not renew a lease: %s", error, extra={"worker": self.worker_id})
+
+    async def _renew(self, claim: Claim) -> None:
         now = self.clock()
-        half = timedelta(seconds=claim.options.lease_seconds / 2)
-        if claim.lease_until - now > half:
-            return
         claim.lease_until = now + timedelta(seconds=claim.options.lease_seconds)
+        # SKIP LOCKED: rows being settled are not waited for (nor deadlocked with: a settle
+        # locks them in account order, an UPDATE in whatever order it finds them).
+        held = (
+            select(RunAccount.account_id)
+            .where(
+                RunAccount.run_id == claim.run_id,
+                RunAccount.batch_id == claim.batch_id,
+                RunAccount.state == AccountState.CLAIMED,
+            )
+            .with_for_update(skip_locked=True)
+        )
         async with self.db.transaction() as session:
             await session.execute(
                 update(RunAccount)
-                .where(
-                    RunAccount.run_id == claim.run_id,
-                    RunAccount.batch_id == claim.batch_id,
-                    RunAccount.state == AccountState.CLAIMED,
-                )
+                .where(RunAccount.run_id == claim.run_id, RunAccount.account_id.in_(held))
                 .values(lease_expires_at=claim.lease_until)
             )
 

@@ -15,13 +15,21 @@ out what differs between two runs reaching the same outcome: the ids of data obj
 archive copy's id derives from its migration's random id) and the instant a grace ends (set
 from the migration's clock), counted instead in whole days after ``at``. It tells whether two
 rehearsals of the same seed ended in the same state, however many workers moved the accounts.
+
+``across_runs=True`` compares two databases that ran the same migrations at different moments
+(a rehearsal and its undisturbed twin): what a migration derives from its own random id and its
+own moment is written relative to them. An archive copy's id becomes ``archive:<original id>``
+(the id is a hash of the migration's id and the original's), and a grace's end becomes the time
+from the moment the account's migration was planned (``+30 days, 0:00:00``, not a date). All
+else is hashed as it is, so two runs that differ in anything else still differ.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -29,10 +37,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keyshift.canonical import content_hash
 from keyshift.db.engine import Database
-from keyshift.db.tables import Account
+from keyshift.db.tables import Account, DataObject, Migration, MigrationStep
 from keyshift.db.types import utcnow
 from keyshift.migration.repository import read_states
-from keyshift.migration.state import Snapshot, hashable, parse_iso, state_hash
+from keyshift.migration.state import (
+    Snapshot,
+    derived_id,
+    hashable,
+    parse_iso,
+    sort_state,
+    state_hash,
+)
+from keyshift.states import CUT_OVER, Step
 
 CHUNK = 1_000
 
@@ -43,11 +59,15 @@ async def state_checksum(
     *,
     at: datetime | None = None,
     chunk: int = CHUNK,
+    across_runs: bool = False,
 ) -> str:
     """SHA-256 (hex) over the state hashes of ``account_ids`` (default: every account) in id
-    order; ids with no account are left out. Equal on SQLite and PostgreSQL for equal data."""
+    order; ids with no account are left out. Equal on SQLite and PostgreSQL for equal data.
+    ``across_runs``: what migrations derive from their ids and moments, relative to them (see
+    the module's docstring)."""
     digest = hashlib.sha256()
-    async for _, account_hash in account_hashes(db, account_ids, at=at, chunk=chunk):
+    hashes = account_hashes(db, account_ids, at=at, chunk=chunk, across_runs=across_runs)
+    async for _, account_hash in hashes:
         digest.update(account_hash.encode())
     return digest.hexdigest()
 
@@ -58,10 +78,12 @@ async def account_hashes(
     *,
     at: datetime | None = None,
     chunk: int = CHUNK,
+    across_runs: bool = False,
 ) -> AsyncIterator[tuple[str, str]]:
     """(account id, state hash) for each account, in id order, read ``chunk`` accounts at a
-    time in one transaction."""
-    async for state in account_states(db, account_ids, at=at, chunk=chunk):
+    time in one transaction (``across_runs``: as ``state_checksum``)."""
+    states = account_states(db, account_ids, at=at, chunk=chunk, across_runs=across_runs)
+    async for state in states:
         yield state["account"]["id"], state_hash(state)
 
 
@@ -116,17 +138,67 @@ async def account_states(
     *,
     at: datetime | None = None,
     chunk: int = CHUNK,
+    across_runs: bool = False,
 ) -> AsyncIterator[Snapshot]:
     """Each account's state (``read_states``), in id order, read ``chunk`` accounts at a time
-    in one transaction."""
+    in one transaction (``across_runs``: as ``state_checksum``)."""
     now = at or utcnow()
     async with db.engine.connect() as connection:
         if connection.dialect.name == "postgresql":
             connection = await connection.execution_options(isolation_level="REPEATABLE READ")
         async with connection.begin():
             async for ids in _chunks(connection, account_ids, chunk):
-                for state in await read_states(connection, ids, now):
+                states = await read_states(connection, ids, now)
+                if across_runs:
+                    states = await _relative_to_migrations(connection, ids, states)
+                for state in states:
                     yield state
+
+
+async def _relative_to_migrations(
+    connection: AsyncConnection, ids: list[str], states: list[Snapshot]
+) -> list[Snapshot]:
+    """The states with each archive copy's id written as its original's, and each grace's end
+    as the time from its migration's plan (the snapshot step: the moment the planner used)."""
+    made_by = await connection.execute(
+        select(DataObject.id, DataObject.migration_id).where(
+            DataObject.account_id.in_(ids), DataObject.migration_id.is_not(None)
+        )
+    )
+    copies = {object_id: migration_id for object_id, migration_id in made_by if migration_id}
+    planned: dict[str, datetime] = {}
+    rows = await connection.execute(
+        select(MigrationStep.account_id, MigrationStep.at)
+        .join(Migration, Migration.id == MigrationStep.migration_id)
+        .where(
+            MigrationStep.account_id.in_(ids),
+            MigrationStep.step == Step.SNAPSHOT,
+            Migration.state.in_(list(CUT_OVER)),
+        )
+        .order_by(MigrationStep.at)
+    )
+    for account_id, at in rows:
+        planned[account_id] = at if at.tzinfo else at.replace(tzinfo=UTC)  # the latest wins
+    return [_relative(state, copies, planned.get(state["account"]["id"])) for state in states]
+
+
+def _relative(state: Snapshot, copies: dict[str, str], planned: datetime | None) -> Snapshot:
+    out: Any = copy.deepcopy(state)
+    objects = out["objects"]
+    for obj in objects:
+        migration_id = copies.get(obj["id"])
+        if migration_id is None:
+            continue
+        for original in objects:
+            if derived_id(migration_id, "archive", original["id"]) == obj["id"]:
+                obj["id"] = f"archive:{original['id']}"
+                break
+    grace = ((out.get("subscription") or {}).get("overrides") or {}).get("grace")
+    until = parse_iso(grace.get("until")) if grace else None
+    if grace and until is not None and planned is not None:
+        grace["until"] = f"+{until - planned}"
+    result: Snapshot = sort_state(out)
+    return result
 
 
 async def _chunks(
