@@ -405,3 +405,14 @@ def test_the_cli_seeds_a_fresh_database_and_prints_its_checksum(
         failed = run_keyshift(env, "simulate", "seed", *bad, cwd=ROOT)
         assert failed.returncode == 2
         assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1
+
+
+def test_synthetic_ids_are_uuid5_over_seed_kind_and_indexes() -> None:
+    import uuid
+
+    from keyshift.simulation.synthetic import NAMESPACE
+
+    for index in range(2_000):
+        expected = uuid.uuid5(NAMESPACE, f"9:object:{index}:{index % 7}")
+        assert synthetic_id(9, "object", index, index % 7) == str(expected)
+    assert synthetic_id(9, "account", 4) == str(uuid.uuid5(NAMESPACE, "9:account:4"))

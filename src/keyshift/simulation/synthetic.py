@@ -154,9 +154,8 @@ def anchor_at(now: datetime) -> datetime:
 
 
 _NAMESPACE_BYTES = NAMESPACE.bytes
-#: uuid5's version (5) and variant (RFC 4122) bits, over the first 16 bytes of the SHA-1.
-_UUID_KEEP = 0xFFFFFFFF_FFFF_0FFF_3FFF_FFFFFFFFFFFF
-_UUID_SET = 0x00000000_0000_5000_8000_000000000000
+#: uuid5's variant (RFC 4122: the top two bits 10) over the hex digit that carries it.
+_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def synthetic_id(seed: int, kind: str, *parts: int) -> str:
@@ -167,9 +166,9 @@ def synthetic_id(seed: int, kind: str, *parts: int) -> str:
 
 
 def _uuid5_text(sha1: bytes) -> str:
-    value = int.from_bytes(sha1[:16], "big") & _UUID_KEEP | _UUID_SET
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """The first 16 bytes of the SHA-1 as a uuid, its version digit 5 and its variant set."""
+    h = sha1.hex()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 class _Ids:
