@@ -24,6 +24,7 @@ from keyshift.migration.executor import Executor, preview
 from keyshift.migration.loader import load_rules
 from keyshift.migration.rollback import rollback
 from keyshift.migration.state import state_hash
+from keyshift.security.keyring import Keyring
 from keyshift.security.secrets_store import Secrets
 from keyshift.simulation.checksum import state_checksum
 from keyshift.simulation.seed import SeedSummary, seed
@@ -53,6 +54,29 @@ async def _seed(db: Database, secrets: Secrets, n: int, seed_value: int) -> Seed
     )
 
 
+#: A fixed keyring and anchor: the key lookups (HMACs), and so the checksum, are fixed too.
+PINNED_KEYRING = Keyring(active="k1", keys={"k1": b"k" * 32}, lookup_key=b"l" * 32)
+PINNED_AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+#: The checksum of seed 77's first 300 accounts under them (with the example catalog). A change
+#: to it means the same seed gives another dataset than it did: recorded checksums and
+#: rehearsals stop matching. Change it only with the generator or the catalog, on purpose.
+PINNED_CHECKSUM = "0abbb12e600a46ec8c02db6fa48ae21ed37eb29beb8f38d2e0e4ced2ab18e969"
+
+
+async def _seed_pinned(db: Database, *, bulk: bool | None = None) -> SeedSummary:
+    return await seed(
+        db,
+        accounts=300,
+        seed=77,
+        keyring=PINNED_KEYRING,
+        actor=SYSTEM,
+        catalog_dir=CATALOG,
+        at=PINNED_AT,
+        chunk=70,
+        bulk=bulk,
+    )
+
+
 def _ids(seed_value: int, n: int) -> list[str]:
     return [synthetic_id(seed_value, "account", i) for i in range(n)]
 
@@ -77,6 +101,77 @@ async def test_same_seed_gives_the_same_checksum_and_another_seed_another(
     await reset(db)
     await _seed(db, secrets, 400, seed_value=11)
     assert await state_checksum(db, at=AT) == checksum_11
+
+
+async def test_a_seed_gives_the_dataset_it_always_gave(db: Database) -> None:
+    await _seed_pinned(db)
+    assert await state_checksum(db, at=PINNED_AT) == PINNED_CHECKSUM
+
+
+#: Every index and constraint of the database, as PostgreSQL would make them again.
+_SCHEMA = """
+SELECT pg_get_indexdef(indexrelid) FROM pg_index
+UNION ALL
+SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+ORDER BY 1
+"""
+
+
+async def test_a_bulk_seed_rebuilds_every_index_and_foreign_key_it_lifted() -> None:
+    import asyncpg
+
+    pg_name, pg_url = await create_pg_database()
+    admin = pg_url.replace("postgresql+asyncpg://", "postgresql://")
+    try:
+        db = Database(pg_url)
+        try:
+            await upgrade_to_head(db.engine)
+            connection = await asyncpg.connect(admin)
+            try:
+                before = [row[0] for row in await connection.fetch(_SCHEMA)]
+                await _seed_pinned(db, bulk=True)
+                assert [row[0] for row in await connection.fetch(_SCHEMA)] == before
+                # Enforced again: a dangling account and a duplicate key lookup are refused.
+                with pytest.raises(asyncpg.ForeignKeyViolationError):
+                    await connection.execute(
+                        "INSERT INTO usage_counters (account_id, meter, period_start,"
+                        " period_end, used, updated_at) VALUES ('nobody', 'm', now(), now(),"
+                        " 0, now())"
+                    )
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    await connection.execute(
+                        "INSERT INTO licenses SELECT 'another-id', account_id, key_lookup,"
+                        " key_ciphertext, key_kid, key_hint, status, expires_at,"
+                        " max_activations_override, overrides, version, created_at,"
+                        " updated_at FROM licenses LIMIT 1"
+                    )
+                assert await state_checksum(db, at=PINNED_AT) == PINNED_CHECKSUM
+
+                # A bulk seed that breaks a constraint fails when the index is built again,
+                # and leaves the schema and the data as they were.
+                await connection.execute(
+                    "UPDATE accounts SET external_ref = 'sim-78-5' WHERE external_ref = 'sim-77-5'"
+                )
+                with pytest.raises(Exception, match="uq_accounts_external_ref"):
+                    await seed(
+                        db,
+                        accounts=50,
+                        seed=78,
+                        keyring=PINNED_KEYRING,
+                        actor=SYSTEM,
+                        catalog_dir=CATALOG,
+                        at=PINNED_AT,
+                        bulk=True,
+                    )
+                assert [row[0] for row in await connection.fetch(_SCHEMA)] == before
+                assert await connection.fetchval("SELECT count(*) FROM accounts") == 300
+            finally:
+                await connection.close()
+        finally:
+            await db.dispose()
+    finally:
+        await drop_pg_database(pg_name)
 
 
 async def test_checksum_is_the_hash_of_the_ledger_snapshot_hashes(
@@ -378,3 +473,14 @@ async def test_across_runs_the_checksum_ignores_when_and_by_which_migration_but_
         assert copy is not None
         copy.units += 1
     assert (await both())[1] != once[1]
+
+
+def test_synthetic_ids_are_uuid5_over_seed_kind_and_indexes() -> None:
+    import uuid
+
+    from keyshift.simulation.synthetic import NAMESPACE
+
+    for index in range(2_000):
+        expected = uuid.uuid5(NAMESPACE, f"9:object:{index}:{index % 7}")
+        assert synthetic_id(9, "object", index, index % 7) == str(expected)
+    assert synthetic_id(9, "account", 4) == str(uuid.uuid5(NAMESPACE, "9:account:4"))

@@ -7,6 +7,7 @@ Reading forgives case, spaces, dashes and the look-alikes O→0, I/L→1.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 
@@ -34,13 +35,17 @@ class KeyFormatError(ValueError):
 
 def check_character(body: str) -> str:
     """Luhn mod 32 over the body: catches every single-symbol error, and every adjacent swap
-    but 0<->Z (which ``generate`` never emits)."""
-    factor, total, n = 2, 0, len(ALPHABET)
-    for char in reversed(body):
-        addend = factor * _INDEX[char]
-        factor = 1 if factor == 2 else 2
-        total += addend // n + addend % n
+    but 0<->Z (which ``generate`` never emits). From the last symbol back, every other one
+    counts doubled (its two base-32 digits summed); the tables hold both values per symbol."""
+    n = len(ALPHABET)
+    total = sum(map(_DOUBLED.__getitem__, body[-1::-2])) + sum(
+        map(_INDEX.__getitem__, body[-2::-2])
+    )
     return ALPHABET[(n - total % n) % n]
+
+
+#: Each symbol's addend where Luhn doubles it: the digits of 2 * value in base 32, summed.
+_DOUBLED = {c: (2 * i) // len(ALPHABET) + (2 * i) % len(ALPHABET) for c, i in _INDEX.items()}
 
 
 #: Luhn mod N detects every adjacent transposition except of the symbols worth 0 and N-1
@@ -63,12 +68,16 @@ def derive(material: bytes) -> str:
     should a body hold a pair ``generate`` never emits)."""
     for attempt in range(1_000):
         digest = hashlib.sha256(material + attempt.to_bytes(2, "big")).digest()
-        bits = int.from_bytes(digest[:15], "big")  # 120 bits: 24 symbols of 5
-        body = "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(BODY_LENGTH))
+        # 120 bits as 24 symbols of 5, the lowest bits first: base32 gives them highest first.
+        body = base64.b32encode(digest[:15]).translate(_FROM_BASE32)[::-1].decode()
         key = _from_body(body)
         if key is not None:
             return key
     raise AssertionError("unreachable: a blind pair in 1,000 bodies running")
+
+
+#: RFC 4648 base32's alphabet to ours (Crockford's), symbol for symbol.
+_FROM_BASE32 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET.encode())
 
 
 def _from_body(body: str) -> str | None:

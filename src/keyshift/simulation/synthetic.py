@@ -11,20 +11,23 @@ leaves out (a pinned contract, a data region, no usage billing asked for).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from keyshift.catalog.durations import Duration
 from keyshift.catalog.entitlements import Entitlements
 from keyshift.licensing import keys
 from keyshift.metering.periods import period_containing
 from keyshift.security.keyring import Keyring
+
+T = TypeVar("T")
 
 #: The namespace of every synthetic id: uuid5 over ``seed:kind:index…``.
 NAMESPACE = uuid.UUID("9b0c6a43-5d1f-4c3e-8f0e-73696d756c61")
@@ -151,17 +154,35 @@ def anchor_at(now: datetime) -> datetime:
 
 
 _NAMESPACE_BYTES = NAMESPACE.bytes
+#: uuid5's variant (RFC 4122: the top two bits 10) over the hex digit that carries it.
+_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def synthetic_id(seed: int, kind: str, *parts: int) -> str:
     """``uuid5(NAMESPACE, "seed:kind:part:…")`` as text, computed without ``uuid.UUID``
     objects (a million accounts need about ten million ids)."""
     name = ":".join((str(seed), kind, *map(str, parts))).encode()
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return _uuid5_text(hashlib.sha1(_NAMESPACE_BYTES + name).digest())
+
+
+def _uuid5_text(sha1: bytes) -> str:
+    """The first 16 bytes of the SHA-1 as a uuid, its version digit 5 and its variant set."""
+    h = sha1.hex()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+class _Ids:
+    """``synthetic_id(seed, kind, …)`` for one seed and kind, the SHA-1 of the common prefix
+    computed once (the generator makes about ten ids per account)."""
+
+    def __init__(self, seed: int, kind: str) -> None:
+        self._prefix = hashlib.sha1(_NAMESPACE_BYTES + f"{seed}:{kind}:".encode())
+
+    def __call__(self, parts: str) -> str:
+        """The id of ``parts``, the indexes already joined with ``:``."""
+        sha1 = self._prefix.copy()
+        sha1.update(parts.encode())
+        return _uuid5_text(sha1.digest())
 
 
 def license_key(seed: int, account_index: int, license_index: int) -> str:
@@ -169,10 +190,35 @@ def license_key(seed: int, account_index: int, license_index: int) -> str:
     return keys.derive(f"keyshift-simulate:{seed}:{account_index}:{license_index}".encode())
 
 
+#: The choices the generator makes, kept in tuples once (``rng.choice`` draws an index).
+_LOCALES = ("en", "de", "fr", "ja")
+_THEMES = ("dark", "light")
+_SEGMENTS = ("smb", "mid")
+_LABELS = ("laptop", "workstation", "build-agent", None)
+_OBJECT_SIZES = (0, 1, 2, 3, 5, 8)
+#: Quotas that are metered, not stored: no data objects for them.
+_METERED_QUOTAS = frozenset(("api_calls_per_month", "automation_runs_per_month"))
+
+
+@dataclass(frozen=True)
+class _Quota:
+    """One stored quota of a plan, against the target plan's (if the plan is a source)."""
+
+    name: str
+    limit: int
+    target_limit: int | None
+    over_rate: float
+
+
 class Generator:
     """Generates accounts in index order from one ``random.Random(seed)`` stream: call
-    ``accounts`` with consecutive runs (0 to 999, then 1000 to 1999 …); the rows do not depend on how the
-    indexes are cut into runs."""
+    ``accounts`` with consecutive runs (0 to 999, then 1000 to 1999 …); the rows do not depend
+    on how the indexes are cut into runs.
+
+    The draws are made through ``getrandbits`` and ``random`` directly, as
+    ``random.Random``'s ``randrange``, ``randint``, ``choice`` and ``choices`` make them in
+    CPython (the same numbers, without their argument checks): generation is most of the cost
+    of a seed, and a million accounts make about fifty million draws."""
 
     def __init__(
         self,
@@ -186,12 +232,19 @@ class Generator:
             raise ValueError(f"plans missing from the catalog: {', '.join(missing)}")
         self.seed, self.plans, self.keyring, self.anchor = seed, plans, keyring, anchor
         self.rng = random.Random(seed)
+        self._bits = self.rng.getrandbits
+        self._random = self.rng.random
         self.next_index = 0
         self._refs = [ref for ref, _ in PLAN_SHARES]
         self._weights = list(itertools.accumulate(weight for _, weight in PLAN_SHARES))
         self._regions = [region for region, _ in REGIONS]
         self._region_weights = list(itertools.accumulate(weight for _, weight in REGIONS))
         self._term_days = {ref: _term_days(plan.term) for ref, plan in plans.items()}
+        self._quotas = {ref: self._stored_quotas(ref) for ref, _ in PLAN_SHARES}
+        self._account_id = _Ids(seed, "account")
+        self._license_id = _Ids(seed, "license")
+        self._activation_id = _Ids(seed, "activation")
+        self._object_id = _Ids(seed, "object")
 
     def accounts(self, start: int, count: int) -> Rows:
         if start != self.next_index:
@@ -202,25 +255,48 @@ class Generator:
         self.next_index = start + count
         return rows
 
+    # -- draws, as random.Random makes them --------------------------------------------------
+
+    def _below(self, n: int) -> int:
+        """``randrange(n)``: an int in [0, n), by rejection over ``n.bit_length()`` bits."""
+        if n <= 0:
+            raise ValueError("empty range")
+        bits, k = self._bits, n.bit_length()
+        r = bits(k)
+        while r >= n:
+            r = bits(k)
+        return r
+
+    def _between(self, low: int, high: int) -> int:
+        """``randint(low, high)``: both ends included."""
+        return low + self._below(high - low + 1)
+
+    def _pick(self, population: Sequence[T], cum_weights: list[int]) -> T:
+        """``choices(population, cum_weights=…)[0]``."""
+        return population[
+            bisect.bisect(
+                cum_weights, self._random() * (cum_weights[-1] + 0.0), 0, len(cum_weights) - 1
+            )
+        ]
+
     # -- one account ---------------------------------------------------------------------------
 
     def _account(self, index: int, rows: Rows) -> None:
-        rng, seed, anchor = self.rng, self.seed, self.anchor
-        ref = rng.choices(self._refs, cum_weights=self._weights)[0]
+        seed, anchor, random_, below = self.seed, self.anchor, self._random, self._below
+        ref = self._pick(self._refs, self._weights)
         plan = self.plans[ref]
         rows.plans[ref] = rows.plans.get(ref, 0) + 1
-        account_id = synthetic_id(seed, "account", index)
-        created = anchor - timedelta(days=rng.randint(60, 1500), seconds=rng.randrange(86_400))
-        started = max(created, anchor - timedelta(days=rng.randint(20, 700)))
-        status = "suspended" if rng.random() < SUSPENDED_ACCOUNTS else "active"
+        account_id = self._account_id(str(index))
+        created = anchor - timedelta(days=60 + below(1441), seconds=below(86_400))
+        started = max(created, anchor - timedelta(days=20 + below(681)))
+        status = "suspended" if random_() < SUSPENDED_ACCOUNTS else "active"
         rows.count("suspended_accounts", status == "suspended")
         attributes = self._attributes(ref, rows)
         preferences = (
-            {"locale": rng.choice(("en", "de", "fr", "ja")), "theme": rng.choice(("dark", "light"))}
-            if rng.random() < 0.6
-            else {}
+            {"locale": _LOCALES[below(4)], "theme": _THEMES[below(2)]} if random_() < 0.6 else {}
         )
-        rows.tables["accounts"].append(
+        tables = rows.tables
+        tables["accounts"].append(
             (
                 account_id,
                 f"Sim {seed}/{index:07d}",
@@ -233,40 +309,40 @@ class Generator:
             )
         )
         key, version = ref.split("@", 1)
-        rows.tables["subscriptions"].append(
+        tables["subscriptions"].append(
             (account_id, key, version, plan.plan_hash, started, 1, self._addons(ref), started)
         )
         for number in range(self._license_count(plan)):
             self._license(index, number, account_id, plan, started, status, rows)
         self._counters(account_id, plan, started, rows)
-        self._objects(index, account_id, ref, plan, created, rows)
+        self._objects(index, account_id, ref, created, rows)
 
     def _attributes(self, ref: str, rows: Rows) -> dict[str, Any]:
-        rng = self.rng
-        region = rng.choices(self._regions, cum_weights=self._region_weights)[0]
-        attributes: dict[str, Any] = {"region": region, "segment": rng.choice(("smb", "mid"))}
+        random_ = self._random
+        region = self._pick(self._regions, self._region_weights)
+        attributes: dict[str, Any] = {"region": region, "segment": _SEGMENTS[self._below(2)]}
         ineligible = False
-        if ref == "pro-seat@2023" and rng.random() < 0.06:
+        if ref == "pro-seat@2023" and random_() < 0.06:
             attributes["pinned_contract"] = "2023-terms"
             ineligible = True
         elif ref == "enterprise-seat@2025":
-            attributes["downgrade_requested"] = rng.random() < 0.6
-            if region == "eu" and rng.random() < 0.5:
+            attributes["downgrade_requested"] = random_() < 0.6
+            if region == "eu" and random_() < 0.5:
                 attributes["data_region"] = "eu-central"
             ineligible = not attributes["downgrade_requested"] or "data_region" in attributes
         elif ref == "pro-seat@2025":
-            attributes["billing"] = "usage" if rng.random() < 0.5 else "seat"
+            attributes["billing"] = "usage" if random_() < 0.5 else "seat"
             ineligible = attributes["billing"] != "usage" or region == "cn"
         rows.count("ineligible_accounts", ineligible)
         return attributes
 
     def _addons(self, ref: str) -> dict[str, Any]:
-        rng = self.rng
-        if ref == "pro-seat@2023" and rng.random() < 0.05:
+        random_ = self._random
+        if ref == "pro-seat@2023" and random_() < 0.05:
             return {"addons": {"extra_storage": {"features": {}, "quotas": {"storage_gb": 100}}}}
-        if ref == "enterprise-seat@2025" and rng.random() < 0.1:
+        if ref == "enterprise-seat@2025" and random_() < 0.1:
             return {"addons": {"premium_sla": {"features": {"dedicated_support": "enabled"}}}}
-        if ref == "pro-seat@2025" and rng.random() < 0.03:
+        if ref == "pro-seat@2025" and random_() < 0.03:
             # No rule maps it in pro-seat-to-usage (addons_default = "refuse"): refused.
             return {"addons": {"onboarding": {"features": {}, "quotas": {"projects": 10}}}}
         return {}
@@ -274,7 +350,7 @@ class Generator:
     def _license_count(self, plan: Entitlements) -> int:
         if plan.model == "usage":
             return 1
-        roll = self.rng.random()
+        roll = self._random()
         return 1 if roll < 0.75 else 2 if roll < 0.95 else 3
 
     def _license(
@@ -287,12 +363,12 @@ class Generator:
         account_status: str,
         rows: Rows,
     ) -> None:
-        rng, anchor = self.rng, self.anchor
-        license_id = synthetic_id(self.seed, "license", index, number)
+        anchor, random_, between = self.anchor, self._random, self._between
+        license_id = self._license_id(f"{index}:{number}")
         key = license_key(self.seed, index, number)
         sealed = self.keyring.seal(key.encode(), context=license_id.encode())
         term_days = self._term_days[plan.plan_ref]
-        roll = rng.random()
+        roll = random_()
         status = "active"
         if account_status == "suspended" or roll < SUSPENDED_LICENSES:
             status = "suspended"
@@ -300,17 +376,17 @@ class Generator:
             status = "revoked"
         if term_days is None:
             expires = None
-        elif rng.random() < EXPIRED_LICENSES:
-            lapsed = timedelta(seconds=plan.grace_seconds, days=rng.randint(1, 60))
+        elif random_() < EXPIRED_LICENSES:
+            lapsed = timedelta(seconds=plan.grace_seconds, days=between(1, 60))
             expires = anchor - lapsed
             rows.count("expired_licenses")
         else:
-            expires = anchor + timedelta(days=rng.randint(3, term_days), hours=rng.randrange(24))
+            expires = anchor + timedelta(days=between(3, term_days), hours=self._below(24))
         rows.count(f"{status}_licenses")
         cap = plan.max_activations
-        override = cap + rng.randint(1, 5) if cap and rng.random() < 0.04 else None
+        override = cap + between(1, 5) if cap and random_() < 0.04 else None
         overrides: dict[str, Any] = {}
-        if rng.random() < 0.03:
+        if random_() < 0.03:
             overrides = {"features": {"advanced_reports": "enabled"}}
         rows.tables["licenses"].append(
             (
@@ -331,7 +407,7 @@ class Generator:
         )
         seats = min(override or cap or 3, 6)
         # No machine on one license in 3 * seats + 1; each other number equally likely.
-        machines = max(0, rng.randint(-seats // 3, seats))
+        machines = max(0, between(-seats // 3, seats))
         for machine in range(machines):
             self._activation(index, number, machine, account_id, license_id, plan, started, rows)
 
@@ -346,101 +422,107 @@ class Generator:
         started: datetime,
         rows: Rows,
     ) -> None:
-        rng, anchor = self.rng, self.anchor
+        anchor, below = self.anchor, self._below
         if plan.lease_seconds:  # floating: seen within half a lease, so the lease runs
-            seen = anchor - timedelta(seconds=rng.randrange(1, plan.lease_seconds // 2))
+            seen = anchor - timedelta(seconds=1 + below(plan.lease_seconds // 2 - 1))
         else:
-            seen = anchor - timedelta(minutes=rng.randint(1, 6_000))
+            seen = anchor - timedelta(minutes=1 + below(6_000))
         lease = plan.lease_until(seen)
-        if lease is not None and rng.random() < LAPSED_LEASES:
-            lease = anchor - timedelta(minutes=rng.randint(1, 10_000))
+        if lease is not None and self._random() < LAPSED_LEASES:
+            lease = anchor - timedelta(minutes=1 + below(10_000))
             rows.count("lapsed_leases")
-        created = started + timedelta(
-            seconds=rng.randrange(int((anchor - started).total_seconds()))
-        )
+        created = started + timedelta(seconds=below(int((anchor - started).total_seconds())))
         rows.tables["activations"].append(
             (
-                synthetic_id(self.seed, "activation", index, number, machine),
+                self._activation_id(f"{index}:{number}:{machine}"),
                 account_id,
                 license_id,
-                f"{rng.getrandbits(64):016x}-{machine}",
+                f"{self._bits(64):016x}-{machine}",
                 plan.machine_mode,
                 lease,
                 seen,
-                rng.choice(("laptop", "workstation", "build-agent", None)),
+                _LABELS[below(4)],
                 created,
             )
         )
 
     def _counters(self, account_id: str, plan: Entitlements, started: datetime, rows: Rows) -> None:
-        rng, anchor = self.rng, self.anchor
+        anchor, random_ = self.anchor, self._random
         for meter, spec in plan.meters.items():
             if spec.get("aggregation") == "unique":
                 continue  # its counter is the count of member rows: none are made
             current = period_containing(spec["reset"], started, anchor, term=plan.term)
             included = int(spec["included"])
-            over = rng.random() < 0.1
-            used = int(included * (rng.uniform(1.0, 1.5) if over else rng.uniform(0, 0.95)))
+            over = random_() < 0.1
+            # uniform(a, b) is a + (b - a) * random()
+            used = int(included * (1.0 + 0.5 * random_() if over else 0.95 * random_()))
             rows.count("counters_over_included", over)
             periods = [(current, used)]
-            if current.start > started and rng.random() < 0.5:
+            if current.start > started and random_() < 0.5:
                 before = period_containing(
                     spec["reset"], started, current.start - timedelta(seconds=1), term=plan.term
                 )
-                periods.append((before, int(included * rng.uniform(0, 1.2))))
+                periods.append((before, int(included * (1.2 * random_()))))
             for span, value in periods:
                 rows.tables["usage_counters"].append(
                     (account_id, meter, span.start, span.end, value, anchor)
                 )
+
+    def _stored_quotas(self, ref: str) -> tuple[_Quota, ...]:
+        plan = self.plans[ref]
+        target = self.plans[TARGETS[ref]] if ref in TARGETS else None
+        quotas = []
+        for quota, limit in sorted(plan.quotas.items()):
+            if quota in _METERED_QUOTAS:
+                continue
+            target_limit = target.quotas.get(quota) if target else None
+            # Over the target: often where the target lowers the quota, rarely elsewhere.
+            lowered = target_limit is not None and target_limit < limit
+            rate = OVER_TARGET_QUOTA if lowered else OVER_UNCHANGED_QUOTA
+            quotas.append(_Quota(quota, limit, target_limit, rate))
+        return tuple(quotas)
 
     def _objects(
         self,
         index: int,
         account_id: str,
         ref: str,
-        plan: Entitlements,
         created: datetime,
         rows: Rows,
     ) -> None:
         """Data objects per quota the plan has: a few projects, stored data, links; on a source
         plan some accounts hold more than the target plan allows."""
-        rng = self.rng
-        target = self.plans[TARGETS[ref]] if ref in TARGETS else None
+        random_, below, between = self._random, self._below, self._between
         units: list[tuple[str, int]] = []
         over_any = False
-        for quota, limit in sorted(plan.quotas.items()):
-            if quota in ("api_calls_per_month", "automation_runs_per_month"):
-                continue  # metered, not stored
-            target_limit = target.quotas.get(quota) if target else None
-            # Over the target: often where the target lowers the quota, rarely elsewhere.
-            lowered = target_limit is not None and target_limit < limit
-            rate = OVER_TARGET_QUOTA if lowered else OVER_UNCHANGED_QUOTA
-            if target_limit is not None and rng.random() < rate:
-                total = rng.randint(
-                    target_limit + 1, max(target_limit + 2, limit, target_limit * 2)
-                )
+        for quota in self._quotas[ref]:
+            target_limit, limit = quota.target_limit, quota.limit
+            if target_limit is not None and random_() < quota.over_rate:
+                total = between(target_limit + 1, max(target_limit + 2, limit, target_limit * 2))
                 over_any = True
-            elif quota == "seats":
+            elif quota.name == "seats":
                 continue  # filed by few applications
             else:
                 room = min(limit, target_limit) if target_limit is not None else limit
-                total = min(room, rng.choice((0, 1, 2, 3, 5, 8)) * max(1, room // 40))
-            pieces = min(total, rng.randint(1, 4)) if total else 0
+                total = min(room, _OBJECT_SIZES[below(6)] * max(1, room // 40))
+            pieces = min(total, between(1, 4)) if total else 0
             for piece in range(pieces):
                 share = total // pieces + (1 if piece < total % pieces else 0)
-                units.append((quota, share))
+                units.append((quota.name, share))
         rows.count("over_target_quota_accounts", over_any)
+        if not units:
+            return
         span = int((self.anchor - created).total_seconds())
-        for number, (quota, amount) in enumerate(units):
-            object_id = synthetic_id(self.seed, "object", index, number)
-            content = f"{quota} {number} of account {index} (seed {self.seed})".encode()
-            when = created + timedelta(seconds=rng.randrange(span))
-            rows.tables["data_objects"].append(
+        seed, object_id, append = self.seed, self._object_id, rows.tables["data_objects"].append
+        for number, (quota_name, amount) in enumerate(units):
+            content = f"{quota_name} {number} of account {index} (seed {seed})".encode()
+            when = created + timedelta(seconds=below(span))
+            append(
                 (
-                    object_id,
+                    object_id(f"{index}:{number}"),
                     account_id,
-                    quota,
-                    f"{quota}-{number}",
+                    quota_name,
+                    f"{quota_name}-{number}",
                     amount,
                     "standard",
                     "active",
