@@ -605,7 +605,9 @@ class Executor:
         table where the step reads them, and the ledger rows inserted together."""
         batch = Batch(session, self.clock())
         batch.announce_to = self.cache.apply if self.cache is not None else None
-        rows = await repository.lock_migrations(session, migration_ids)
+        rows = await repository.lock_migrations(
+            session, migration_ids, without=_NOT_READ.get(step, ())
+        )
         batch.done = await repository.ledger_steps(session, list(rows))
         out: dict[str, Flow | KeyshiftError] = {}
         todo: list[Migration] = []
@@ -1100,6 +1102,14 @@ class Executor:
             },
         )
         return Flow.NEXT
+
+
+#: The columns of a migration row a step does not read (``lock_migrations``): the snapshot
+#: and the plan are most of a row.
+_NOT_READ: dict[Step, tuple[Any, ...]] = {
+    Step.PREPARE: (Migration.snapshot,),
+    Step.RECEIPT: (Migration.snapshot, Migration.plan),
+}
 
 
 #: Validation answers that mean the license, or a machine kept on it, lost its hold.

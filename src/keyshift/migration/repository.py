@@ -12,6 +12,7 @@ from typing import Any, cast
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import defer
 
 from keyshift.db.tables import (
     Account,
@@ -383,19 +384,22 @@ async def lock_migration(session: AsyncSession, migration_id: str) -> Migration 
 
 
 async def lock_migrations(
-    session: AsyncSession, migration_ids: Sequence[str]
+    session: AsyncSession, migration_ids: Sequence[str], *, without: Sequence[Any] = ()
 ) -> dict[str, Migration]:
     """Many migration rows, locked in id order (two batches that share rows cannot deadlock
-    on them); missing ids are left out."""
-    rows = (
-        await session.execute(
-            select(Migration)
-            .where(Migration.id.in_(sorted(set(migration_ids))))
-            .order_by(Migration.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-    ).scalars()
+    on them); missing ids are left out. ``without``: columns not to read (a step that does
+    not use a row's snapshot or plan need not carry them over the wire); reading one of them
+    later raises instead of loading it."""
+    query = (
+        select(Migration)
+        .where(Migration.id.in_(sorted(set(migration_ids))))
+        .order_by(Migration.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if without:
+        query = query.options(*(defer(column, raiseload=True) for column in without))
+    rows = (await session.execute(query)).scalars()
     return {row.id: row for row in rows}
 
 
