@@ -329,8 +329,8 @@ async def _work_in_process(settings: Settings, db: Database, run_id: str) -> int
 
 @contextlib.contextmanager
 def stop_on_signals(stopping: asyncio.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stopping`` (the worker finishes the account in hand and gives
-    the rest of its batch back). Outside the main thread (an embedding program) signals stay
+    """SIGTERM and SIGINT set ``stopping`` (the worker finishes the batch in hand and gives
+    back what it has not started). Outside the main thread (an embedding program) signals stay
     with their owner."""
     import signal
 

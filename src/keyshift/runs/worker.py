@@ -525,7 +525,10 @@ class Worker:
         claim: Claim,
         outcomes: dict[str, tuple[AccountState | None, str | None, str | None]],
     ) -> None:
-        """Record a batch's outcomes in one transaction (see ``_settle``)."""
+        """Record the accounts' outcomes in one transaction — each only if this worker still
+        holds it (else the lease ran out and another worker's outcome counts) — counting the
+        attempt, quarantining after too many, and halting the run when its wave fails too often
+        or its canary's verification found a difference."""
         now = self.clock()
         async with self.db.transaction() as session:
             rows = (
@@ -563,29 +566,8 @@ class Worker:
         error: str | None,
         migration_id: str | None,
     ) -> None:
-        """Record the account's outcome (only if this worker still holds it), count the
-        attempt, quarantine after too many, and halt the run when its wave fails too often
-        or its canary's verification found a difference."""
-        now = self.clock()
-        async with self.db.transaction() as session:
-            row = (
-                await session.execute(
-                    select(RunAccount)
-                    .where(
-                        RunAccount.run_id == claim.run_id,
-                        RunAccount.account_id == account_id,
-                        RunAccount.batch_id == claim.batch_id,
-                        RunAccount.state == AccountState.CLAIMED,
-                    )
-                    .with_for_update()
-                )
-            ).scalar_one_or_none()
-            if row is None:
-                return  # the lease ran out and another worker took it: its outcome counts
-            _apply_outcome(row, claim, state, error, migration_id, now)
-            await session.flush()
-            if state is None and claim.phase != Phase.ROLLBACK:
-                await self._maybe_halt(session, claim, account_id, error or "", now)
+        """One account's outcome (``_settle_many`` of one)."""
+        await self._settle_many(claim, {account_id: (state, error, migration_id)})
 
     async def _maybe_halt(
         self, session: Any, claim: Claim, account_id: str, error: str, now: datetime
