@@ -27,6 +27,7 @@ from keyshift.catalog import service as catalog
 from keyshift.context import Actor
 from keyshift.db import changes
 from keyshift.db.engine import Database
+from keyshift.db.sql import among
 from keyshift.db.tables import (
     Activation,
     DataObject,
@@ -774,7 +775,7 @@ class Executor:
                 (
                     await session.execute(
                         select(Migration)
-                        .where(Migration.id.in_(list(migration_ids)))
+                        .where(among(session, Migration.id, migration_ids))
                         .execution_options(populate_existing=True)
                     )
                 )

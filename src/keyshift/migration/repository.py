@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import defer
 
+from keyshift.db.sql import among
 from keyshift.db.tables import (
     Account,
     Activation,
@@ -259,7 +260,7 @@ async def read_states(
         columns = _STATE_COLUMNS[table]
         key = columns[0]
         grouped: dict[str, list[Any]] = {}
-        result = await session.execute(select(*columns).where(key.in_(ids), *where))
+        result = await session.execute(select(*columns).where(among(session, key, ids), *where))
         for row in result:
             grouped.setdefault(row[0], []).append(row)
         return grouped
@@ -302,12 +303,15 @@ async def lock_for_snapshot(session: AsyncSession, account_ids: Sequence[str]) -
     ids = sorted(set(account_ids))
     await session.execute(
         select(Subscription.account_id)
-        .where(Subscription.account_id.in_(ids))
+        .where(among(session, Subscription.account_id, ids))
         .order_by(Subscription.account_id)
         .with_for_update()
     )
     await session.execute(
-        select(License.id).where(License.account_id.in_(ids)).order_by(License.id).with_for_update()
+        select(License.id)
+        .where(among(session, License.account_id, ids))
+        .order_by(License.id)
+        .with_for_update()
     )
 
 
@@ -318,7 +322,7 @@ async def lock_subscriptions(
     rows = (
         await session.execute(
             select(Subscription)
-            .where(Subscription.account_id.in_(sorted(set(account_ids))))
+            .where(among(session, Subscription.account_id, sorted(set(account_ids))))
             .order_by(Subscription.account_id)
             .with_for_update()
             .execution_options(populate_existing=True)
@@ -335,7 +339,7 @@ async def lock_licenses(
     rows = (
         await session.execute(
             select(License)
-            .where(License.account_id.in_(sorted(out)))
+            .where(among(session, License.account_id, sorted(out)))
             .order_by(License.id)
             .with_for_update()
             .execution_options(populate_existing=True)
@@ -363,7 +367,7 @@ async def read_machines(session: AsyncSession, account_ids: Sequence[str]) -> di
     out: dict[str, list[Any]] = {a: [] for a in account_ids}
     rows = await session.execute(
         select(*_MACHINE_COLUMNS)
-        .where(Activation.account_id.in_(sorted(out)))
+        .where(among(session, Activation.account_id, sorted(out)))
         .order_by(Activation.id)
     )
     for row in rows:
@@ -392,7 +396,7 @@ async def lock_migrations(
     later raises instead of loading it."""
     query = (
         select(Migration)
-        .where(Migration.id.in_(sorted(set(migration_ids))))
+        .where(among(session, Migration.id, sorted(set(migration_ids))))
         .order_by(Migration.id)
         .with_for_update()
         .execution_options(populate_existing=True)
@@ -408,7 +412,7 @@ async def ledger_steps(session: AsyncSession, migration_ids: Sequence[str]) -> d
     done: dict[str, set[Step]] = {m: set() for m in migration_ids}
     rows = await session.execute(
         select(MigrationStep.migration_id, MigrationStep.step).where(
-            MigrationStep.migration_id.in_(list(done))
+            among(session, MigrationStep.migration_id, done)
         )
     )
     for migration_id, step in rows:
@@ -481,7 +485,7 @@ async def active_migrations(
     rows = (
         await session.execute(
             select(Migration)
-            .where(Migration.lock_account_id.in_(list(account_ids)))
+            .where(among(session, Migration.lock_account_id, account_ids))
             .execution_options(populate_existing=True)
         )
     ).scalars()
@@ -492,7 +496,7 @@ async def holding_runs(session: AsyncSession, account_ids: Sequence[str]) -> dic
     """The active run holding each of the accounts, for those one holds."""
     rows = await session.execute(
         select(RunAccount.hold_account_id, RunAccount.run_id).where(
-            RunAccount.hold_account_id.in_(list(account_ids))
+            among(session, RunAccount.hold_account_id, account_ids)
         )
     )
     return {account_id: run_id for account_id, run_id in rows if account_id is not None}
@@ -668,7 +672,7 @@ async def convert_now(
     """Put the activations ``ids`` into ``mode`` with ``lease`` (see ``convert_machines``)."""
     await session.execute(
         update(Activation)
-        .where(Activation.id.in_(list(ids)))
+        .where(among(session, Activation.id, ids))
         .values(mode=mode, lease_expires_at=lease)
     )
 

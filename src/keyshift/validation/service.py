@@ -20,6 +20,7 @@ from keyshift.canonical import canonical_json
 from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements, with_overrides
 from keyshift.db.engine import HotRead
+from keyshift.db.sql import among
 from keyshift.db.tables import Activation, License, Subscription, UsageCounter
 from keyshift.db.types import utcnow
 from keyshift.errors import DatabaseUnavailable
@@ -90,7 +91,6 @@ _STATES_QUERY = (
     .select_from(License)
     .outerjoin(Subscription, Subscription.account_id == License.account_id)
     .outerjoin(Activation, Activation.license_id == License.id)
-    .where(License.key_lookup.in_(bindparam("lookups", expanding=True)))
     .order_by(License.key_lookup, Activation.created_at, Activation.id)
 )
 #: The account's counters whose period contains ``when`` (as ``repository.counters_at``).
@@ -160,7 +160,9 @@ async def load_many(session: AsyncSession, lookups: Sequence[str]) -> dict[str, 
     if not lookups:
         return {}
     grouped: dict[str, list[Mapping[Any, Any]]] = {}
-    result = await session.execute(_STATES_QUERY, {"lookups": sorted(set(lookups))})
+    result = await session.execute(
+        _STATES_QUERY.where(among(session, License.key_lookup, sorted(set(lookups))))
+    )
     for row in result.mappings():
         grouped.setdefault(row["key_lookup"], []).append(row)
     out: dict[str, CachedLicense] = {}
