@@ -55,6 +55,7 @@ from keyshift.migration.errors import (
     RulesVersionConflict,
 )
 from keyshift.migration.planner import CounterMove, MigrationPlan, plan_migration
+from keyshift.migration.repository import MigrationRecord
 from keyshift.migration.rollback import rollback
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
 from keyshift.migration.state import (
@@ -84,7 +85,7 @@ class Flow(StrEnum):
 
 #: One step's work, given the locked migration row and the batch it is part of; it writes
 #: the step's ledger row (``Batch.write_step``).
-StepHandler = Callable[[AsyncSession, Actor, Migration, "Batch"], Awaitable[Flow]]
+StepHandler = Callable[[AsyncSession, Actor, MigrationRecord, "Batch"], Awaitable[Flow]]
 
 
 #: Test hook: ``KEYSHIFT_FAULT_POINT=inside:cutover`` makes the process SIGKILL itself there.
@@ -231,6 +232,8 @@ class Batch:
     conversions: dict[tuple[str, datetime | None], list[str]] = field(default_factory=dict)
     #: Read ahead for a verify: every license of the batch's accounts, as validation loads it.
     loaded: dict[str, license_cache.CachedLicense] | None = None
+    #: Migration rows to insert (the lock step's), inserted by ``flush`` before the ledger.
+    new_migrations: list[dict[str, Any]] = field(default_factory=list)
     #: Read ahead by ``read_holders``: the migration holding each account, the run holding it.
     _holders: dict[str, Migration] | None = None
     _runs: dict[str, str] | None = None
@@ -288,7 +291,7 @@ class Batch:
 
     def write_step(
         self,
-        migration: Migration,
+        migration: Migration | MigrationRecord,
         step: Step,
         *,
         outcome: StepOutcome = StepOutcome.DONE,
@@ -315,6 +318,8 @@ class Batch:
     async def flush(self) -> None:
         """Insert the ledger rows, convert the machines collected, and announce the accounts whose licenses changed (caches
         drop them when the transaction commits)."""
+        migrations, self.new_migrations = self.new_migrations, []
+        await repository.insert_migrations(self.session, migrations)
         rows, self.ledger = self.ledger, []
         await repository.insert_steps(self.session, rows)
         conversions, self.conversions = self.conversions, {}
@@ -365,17 +370,20 @@ class Executor:
         # change that holds the account and waits for the head.
         async def lock(session: AsyncSession) -> Migration:
             batch = Batch(session, now)
-            row = await self._lock_one(
-                batch,
-                actor,
-                rules,
-                account_id,
-                migration_id=migration_id,
-                on_pending=on_pending,
-                run_id=run_id,
-                expect=expect,
-            )
-            await batch.flush()
+            with audit.deferred(session) as events:
+                row = await self._lock_one(
+                    batch,
+                    actor,
+                    rules,
+                    account_id,
+                    migration_id=migration_id,
+                    on_pending=on_pending,
+                    run_id=run_id,
+                    expect=expect,
+                )
+                await session.flush()
+                await batch.flush()  # the migration row: the account's share lock
+            await audit.append_deferred(session, events)  # the audit head: last
             fault_point("inside:lock")
             return row
 
@@ -503,7 +511,7 @@ class Executor:
                     {"replaced_by": migration_id},
                 )
             )
-        row = Migration(
+        values: dict[str, Any] = dict(
             id=migration_id,
             account_id=account_id,
             lock_account_id=None if queued else account_id,
@@ -528,7 +536,8 @@ class Executor:
             updated_at=now,
             run_id=run_id,
         )
-        session.add(row)
+        batch.new_migrations.append(values)  # inserted together, in ``Batch.flush``
+        row = Migration(**values)
         registered = await batch.register(actor, rules)
         if registered is not None:
             events.insert(0, registered)
@@ -606,12 +615,12 @@ class Executor:
         table where the step reads them, and the ledger rows inserted together."""
         batch = Batch(session, self.clock())
         batch.announce_to = self.cache.apply if self.cache is not None else None
-        rows = await repository.lock_migrations(
+        rows = await repository.lock_records(
             session, migration_ids, without=_NOT_READ.get(step, ())
         )
         batch.done = await repository.ledger_steps(session, list(rows))
         out: dict[str, Flow | KeyshiftError] = {}
-        todo: list[Migration] = []
+        todo: list[MigrationRecord] = []
         for migration_id in migration_ids:
             row = rows.get(migration_id)
             if row is None:
@@ -649,6 +658,7 @@ class Executor:
             for row in todo:
                 out[row.id] = await handler(session, actor, row, batch)
         await session.flush()
+        await repository.write_records(session, todo, batch.now)
         await batch.flush()  # every effect is in the database, only the commit is left
         return out
 
@@ -830,7 +840,7 @@ class Executor:
     # -- the steps ---------------------------------------------------------------------------
 
     async def _snapshot(
-        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
+        self, session: AsyncSession, actor: Actor, row: MigrationRecord, batch: Batch
     ) -> Flow:
         now = batch.now
         # The batch locked what admin changes go through (every account's subscription and
@@ -874,7 +884,7 @@ class Executor:
         return Flow.NEXT
 
     async def _prepare(
-        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
+        self, session: AsyncSession, actor: Actor, row: MigrationRecord, batch: Batch
     ) -> Flow:
         """Stage archive copies beside the originals, each verified by hash. Nothing the app
         reads changes."""
@@ -912,7 +922,7 @@ class Executor:
         return Flow.NEXT
 
     async def _cutover(
-        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
+        self, session: AsyncSession, actor: Actor, row: MigrationRecord, batch: Batch
     ) -> Flow:
         """ONE transaction: the plan, overrides, activations, objects and counters flip."""
         now = batch.now
@@ -998,7 +1008,7 @@ class Executor:
         return Flow.NEXT
 
     async def _verify(
-        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
+        self, session: AsyncSession, actor: Actor, row: MigrationRecord, batch: Batch
     ) -> Flow:
         """Actual == expected (counters: nothing below what the plan expected; activations:
         every expected one present, new ones allowed, each machine holding a seat in the
@@ -1059,7 +1069,7 @@ class Executor:
         return Flow.NEXT
 
     async def _receipt(
-        self, session: AsyncSession, actor: Actor, row: Migration, batch: Batch
+        self, session: AsyncSession, actor: Actor, row: MigrationRecord, batch: Batch
     ) -> Flow:
         now = batch.now
         body = {
@@ -1105,11 +1115,11 @@ class Executor:
         return Flow.NEXT
 
 
-#: The columns of a migration row a step does not read (``lock_migrations``): the snapshot
+#: The columns of a migration row a step does not read (``lock_records``): the snapshot
 #: and the plan are most of a row.
-_NOT_READ: dict[Step, tuple[Any, ...]] = {
-    Step.PREPARE: (Migration.snapshot,),
-    Step.RECEIPT: (Migration.snapshot, Migration.plan),
+_NOT_READ: dict[Step, tuple[str, ...]] = {
+    Step.PREPARE: ("snapshot",),
+    Step.RECEIPT: ("snapshot", "plan"),
 }
 
 
