@@ -20,7 +20,7 @@ with the fastest and slowest pass. The garbage collector runs as it would in a w
 ``--profile`` also prints a cProfile of one pass of each piece. Prints a table and writes
 ``results/planner-<UTC time>.json``.
 
-    .venv/bin/python benchmarks/planner.py [--accounts 5000] [--repeats 5] [--profile]
+    .venv/bin/python benchmarks/planner.py [--accounts 5000] [--repeats 5] [--profile [cumulative]]
 """
 
 from __future__ import annotations
@@ -61,7 +61,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--database-url",
         help="an empty database to seed (default: a temporary SQLite file)",
     )
-    add("--profile", action="store_true", help="also print a cProfile of one pass of each")
+    add(
+        "--profile",
+        nargs="?",
+        const="tottime",
+        choices=("tottime", "cumulative"),
+        help="also print a cProfile of one pass of each, sorted by own (default) or cumulative time",
+    )
     add("--no-record", action="store_true", help="print only; write no JSON result")
     add("--results", type=Path, default=harness.RESULTS, help="where the JSON result is written")
     args = parser.parse_args(argv)
@@ -111,15 +117,17 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def profile_pass(title: str, items: Sequence[Any], call: Callable[[Any], Any]) -> None:
+def profile_pass(
+    title: str, items: Sequence[Any], call: Callable[[Any], Any], sort: str = "tottime"
+) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
     for item in items:
         call(item)
     profiler.disable()
     stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(18)
-    print(f"\n--- cProfile: {title} ({len(items)} items), by own time ---")
+    pstats.Stats(profiler, stream=stream).sort_stats(sort).print_stats(25)
+    print(f"\n--- cProfile: {title} ({len(items)} items), by {sort} ---")
     print("\n".join(line for line in stream.getvalue().splitlines()[4:] if line.strip()))
 
 
@@ -236,8 +244,8 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             assert len(built) == len(states) == len(ids)
             results["state_hash"], _ = cpu_passes(states, state_hash, repeats)
             if args.profile:
-                profile_pass("build_state", rows_of, build)
-                profile_pass("state_hash", states, state_hash)
+                profile_pass("build_state", rows_of, build, args.profile)
+                profile_pass("state_hash", states, state_hash, args.profile)
 
             pairs: dict[str, Any] = {}
             for path in sorted(RULES_DIR.glob("*.toml")):
@@ -275,8 +283,8 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     plans, lambda p: p.outcome_digest(), repeats
                 )
                 if args.profile:
-                    profile_pass(f"plan_migration {name}", cohort, plan)
-                    profile_pass(f"to_dict {name}", plans, lambda p: p.to_dict())
+                    profile_pass(f"plan_migration {name}", cohort, plan, args.profile)
+                    profile_pass(f"to_dict {name}", plans, lambda p: p.to_dict(), args.profile)
     finally:
         await db.dispose()
     results["read_states, less fetch rows"] = {
