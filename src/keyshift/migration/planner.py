@@ -263,16 +263,116 @@ def _more_generous(old: FeatureGrantData, new: FeatureGrant | None) -> bool:
     return False
 
 
+# -- what no account changes: worked out once per (rules, source plan, target plan) -----------
+
+
+@dataclass(frozen=True)
+class _Pairing:
+    """Everything a plan needs of its rules and its two plans that no account changes: the
+    resolved entitlements, the rules' hash, the features lost, the target's machine terms, the
+    quota mappings, the meters, and the parts of the plan that are the same for every account
+    without add-ons. Made once per combination (``_pairing``), not once per account."""
+
+    rules: MigrationRules
+    source: PlanPair | None
+    target: PlanPair
+    rules_ref: str
+    rules_hash: str
+    source_ref: str | None
+    target_ref: str
+    source_ent: Entitlements | None
+    target_ent: Entitlements
+    lost: tuple[str, ...]  # ``loses_feature:…`` risks, by feature name
+    machine_terms: MachineTerms
+    source_reasons: tuple[str, ...]  # why not eligible, from the source plan alone
+    #: (source quota, its rule, the target quota it maps to, the target's limit), by name.
+    quotas: tuple[tuple[str, QuotaRule, str, int | None], ...]
+    source_meters: dict[str, Meter]
+    target_meters: dict[str, Meter]
+    effective: tuple[str, str | None] | None  # None: it depends on the account
+    #: ``_entitlement_changes`` when neither side has an add-on, as JSON (each plan gets its
+    #: own copy).
+    plain_changes: bytes
+
+
+#: Pairings by the identity of (rules, source, target); a pairing holds the three, so their
+#: ids cannot be reused while it is here. The executor and the run planner pass the same
+#: objects for every account of a batch (as ``Batch.digest`` relies on too): rules and
+#: published plans are immutable.
+_PAIRINGS: dict[tuple[int, int, int], _Pairing] = {}
+_MAX_PAIRINGS = 64
+
+
+def _pairing(rules: MigrationRules, source: PlanPair | None, target: PlanPair) -> _Pairing:
+    key = (id(rules), id(source), id(target))
+    found = _PAIRINGS.get(key)
+    if (
+        found is not None
+        and found.rules is rules
+        and found.source is source
+        and found.target is target
+    ):
+        return found
+    made = _make_pairing(rules, source, target)
+    if len(_PAIRINGS) >= _MAX_PAIRINGS:
+        del _PAIRINGS[next(iter(_PAIRINGS))]
+    _PAIRINGS[key] = made
+    return made
+
+
+def _make_pairing(rules: MigrationRules, source: PlanPair | None, target: PlanPair) -> _Pairing:
+    target_ent = resolve(target.plan, target.plan_hash, target.edition)
+    source_ent = resolve(source.plan, source.plan_hash, source.edition) if source else None
+    if source is None:
+        source_reasons: tuple[str, ...] = ("the account has no plan to migrate from",)
+    elif source.ref not in rules.rules.from_plans:
+        source_reasons = (f"the account's plan {source.ref} is not a source of these rules",)
+    else:
+        source_reasons = ()
+    quotas = []
+    for name, rule in sorted(rules.quotas.items()):
+        to = rule.to if rule.action == "rename" and rule.to else name
+        quotas.append((name, rule, to, target_ent.quotas.get(to)))
+    schedule = rules.schedule
+    effective: tuple[str, str | None] | None = None
+    if schedule.effective == "at":
+        effective = ("at", iso(schedule.at))
+    elif schedule.effective != "period_end":
+        effective = ("immediately", None)
+    plain = _entitlement_changes(source_ent, {}, target_ent, {})
+    return _Pairing(
+        rules=rules,
+        source=source,
+        target=target,
+        rules_ref=rules.ref,
+        source_ref=source.ref if source else None,
+        target_ref=target.ref,
+        rules_hash=rules.content_hash(),
+        source_ent=source_ent,
+        target_ent=target_ent,
+        lost=tuple(
+            f"loses_feature:{name}" for name in _lost_features(source_ent, target_ent, rules)
+        ),
+        machine_terms=machine_terms(target_ent),
+        source_reasons=source_reasons,
+        quotas=tuple(quotas),
+        source_meters={m.key: m for m in source.plan.meters} if source else {},
+        target_meters={m.key: m for m in target.plan.meters},
+        effective=effective,
+        plain_changes=orjson.dumps(plain),
+    )
+
+
 # -- the plan ---------------------------------------------------------------------------------
 
 
-def _copy(snapshot: Snapshot) -> Snapshot:
-    """A deep copy of a state: through JSON (orjson), ten times faster than ``deepcopy`` on
-    these trees of dicts, lists and scalars; ``deepcopy`` for a value JSON cannot hold."""
+def _copy(value: _V) -> _V:
+    """A deep copy of JSON data: through JSON (orjson), ten times faster than ``deepcopy`` on
+    trees of dicts, lists and scalars; ``deepcopy`` for a value JSON cannot hold."""
     try:
-        return cast(Snapshot, orjson.loads(orjson.dumps(snapshot)))
+        return cast(_V, orjson.loads(orjson.dumps(value)))
     except (orjson.JSONEncodeError, TypeError):
-        return copy.deepcopy(snapshot)
+        return copy.deepcopy(value)
 
 
 def plan_migration(
@@ -289,85 +389,101 @@ def plan_migration(
     ``source`` is the account's current plan (None: it has none). ``migration_id`` seeds the
     ids of what the migration creates, so a recomputed plan names the same rows.
     """
-    reasons = eligibility_reasons(snapshot, rules, source)
-    target_ent = resolve(target.plan, target.plan_hash, target.edition)
-    source_ent = resolve(source.plan, source.plan_hash, source.edition) if source else None
+    pairing = _pairing(rules, source, target)
+    source_ent, target_ent = pairing.source_ent, pairing.target_ent
+    reasons = _eligibility_reasons(snapshot, rules, pairing)
     sub = snapshot["subscription"]
     old_overrides: SubscriptionOverrides = (sub["overrides"] if sub else None) or {}
 
-    lost = _lost_features(source_ent, target_ent, rules)
-    quotas = _quota_conflicts(snapshot, rules, old_overrides, target_ent)
+    quotas = _quota_conflicts(snapshot, rules, old_overrides, pairing)
     addons = _subscription_addons(old_overrides, rules)
     overrides = _subscription_overrides(
         snapshot, rules, source_ent, target_ent, old_overrides, addons.carried, quotas, now
     )
-    copied = _copy(snapshot)
-    expected: ExpectedState = {  # the snapshot without its time, on the target plan
-        "account": copied["account"],
+    # The expected state is the snapshot without its time, on the target plan: every row in
+    # it a new dict (licenses and activations are copied as they are changed below).
+    live = _Liveness(now)
+    licenses = _map_licenses(snapshot["licenses"], rules)
+    seats = _seat_changes(
+        snapshot, licenses, snapshot["activations"], rules, source_ent, target_ent, now, live
+    )
+    moves = _counter_moves(snapshot, rules, pairing, now)
+    counters = _apply_moves(snapshot["counters"], moves)
+    expected: ExpectedState = {
+        "account": _copy(snapshot["account"]),
         "subscription": {
-            "plan": target.ref,
+            "plan": pairing.target_ref,
             "plan_hash": target.plan_hash,
             "started_at": (sub["started_at"] if sub else None) or iso(now),
             "overrides": overrides,
         },
-        "licenses": copied["licenses"],
-        "activations": copied["activations"],
-        "counters": copied["counters"],
-        "objects": copied["objects"],
+        "licenses": seats.licenses,
+        "activations": seats.activations,
+        "counters": counters,
+        "objects": _archive_objects(snapshot["objects"], quotas.archive, migration_id),
     }
-    licenses = _map_licenses(expected["licenses"], rules)
-    seats = _seat_changes(
-        snapshot, licenses, expected["activations"], rules, source_ent, target_ent, now
-    )
-    license_changes = _license_changes(expected["licenses"], seats.licenses)
-    expected["licenses"] = seats.licenses
-    expected["activations"] = seats.activations
-    expected["objects"] = _archive_objects(expected["objects"], quotas.archive, migration_id)
-    moves = _counter_moves(snapshot, rules, source, target, now)
-    expected["counters"] = _apply_moves(snapshot["counters"], moves)
+    sort_state(expected)
 
     blocked = quotas.blocked + addons.blocked
-    effective, effective_at = _effective(rules, snapshot, source_ent, now)
-    plan = MigrationPlan(
+    effective, effective_at = pairing.effective or _effective(rules, snapshot, source_ent, now)
+    deactivate = sorted(seats.deactivate)
+    archive = sorted(quotas.archive)
+    converted = sorted(seats.converted, key=_by_activation_id)
+    if not old_overrides.get("addons") and "addons" not in overrides:
+        entitlements = orjson.loads(pairing.plain_changes)
+    else:
+        entitlements = _entitlement_changes(source_ent, old_overrides, target_ent, overrides)
+    changes = {
+        "plan": {"from": pairing.source_ref, "to": pairing.target_ref},
+        "entitlements": entitlements,
+        "licenses": _license_changes(snapshot["licenses"], seats.licenses),
+        "activations_deactivated": deactivate,
+        "activations_converted": converted,
+        "activations_grandfathered": seats.grandfathered,
+        "objects_archived": archive,
+        "counters": _counter_changes(snapshot, expected["counters"]),
+        "subscription_overrides": {
+            "before": _copy(old_overrides) if old_overrides else {},
+            "after": overrides,
+        },
+    }
+    terms: MachineTerms = {**pairing.machine_terms}
+    return MigrationPlan(
         account_id=snapshot["account"]["id"],
-        rules_ref=rules.ref,
-        rules_hash=rules.content_hash(),
-        source_ref=source.ref if source else None,
-        target_ref=target.ref,
+        rules_ref=pairing.rules_ref,
+        rules_hash=pairing.rules_hash,
+        source_ref=pairing.source_ref,
+        target_ref=pairing.target_ref,
         target_hash=target.plan_hash,
         eligible=not reasons,
         reasons=tuple(reasons + blocked),
         blocked=bool(blocked),
         effective=effective,
         effective_at=effective_at,
-        steps=(),
-        expected=sort_state(expected),
+        steps=_steps(
+            pairing.target_ref,
+            archived=len(archive),
+            deactivated=len(deactivate),
+            converted=len(converted),
+            mode=terms["mode"],
+            pinned=len(seats.grandfathered),
+            moves=len(moves),
+        ),
+        expected=expected,
         conflicts=tuple(quotas.conflicts),
         counter_moves=tuple(moves),
-        deactivate=tuple(sorted(seats.deactivate)),
-        archive=tuple(sorted(quotas.archive)),
-        risks=(
-            *(f"loses_feature:{name}" for name in lost),
-            *quotas.risks,
-            *addons.risks,
-            *seats.risks,
-        ),
-        machine_terms=machine_terms(target_ent),
-        convert=tuple(sorted(c["activation_id"] for c in seats.converted)),
+        deactivate=tuple(deactivate),
+        archive=tuple(archive),
+        risks=(*pairing.lost, *quotas.risks, *addons.risks, *seats.risks),
+        machine_terms=terms,
+        changes=changes,
+        convert=tuple(c["activation_id"] for c in converted),
         over_cap_before=tuple(seats.over_cap_before),
     )
-    changes = {
-        "plan": {"from": plan.source_ref, "to": plan.target_ref},
-        "entitlements": _entitlement_changes(source_ent, old_overrides, target_ent, overrides),
-        "licenses": license_changes,
-        "activations_deactivated": sorted(seats.deactivate),
-        "activations_converted": sorted(seats.converted, key=lambda c: c["activation_id"]),
-        "activations_grandfathered": seats.grandfathered,
-        "objects_archived": sorted(quotas.archive),
-        "counters": _counter_changes(snapshot, expected["counters"]),
-        "subscription_overrides": {"before": old_overrides, "after": overrides},
-    }
-    return _with_steps(plan, changes)
+
+
+def _by_activation_id(change: dict[str, Any]) -> str:
+    return cast(str, change["activation_id"])
 
 
 def _lost_features(
@@ -405,7 +521,7 @@ def _quota_conflicts(
     snapshot: ExpectedState,
     rules: MigrationRules,
     old_overrides: SubscriptionOverrides,
-    target_ent: Entitlements,
+    pairing: _Pairing,
 ) -> _QuotaOutcome:
     """Quotas: conflicts where the account holds more than the target allows."""
     usage = quota_usage(snapshot)
@@ -415,14 +531,14 @@ def _quota_conflicts(
     grace_days = 0
     risks: list[str] = []
     blocked: list[str] = []
-    for name, rule in sorted(rules.quotas.items()):
+    has_addons = bool(old_overrides.get("addons"))
+    for name, rule, to, base in pairing.quotas:
         if rule.action == "drop":
             if usage.get(name):
                 risks.append(f"quota_dropped_with_data:{name}")
             continue
-        to = rule.to if rule.action == "rename" and rule.to else name
-        limit = _addon_quota(old_overrides, rules, to, target_ent.quotas.get(to))
         used = usage.get(name, 0)
+        limit = _addon_quota(old_overrides, rules, to, base) if has_addons else base
         if limit is None or used <= limit:
             continue
         risks.append(f"over_quota:{to}")
@@ -468,9 +584,9 @@ def _subscription_addons(
         if action == "refuse":
             blocked.append(f"add-on {name!r} has no rule (addons_default = 'refuse')")
         elif action == "carry":
-            carried[name] = content
+            carried[name] = _copy(content)
         elif action == "rename" and addon_rule is not None and addon_rule.to:
-            carried[addon_rule.to] = content
+            carried[addon_rule.to] = _copy(content)
         else:
             risks.append(f"drops_addon:{name}")
     return _AddonOutcome(carried, risks, blocked)
@@ -540,6 +656,7 @@ def _seat_changes(
     source_ent: Entitlements | None,
     target_ent: Entitlements,
     now: datetime,
+    live: _Liveness,
 ) -> _SeatOutcome:
     """Activations: keep all, or keep up to each license's new cap, most recently seen first.
 
@@ -553,24 +670,25 @@ def _seat_changes(
             if cap is None:
                 continue
             mine = [a for a in activations if a["license_id"] == lic["id"]]
-            mine.sort(key=lambda a: _recency(a, now), reverse=True)
+            mine.sort(key=lambda a: _recency(a, live), reverse=True)
             deactivate += [a["id"] for a in mine[cap:]]
         if deactivate:
             risks.append(f"activations_trimmed:{len(deactivate)}")
     gone = set(deactivate)
     kept = [a.copy() for a in activations if a["id"] not in gone]
     caps_before = _caps(snapshot, source_ent)
+    seats_before = _live_seats(snapshot["activations"], live)
     over_cap_before = sorted(
         lic_id
         for lic_id, cap in caps_before.items()
-        if cap is not None and _live_seats(snapshot["activations"], lic_id, now) > cap
+        if cap is not None and seats_before.get(lic_id, 0) > cap
     )
     grandfathered: list[dict[str, Any]] = []
     if rules.seats.activations == "keep_all":
-        grandfathered = _grandfather_seats(licenses, kept, caps_before, target_ent, now)
+        grandfathered = _grandfather_seats(licenses, kept, caps_before, target_ent, live)
         if grandfathered:
             risks.append(f"activations_grandfathered:{len(grandfathered)}")
-    converted = _convert_activations(kept, target_ent, now)
+    converted = _convert_activations(kept, target_ent, now, live)
     return _SeatOutcome(
         licenses, kept, deactivate, over_cap_before, grandfathered, converted, risks
     )
@@ -586,7 +704,8 @@ def _license_changes(before: list[LicenseData], after: list[LicenseData]) -> lis
     for lic in after:
         now_is = {"max": lic["max_activations_override"], "overrides": lic["overrides"]}
         if was[lic["id"]] != now_is:
-            changed.append({"license_id": lic["id"], "before": was[lic["id"]], "after": now_is})
+            before_is = _copy(was[lic["id"]])  # the snapshot's own dicts stay its own
+            changed.append({"license_id": lic["id"], "before": before_is, "after": now_is})
     return changed
 
 
@@ -603,7 +722,7 @@ def _archive_objects(
             copy_id = derived_id(migration_id, "archive", obj["id"])
             new_objects.append({**obj, "id": copy_id, "tier": "archive", "state": "active"})
         else:
-            new_objects.append(obj)
+            new_objects.append(obj.copy())  # a row of scalars
     return new_objects
 
 
@@ -621,18 +740,15 @@ def _counter_changes(snapshot: ExpectedState, counters: list[CounterData]) -> li
     ]
 
 
-def eligibility_reasons(
-    snapshot: ExpectedState, rules: MigrationRules, source: PlanPair | None
+def _eligibility_reasons(
+    snapshot: ExpectedState, rules: MigrationRules, pairing: _Pairing
 ) -> list[str]:
     account = snapshot["account"]
     reasons = []
     if account["status"] not in rules.eligibility.account_status:
         allowed = ", ".join(rules.eligibility.account_status)
         reasons.append(f"account status is {account['status']!r} (rules allow: {allowed})")
-    if source is None:
-        reasons.append("the account has no plan to migrate from")
-    elif source.ref not in rules.rules.from_plans:
-        reasons.append(f"the account's plan {source.ref} is not a source of these rules")
+    reasons += pairing.source_reasons
     attributes = account.get("attributes") or {}
     for predicate in rules.eligibility.attributes:
         if not predicate.holds(attributes):
@@ -662,21 +778,23 @@ def machine_terms(target: Entitlements) -> MachineTerms:
 
 
 def _convert_activations(
-    kept: list[ActivationData], target: Entitlements, now: datetime
+    kept: list[ActivationData], target: Entitlements, now: datetime, live: _Liveness
 ) -> list[dict[str, Any]]:
     """Switch each kept machine that holds a seat to the target's activation mode, in place:
     node-locked (no lease), or floating with a lease from the cutover (``now`` here; the
     cutover writes its own time). A lapsed lease is a free seat, not a machine: it is left
     as it is, to be reclaimed or re-acquired as ever. Returns what changed, per activation."""
-    changed = []
+    changed: list[dict[str, Any]] = []
+    floating = target.is_floating
+    lease: str | None = None
     for activation in kept:
-        if (activation["mode"] == "floating") == target.is_floating or not _is_live(
-            activation, now
-        ):
+        if (activation["mode"] == "floating") == floating or not live(activation):
             continue
+        if not changed:
+            lease = iso(target.lease_until(now))
         before = {"mode": activation["mode"], "lease_expires_at": activation["lease_expires_at"]}
         activation["mode"] = target.machine_mode
-        activation["lease_expires_at"] = iso(target.lease_until(now))
+        activation["lease_expires_at"] = lease
         changed.append(
             {
                 "activation_id": activation["id"],
@@ -701,8 +819,13 @@ def _caps(snapshot: ExpectedState, source: Entitlements | None) -> dict[str, int
     }
 
 
-def _live_seats(activations: list[ActivationData], license_id: str, now: datetime) -> int:
-    return sum(1 for a in activations if a["license_id"] == license_id and _is_live(a, now))
+def _live_seats(activations: list[ActivationData], live: _Liveness) -> dict[str, int]:
+    """Live machines per license id."""
+    seats: dict[str, int] = {}
+    for a in activations:
+        if live(a):
+            seats[a["license_id"]] = seats.get(a["license_id"], 0) + 1
+    return seats
 
 
 def _grandfather_seats(
@@ -710,7 +833,7 @@ def _grandfather_seats(
     activations: list[ActivationData],
     caps_before: dict[str, int | None],
     target: Entitlements,
-    now: datetime,
+    live: _Liveness,
 ) -> list[dict[str, Any]]:
     """``keep_all`` keeps every machine; where a license then holds more live seats than its
     cap on the target (its hand-set cap after the ``[overrides]`` rule, else the plan's), pin
@@ -719,13 +842,14 @@ def _grandfather_seats(
     cap at the snapshot stays exactly as over it. A revoked license holds no seats that
     matter. Returns what was pinned, per license."""
     pinned = []
+    live_seats = _live_seats(activations, live)
     for lic in licenses:
         if lic["status"] == "revoked":
             continue
         target_cap = lic["max_activations_override"] or target.max_activations
         if target_cap is None:
             continue
-        kept = _live_seats(activations, lic["id"], now)
+        kept = live_seats.get(lic["id"], 0)
         cap_before = caps_before.get(lic["id"])
         seats = kept if cap_before is None else min(kept, cap_before)
         if seats <= target_cap:
@@ -746,9 +870,23 @@ def _grandfather_seats(
     return pinned
 
 
-def _is_live(activation: ActivationData, now: datetime) -> bool:
-    lease = parse_iso(activation["lease_expires_at"])
-    return lease is None or lease > now
+class _Liveness:
+    """Whether a machine holds its seat at ``now``: no lease, or a lease running past it. Each
+    lease instant is parsed once per plan, however many times it is asked about."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self._leases: dict[str, bool] = {}
+
+    def __call__(self, activation: ActivationData) -> bool:
+        text = activation["lease_expires_at"]
+        if text is None:
+            return True
+        found = self._leases.get(text)
+        if found is None:
+            lease = parse_iso(text)
+            found = self._leases[text] = lease is None or lease > self.now
+        return found
 
 
 def _objects_over(snapshot: ExpectedState, quota: str, limit: int) -> tuple[str, ...]:
@@ -768,10 +906,10 @@ def _objects_over(snapshot: ExpectedState, quota: str, limit: int) -> tuple[str,
     return tuple(sorted(excess))
 
 
-def _recency(activation: ActivationData, now: datetime) -> tuple[int, str, str, str]:
-    live = 1 if _is_live(activation, now) else 0  # a lapsed lease goes first
+def _recency(activation: ActivationData, live: _Liveness) -> tuple[int, str, str, str]:
+    is_live = 1 if live(activation) else 0  # a lapsed lease goes first
     return (
-        live,
+        is_live,
         activation["last_seen_at"] or "",
         activation["created_at"] or "",
         activation["id"],
@@ -782,6 +920,8 @@ def _map_license_overrides(overrides: GrantsData, rules: MigrationRules) -> Gran
     """A license's hand-set features and quotas, carried through the rules' mappings (a kept
     or unlisted name stays, a renamed one moves, a dropped one goes) or dropped wholesale."""
     out: GrantsData = {}
+    if not overrides:
+        return out
     features = overrides.get("features") if rules.overrides.features == "carry" else None
     if features and (mapped_features := _map_names(features, rules.features)):
         out["features"] = mapped_features
@@ -826,16 +966,14 @@ def _period(meter: Meter, anchor: datetime, when: datetime, term: str) -> tuple[
 
 
 def _counter_moves(
-    snapshot: ExpectedState,
-    rules: MigrationRules,
-    source: PlanPair | None,
-    target: PlanPair,
-    now: datetime,
+    snapshot: ExpectedState, rules: MigrationRules, pairing: _Pairing, now: datetime
 ) -> list[CounterMove]:
+    source, target = pairing.source, pairing.target
+    source_meters, target_meters = pairing.source_meters, pairing.target_meters
+    if not rules.counters or not source_meters:
+        return []
     sub = snapshot["subscription"]
     anchor = parse_iso(sub["started_at"] if sub else None) or now
-    source_meters = {m.key: m for m in source.plan.meters} if source else {}
-    target_meters = {m.key: m for m in target.plan.meters}
     moves = []
     for name, rule in sorted(rules.counters.items()):
         meter = source_meters.get(name)
@@ -943,21 +1081,30 @@ def _gained_lost_changed(old: Mapping[str, object], new: Mapping[str, object]) -
     }
 
 
-def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:
-    steps = (
+def _steps(
+    target_ref: str,
+    *,
+    archived: int,
+    deactivated: int,
+    converted: int,
+    mode: str,
+    pinned: int,
+    moves: int,
+) -> tuple[dict[str, Any], ...]:
+    return (
         {"step": Step.LOCK, "does": "mark the account as migrating (one migration at a time)"},
         {"step": Step.SNAPSHOT, "does": "record the account's state and its SHA-256 in the ledger"},
         {
             "step": Step.PREPARE,
-            "does": f"stage {len(plan.archive)} archive copies and the new entitlement set",
+            "does": f"stage {archived} archive copies and the new entitlement set",
         },
         {
             "step": Step.CUTOVER,
             "does": (
-                f"one transaction: plan → {plan.target_ref}, {len(plan.deactivate)} activation(s)"
-                f" deactivated, {len(plan.convert)} switched to {plan.machine_terms['mode']}"
-                f" mode, {len(changes['activations_grandfathered'])} license cap(s) pinned to"
-                f" the seats kept, {len(plan.counter_moves)} counter move(s), license overrides"
+                f"one transaction: plan → {target_ref}, {deactivated} activation(s)"
+                f" deactivated, {converted} switched to {mode}"
+                f" mode, {pinned} license cap(s) pinned to"
+                f" the seats kept, {moves} counter move(s), license overrides"
                 " mapped, caches invalidated"
             ),
         },
@@ -968,4 +1115,3 @@ def _with_steps(plan: MigrationPlan, changes: dict[str, Any]) -> MigrationPlan:
         },
         {"step": Step.RECEIPT, "does": "issue a signed receipt (account, from, to, time, hash)"},
     )
-    return MigrationPlan(**{**plan.__dict__, "steps": steps, "changes": changes})

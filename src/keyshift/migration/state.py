@@ -23,6 +23,7 @@ exactly by rollback but are not the migration's to prove.
 
 from __future__ import annotations
 
+import operator
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -240,12 +241,16 @@ def counter_key(counter: CounterData) -> tuple[str, str]:
     return counter["meter"], counter["period_start"]
 
 
+_BY_ID = operator.itemgetter("id")
+_BY_COUNTER_KEY = operator.itemgetter("meter", "period_start")  # as ``counter_key``
+
+
 def sort_state(state: _S) -> _S:
     """Lists in their canonical order (ids; counters by meter and period)."""
-    state["licenses"] = sorted(state["licenses"], key=lambda row: row["id"])
-    state["activations"] = sorted(state["activations"], key=lambda row: row["id"])
-    state["objects"] = sorted(state["objects"], key=lambda row: row["id"])
-    state["counters"] = sorted(state["counters"], key=counter_key)
+    state["licenses"] = sorted(state["licenses"], key=_BY_ID)
+    state["activations"] = sorted(state["activations"], key=_BY_ID)
+    state["objects"] = sorted(state["objects"], key=_BY_ID)
+    state["counters"] = sorted(state["counters"], key=_BY_COUNTER_KEY)
     return state
 
 
