@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keyshift.dates import rfc3339
 
@@ -20,6 +23,21 @@ from keyshift.dates import rfc3339
 )
 def test_rfc3339_is_utc_with_z(value: datetime, text: str) -> None:
     assert rfc3339(value) == text
+
+
+@given(
+    value=st.datetimes(
+        min_value=datetime(1970, 1, 1),
+        max_value=datetime(9000, 12, 31),
+        timezones=st.sampled_from(
+            [None, UTC, ZoneInfo("UTC"), timezone(timedelta(hours=5, minutes=30))]
+        ),
+    )
+)
+def test_rfc3339_is_the_general_conversion_whatever_the_zone(value: datetime) -> None:
+    # Naive and UTC values take a shorter path: the same text as converting every value.
+    general = (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    assert rfc3339(value) == general.isoformat().replace("+00:00", "Z")
 
 
 def test_rfc3339_keeps_none() -> None:

@@ -27,8 +27,12 @@ def rfc3339(value: datetime | None) -> str | None:
     as UTC, as both databases return stored instants; None stays None."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
+    # The two kinds every read gives, without a conversion: naive (SQLite) and UTC (asyncpg).
+    zone = value.tzinfo
+    if zone is None:
+        return value.isoformat() + "Z"
+    if zone is UTC:
+        return value.isoformat()[:-6] + "Z"  # "+00:00"
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
