@@ -19,6 +19,7 @@ import pytest
 
 from keyshift.canonical import canonical_json
 from keyshift.db.engine import Database
+from keyshift.migration import repository
 from keyshift.migration.planner import MigrationPlan
 from tests.migration import planner_reference as ref
 
@@ -89,6 +90,12 @@ async def test_states_and_plans_are_byte_identical_to_the_reference(
     states = await ref.read(db)
     wrong = _mismatches("state", [ref.state_output(s) for s in states], expected["states"])
     assert not wrong, f"{len(wrong)} state(s) differ from the reference, first: {wrong[:5]}"
+
+    # One account's read (ORM rows, by name) gives what the batch read (rows by position) does.
+    async with db.transaction() as session:
+        for state in states[::8]:
+            single = await repository.read_state(session, state["account"]["id"], ref.NOW)
+            assert single == state
 
     rules = ref.load_all_rules()
     assert {r.ref: r.content_hash() for r in rules} == expected["rules_hashes"]
