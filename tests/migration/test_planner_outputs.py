@@ -12,15 +12,20 @@ holds ``outcome_digest()``); the outcome digests are also hashed per rules file.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keyshift.canonical import canonical_json
 from keyshift.db.engine import Database
 from keyshift.migration import repository
+from keyshift.migration import state as state_module
 from keyshift.migration.planner import MigrationPlan
+from keyshift.migration.state import derived_id
 from tests.migration import planner_reference as ref
 
 #: What the dataset must reach, at the least, for the comparison to prove anything.
@@ -132,3 +137,14 @@ def _scribble(value: Any) -> None:
         for item in value:
             _scribble(item)
         value[:] = ["scribbled"]
+
+
+@given(migration_id=st.text(), kind=st.text(), source_id=st.text())
+def test_a_derived_id_is_the_uuid5_of_its_parts(
+    migration_id: str, kind: str, source_id: str
+) -> None:
+    # derived_id hashes on from the namespace's SHA-1 instead of calling uuid.uuid5.
+    name = f"{migration_id}:{kind}:{source_id}"
+    assert derived_id(migration_id, kind, source_id) == str(
+        uuid.uuid5(state_module._NAMESPACE, name)
+    )

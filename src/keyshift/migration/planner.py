@@ -6,6 +6,7 @@ code; the executor performs what it decides, and verification compares against `
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -405,7 +406,15 @@ def plan_migration(
     live = _Liveness(now)
     licenses = _map_licenses(snapshot["licenses"], rules)
     seats = _seat_changes(
-        snapshot, licenses, snapshot["activations"], rules, source_ent, target_ent, now, live
+        snapshot,
+        licenses,
+        snapshot["activations"],
+        rules,
+        source_ent,
+        target_ent,
+        pairing.machine_terms,
+        now,
+        live,
     )
     moves = _counter_moves(snapshot, rules, pairing, now)
     counters = _apply_moves(snapshot["counters"], moves)
@@ -428,7 +437,7 @@ def plan_migration(
     effective, effective_at = pairing.effective or _effective(rules, snapshot, source_ent, now)
     deactivate = sorted(seats.deactivate)
     archive = sorted(quotas.archive)
-    converted = sorted(seats.converted, key=_by_activation_id)
+    converted = sorted(seats.converted, key=_BY_ACTIVATION_ID)
     if not old_overrides.get("addons") and "addons" not in overrides:
         entitlements = orjson.loads(pairing.plain_changes)
     else:
@@ -482,8 +491,7 @@ def plan_migration(
     )
 
 
-def _by_activation_id(change: dict[str, Any]) -> str:
-    return cast(str, change["activation_id"])
+_BY_ACTIVATION_ID = operator.itemgetter("activation_id")
 
 
 def _lost_features(
@@ -578,7 +586,10 @@ def _subscription_addons(
     carried: dict[str, GrantsData] = {}
     risks: list[str] = []
     blocked: list[str] = []
-    for name, content in sorted((old_overrides.get("addons") or {}).items()):
+    addons = old_overrides.get("addons")
+    if not addons:
+        return _AddonOutcome(carried, risks, blocked)
+    for name, content in sorted(addons.items()):
         addon_rule = rules.addons.get(name)
         action = addon_rule.action if addon_rule else rules.addons_default
         if action == "refuse":
@@ -655,6 +666,7 @@ def _seat_changes(
     rules: MigrationRules,
     source_ent: Entitlements | None,
     target_ent: Entitlements,
+    terms: MachineTerms,
     now: datetime,
     live: _Liveness,
 ) -> _SeatOutcome:
@@ -688,7 +700,7 @@ def _seat_changes(
         grandfathered = _grandfather_seats(licenses, kept, caps_before, target_ent, live)
         if grandfathered:
             risks.append(f"activations_grandfathered:{len(grandfathered)}")
-    converted = _convert_activations(kept, target_ent, now, live)
+    converted = _convert_activations(kept, target_ent, terms, now, live)
     return _SeatOutcome(
         licenses, kept, deactivate, over_cap_before, grandfathered, converted, risks
     )
@@ -778,7 +790,11 @@ def machine_terms(target: Entitlements) -> MachineTerms:
 
 
 def _convert_activations(
-    kept: list[ActivationData], target: Entitlements, now: datetime, live: _Liveness
+    kept: list[ActivationData],
+    target: Entitlements,
+    terms: MachineTerms,
+    now: datetime,
+    live: _Liveness,
 ) -> list[dict[str, Any]]:
     """Switch each kept machine that holds a seat to the target's activation mode, in place:
     node-locked (no lease), or floating with a lease from the cutover (``now`` here; the
@@ -801,7 +817,7 @@ def _convert_activations(
                 "license_id": activation["license_id"],
                 "fingerprint": activation["fingerprint"],
                 "from": before,
-                "to": machine_terms(target),
+                "to": {**terms},
             }
         )
     return changed
@@ -960,9 +976,21 @@ def _seat_units(
     return seats * seats_rule.units_per_seat
 
 
-def _period(meter: Meter, anchor: datetime, when: datetime, term: str) -> tuple[str, str]:
-    span = period_containing(meter.reset, anchor, when, term=term)
-    return iso(span.start) or "", iso(span.end) or ""
+def _period(
+    meter: Meter,
+    anchor: datetime,
+    when: datetime,
+    term: str,
+    known: dict[tuple[str, str], tuple[str, str]],
+) -> tuple[str, str]:
+    """The period of ``meter`` containing ``when``, as text; ``known``: those worked out for
+    this account already, by (reset, term) (meters of both plans often share one)."""
+    key = (meter.reset, term)
+    found = known.get(key)
+    if found is None:
+        span = period_containing(meter.reset, anchor, when, term=term)
+        found = known[key] = (iso(span.start) or "", iso(span.end) or "")
+    return found
 
 
 def _counter_moves(
@@ -975,16 +1003,17 @@ def _counter_moves(
     sub = snapshot["subscription"]
     anchor = parse_iso(sub["started_at"] if sub else None) or now
     moves = []
+    periods: dict[tuple[str, str], tuple[str, str]] = {}
     for name, rule in sorted(rules.counters.items()):
         meter = source_meters.get(name)
         if meter is None or source is None:
             continue
-        src_start, _ = _period(meter, anchor, now, source.plan.term.length)
+        src_start, _ = _period(meter, anchor, now, source.plan.term.length, periods)
         to = rule.to or name
         to_meter = target_meters.get(to)
         if to_meter is None:
             continue
-        start, end = _period(to_meter, anchor, now, target.plan.term.length)
+        start, end = _period(to_meter, anchor, now, target.plan.term.length, periods)
         factor = 1.0
         if rule.action == "convert":
             factor = float(rule.factor or 1.0)

@@ -23,6 +23,7 @@ exactly by rollback but are not the migration's to prove.
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import uuid
 from collections.abc import Mapping
@@ -232,9 +233,16 @@ def state_hash(state: Mapping[str, Any]) -> str:
     return content_hash(hashable(state))
 
 
+#: The SHA-1 of the namespace, to go on from (``uuid.uuid5`` hashes it first every time).
+_NAMESPACE_SHA1 = hashlib.sha1(_NAMESPACE.bytes)
+
+
 def derived_id(migration_id: str, kind: str, source_id: str) -> str:
-    """A deterministic id for something a migration creates (e.g. an object's archive copy)."""
-    return str(uuid.uuid5(_NAMESPACE, f"{migration_id}:{kind}:{source_id}"))
+    """A deterministic id for something a migration creates (e.g. an object's archive copy):
+    ``uuid5(_NAMESPACE, "migration:kind:source")``, as ``uuid.uuid5`` makes it."""
+    sha1 = _NAMESPACE_SHA1.copy()
+    sha1.update(f"{migration_id}:{kind}:{source_id}".encode())
+    return str(uuid.UUID(bytes=sha1.digest()[:16], version=5))
 
 
 def counter_key(counter: CounterData) -> tuple[str, str]:
