@@ -221,11 +221,15 @@ def parse_iso(value: str | None) -> datetime | None:
 def hashable(state: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a state its hash covers (any mapping shaped like one: ``normalise`` and
     verification hash and compare partial or rebuilt states)."""
-    view = {k: v for k, v in state.items() if k != "taken_at"}
-    view["activations"] = [
-        {k: v for k, v in a.items() if k not in VOLATILE_ACTIVATION_FIELDS}
-        for a in state.get("activations", [])
-    ]
+    view = dict(state)
+    view.pop("taken_at", None)
+    activations = []
+    for activation in state.get("activations", []):
+        row = dict(activation)
+        for name in VOLATILE_ACTIVATION_FIELDS:
+            row.pop(name, None)
+        activations.append(row)
+    view["activations"] = activations
     return view
 
 
