@@ -148,18 +148,23 @@ class MigrationPlan:
 
     def outcome_digest(self) -> str:
         """What a scheduled change previews and re-checks at execution: if this differs then,
-        the change is held for review instead of applied."""
-        return content_hash(
-            {
-                "eligible": self.eligible,
-                "blocked": self.blocked,
-                "conflicts": [c.to_dict() for c in self.conflicts],
-                "deactivate": list(self.deactivate),
-                "archive": list(self.archive),
-                "risks": list(self.risks),
-                "target": self.target_ref,
-            }
-        )
+        the change is held for review instead of applied. Worked out once per plan (``to_dict``
+        holds it too): every field it covers is immutable."""
+        digest: str | None = self.__dict__.get("_outcome_digest")
+        if digest is None:
+            digest = content_hash(
+                {
+                    "eligible": self.eligible,
+                    "blocked": self.blocked,
+                    "conflicts": [c.to_dict() for c in self.conflicts],
+                    "deactivate": list(self.deactivate),
+                    "archive": list(self.archive),
+                    "risks": list(self.risks),
+                    "target": self.target_ref,
+                }
+            )
+            object.__setattr__(self, "_outcome_digest", digest)
+        return digest
 
     def to_dict(self) -> dict[str, Any]:
         return {
