@@ -10,7 +10,7 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
 from typing_extensions import TypedDict
@@ -31,6 +31,7 @@ from keyshift.migration.state import (
     EntitlementsView,
     ExpectedState,
     FeatureGrantData,
+    GraceData,
     GrantsData,
     LicenseData,
     ObjectData,
@@ -299,6 +300,11 @@ class _Pairing:
     #: ``_entitlement_changes`` when neither side has an add-on, as JSON (each plan gets its
     #: own copy).
     plain_changes: bytes
+    #: A grace's ``entitlements`` and ``previous`` when neither side has an add-on, as JSON
+    #: (None: no source plan).
+    plain_grace: bytes | None
+    #: ``_entitlement_changes`` as JSON by the add-ons of each side (``_changes_of``).
+    changes_by_addons: dict[bytes, bytes] = field(default_factory=dict)
 
 
 #: Pairings by the identity of (rules, source, target); a pairing holds the three, so their
@@ -307,6 +313,7 @@ class _Pairing:
 #: published plans are immutable.
 _PAIRINGS: dict[tuple[int, int, int], _Pairing] = {}
 _MAX_PAIRINGS = 64
+_MAX_ADDON_SETS = 256
 
 
 def _pairing(rules: MigrationRules, source: PlanPair | None, target: PlanPair) -> _Pairing:
@@ -366,7 +373,38 @@ def _make_pairing(rules: MigrationRules, source: PlanPair | None, target: PlanPa
         target_meters={m.key: m for m in target.plan.meters},
         effective=effective,
         plain_changes=orjson.dumps(plain),
+        plain_grace=None
+        if source_ent is None
+        else orjson.dumps(
+            {
+                "entitlements": grace_view(source_ent, {}, target_ent, {}),
+                "previous": previous_view(source_ent, {}),
+            }
+        ),
     )
+
+
+def _changes_of(
+    pairing: _Pairing, old: SubscriptionOverrides, new: SubscriptionOverrides
+) -> dict[str, Any]:
+    """``_entitlement_changes``, a new dict for each plan. It depends on the add-ons alone
+    (``effective_view`` reads nothing else), so it is worked out once per pairing and pair of
+    add-on sets, and kept as JSON."""
+    old_addons, new_addons = old.get("addons"), new.get("addons")
+    if not old_addons and not new_addons:
+        return cast(dict[str, Any], orjson.loads(pairing.plain_changes))
+    try:
+        # Add-ons apply in order (a later one's feature wins): the key keeps it.
+        key = orjson.dumps([old_addons, new_addons])
+    except (orjson.JSONEncodeError, TypeError):  # not JSON: worked out for this plan alone
+        return _entitlement_changes(pairing.source_ent, old, pairing.target_ent, new)
+    found = pairing.changes_by_addons.get(key)
+    if found is None:
+        if len(pairing.changes_by_addons) >= _MAX_ADDON_SETS:
+            pairing.changes_by_addons.clear()
+        changes = _entitlement_changes(pairing.source_ent, old, pairing.target_ent, new)
+        found = pairing.changes_by_addons[key] = orjson.dumps(changes)
+    return cast(dict[str, Any], orjson.loads(found))
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -404,7 +442,7 @@ def plan_migration(
     quotas = _quota_conflicts(snapshot, rules, old_overrides, pairing)
     addons = _subscription_addons(old_overrides, rules)
     overrides = _subscription_overrides(
-        snapshot, rules, source_ent, target_ent, old_overrides, addons.carried, quotas, now
+        snapshot, rules, pairing, old_overrides, addons.carried, quotas, now
     )
     # The expected state is the snapshot without its time, on the target plan: every row in
     # it a new dict (licenses and activations are copied as they are changed below).
@@ -443,13 +481,9 @@ def plan_migration(
     deactivate = sorted(seats.deactivate)
     archive = sorted(quotas.archive)
     converted = sorted(seats.converted, key=_BY_ACTIVATION_ID)
-    if not old_overrides.get("addons") and "addons" not in overrides:
-        entitlements = orjson.loads(pairing.plain_changes)
-    else:
-        entitlements = _entitlement_changes(source_ent, old_overrides, target_ent, overrides)
     changes = {
         "plan": {"from": pairing.source_ref, "to": pairing.target_ref},
-        "entitlements": entitlements,
+        "entitlements": _changes_of(pairing, old_overrides, overrides),
         "licenses": _license_changes(snapshot["licenses"], seats.licenses),
         "activations_deactivated": deactivate,
         "activations_converted": converted,
@@ -520,8 +554,9 @@ def _lost_features(
     return lost
 
 
-@dataclass(frozen=True)
-class _QuotaOutcome:
+# The outcomes of the steps below are named tuples: made for every account, a tuple is
+# cheaper to make than a frozen dataclass.
+class _QuotaOutcome(NamedTuple):
     conflicts: list[QuotaConflict]
     archive: list[str]  # object ids, in the order the conflicts found them
     read_only: list[str]  # target quotas that become read-only
@@ -577,8 +612,7 @@ def _quota_conflicts(
     return _QuotaOutcome(conflicts, archive, read_only, grace_days, risks, blocked)
 
 
-@dataclass(frozen=True)
-class _AddonOutcome:
+class _AddonOutcome(NamedTuple):
     carried: dict[str, GrantsData]  # add-ons on the new subscription, by their new names
     risks: list[str]
     blocked: list[str]
@@ -611,29 +645,37 @@ def _subscription_addons(
 def _subscription_overrides(
     snapshot: ExpectedState,
     rules: MigrationRules,
-    source_ent: Entitlements | None,
-    target_ent: Entitlements,
+    pairing: _Pairing,
     old_overrides: SubscriptionOverrides,
     addons: dict[str, GrantsData],
     quotas: _QuotaOutcome,
     now: datetime,
 ) -> SubscriptionOverrides:
     """Subscription: the overrides the rules produce on the target plan."""
+    source_ent, target_ent = pairing.source_ent, pairing.target_ent
     overrides: SubscriptionOverrides = {}
     if addons:
         overrides["addons"] = addons
     if quotas.read_only:
         overrides["read_only"] = sorted(quotas.read_only)
     if quotas.grace_days:
-        grace_until = now + timedelta(days=quotas.grace_days)
-        old_view = (
-            grace_view(source_ent, old_overrides, target_ent, addons)
-            if source_ent
-            else effective_view(target_ent, {})
-        )
-        overrides["grace"] = {"until": iso(grace_until), "entitlements": old_view}
-        if source_ent is not None:
-            overrides["grace"]["previous"] = previous_view(source_ent, old_overrides)
+        until = iso(now + timedelta(days=quotas.grace_days))
+        if pairing.plain_grace is not None and not addons and not old_overrides.get("addons"):
+            plain: GraceData = orjson.loads(pairing.plain_grace)
+            overrides["grace"] = {
+                "until": until,
+                "entitlements": plain["entitlements"],
+                "previous": plain["previous"],
+            }
+        else:
+            old_view = (
+                grace_view(source_ent, old_overrides, target_ent, addons)
+                if source_ent
+                else effective_view(target_ent, {})
+            )
+            overrides["grace"] = {"until": until, "entitlements": old_view}
+            if source_ent is not None:
+                overrides["grace"]["previous"] = previous_view(source_ent, old_overrides)
     seat_units = _seat_units(snapshot, rules, source_ent)
     if seat_units is not None and rules.seats.convert_to_meter:
         overrides["meters"] = {rules.seats.convert_to_meter: {"included": seat_units}}
@@ -653,8 +695,7 @@ def _map_licenses(licenses: list[LicenseData], rules: MigrationRules) -> list[Li
     ]
 
 
-@dataclass(frozen=True)
-class _SeatOutcome:
+class _SeatOutcome(NamedTuple):
     licenses: list[LicenseData]  # with caps pinned by ``keep_all``
     activations: list[ActivationData]  # the kept ones, switched to the target's mode
     deactivate: list[str]
@@ -702,7 +743,8 @@ def _seat_changes(
     )
     grandfathered: list[dict[str, Any]] = []
     if rules.seats.activations == "keep_all":
-        grandfathered = _grandfather_seats(licenses, kept, caps_before, target_ent, live)
+        seats_kept = _live_seats(kept, live) if deactivate else seats_before
+        grandfathered = _grandfather_seats(licenses, seats_kept, caps_before, target_ent)
         if grandfathered:
             risks.append(f"activations_grandfathered:{len(grandfathered)}")
     converted = _convert_activations(kept, target_ent, terms, now, live)
@@ -851,19 +893,18 @@ def _live_seats(activations: list[ActivationData], live: _Liveness) -> dict[str,
 
 def _grandfather_seats(
     licenses: list[LicenseData],
-    activations: list[ActivationData],
+    live_seats: dict[str, int],
     caps_before: dict[str, int | None],
     target: Entitlements,
-    live: _Liveness,
 ) -> list[dict[str, Any]]:
     """``keep_all`` keeps every machine; where a license then holds more live seats than its
     cap on the target (its hand-set cap after the ``[overrides]`` rule, else the plan's), pin
     its hand-set cap to the seats kept, in place, so it keeps validating and a new machine is
     refused until it is under the pin. Never above the cap it had: a license already over its
     cap at the snapshot stays exactly as over it. A revoked license holds no seats that
-    matter. Returns what was pinned, per license."""
+    matter. ``live_seats``: the live machines kept, per license. Returns what was pinned,
+    per license."""
     pinned = []
-    live_seats = _live_seats(activations, live)
     for lic in licenses:
         if lic["status"] == "revoked":
             continue
@@ -1115,6 +1156,17 @@ def _gained_lost_changed(old: Mapping[str, object], new: Mapping[str, object]) -
     }
 
 
+#: The steps' members, looked up once (an enum member is a class attribute lookup each time).
+_LOCK, _SNAPSHOT, _PREPARE, _CUTOVER, _VERIFY, _RECEIPT = (
+    Step.LOCK,
+    Step.SNAPSHOT,
+    Step.PREPARE,
+    Step.CUTOVER,
+    Step.VERIFY,
+    Step.RECEIPT,
+)
+
+
 def _steps(
     target_ref: str,
     *,
@@ -1126,26 +1178,20 @@ def _steps(
     moves: int,
 ) -> tuple[dict[str, Any], ...]:
     return (
-        {"step": Step.LOCK, "does": "mark the account as migrating (one migration at a time)"},
-        {"step": Step.SNAPSHOT, "does": "record the account's state and its SHA-256 in the ledger"},
+        {"step": _LOCK, "does": "mark the account as migrating (one migration at a time)"},
+        {"step": _SNAPSHOT, "does": "record the account's state and its SHA-256 in the ledger"},
+        {"step": _PREPARE, "does": f"stage {archived} archive copies and the new entitlement set"},
         {
-            "step": Step.PREPARE,
-            "does": f"stage {archived} archive copies and the new entitlement set",
+            "step": _CUTOVER,
+            "does": f"one transaction: plan → {target_ref}, {deactivated} activation(s)"
+            f" deactivated, {converted} switched to {mode} mode, {pinned} license cap(s) pinned"
+            f" to the seats kept, {moves} counter move(s), license overrides mapped, caches"
+            " invalidated",
         },
         {
-            "step": Step.CUTOVER,
-            "does": (
-                f"one transaction: plan → {target_ref}, {deactivated} activation(s)"
-                f" deactivated, {converted} switched to {mode}"
-                f" mode, {pinned} license cap(s) pinned to"
-                f" the seats kept, {moves} counter move(s), license overrides"
-                " mapped, caches invalidated"
-            ),
-        },
-        {
-            "step": Step.VERIFY,
+            "step": _VERIFY,
             "does": "actual state == expected; every license validates with its key and with"
             " each kept machine's fingerprint",
         },
-        {"step": Step.RECEIPT, "does": "issue a signed receipt (account, from, to, time, hash)"},
+        {"step": _RECEIPT, "does": "issue a signed receipt (account, from, to, time, hash)"},
     )
