@@ -2,9 +2,9 @@
 piece a worker runs for every account it migrates.
 
 Seeds ``--accounts`` synthetic accounts (``keyshift.simulation``, the realistic spread) into a
-temporary SQLite file (or ``--database-url``: an empty database, migrated here; its tables are
-left as they are), reads them back, and times, as CPU time of this process, passes over every
-account of:
+temporary SQLite file (``--database postgres``: a database ``keyshift_planner_<pid>`` made beside
+``--pg-url`` and dropped at the end), reads them back, and times, as CPU time of this process,
+passes over every account of:
 
 - ``read_states``: the whole call (queries, driver, rows, dicts) in batches of ``--batch``
   accounts, as a worker reads a batch; and its parts: ``fetch rows`` (the same six queries,
@@ -22,7 +22,11 @@ with the fastest and slowest pass. The garbage collector runs as it would in a w
 ``--profile`` also prints a cProfile of one pass of each piece. Prints a table and writes
 ``results/planner-<UTC time>.json``.
 
-    .venv/bin/python benchmarks/planner.py [--accounts 5000] [--repeats 5] [--profile [cumulative]]
+    .venv/bin/python benchmarks/planner.py [--accounts 5000] [--repeats 5] [--database postgres]
+        [--profile [cumulative]]
+
+The code timed is the ``keyshift`` Python imports: ``PYTHONPATH=<other checkout>/src`` times
+another commit's (the record names the checkout and its commit), with this script.
 """
 
 from __future__ import annotations
@@ -59,9 +63,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--seed", type=int, default=1)
     add("--repeats", type=int, default=5, help="passes over the accounts per measurement")
     add("--batch", type=int, default=100, help="accounts per read_states call")
+    add("--database", choices=("sqlite", "postgres"), default="sqlite")
     add(
-        "--database-url",
-        help="an empty database to seed (default: a temporary SQLite file)",
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="with --database postgres: an admin URL of the server (the database is made beside)",
     )
     add(
         "--profile",
@@ -78,6 +84,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.repeats < 1 or args.batch < 1:
         parser.error("--repeats and --batch must be at least 1")
     return args
+
+
+def to_dict(plan: Any) -> Any:
+    """``plan.to_dict()`` as its first call on the plan makes it (a plan keeps its outcome
+    digest once worked out, in code that does: each pass times the work anew)."""
+    plan.__dict__.pop("_outcome_digest", None)
+    return plan.to_dict()
+
+
+def outcome_digest(plan: Any) -> Any:
+    """``plan.outcome_digest()`` as its first call on the plan makes it."""
+    plan.__dict__.pop("_outcome_digest", None)
+    return plan.outcome_digest()
 
 
 def settle() -> None:
@@ -140,6 +159,13 @@ async def fetch_rows(session: Any, ids: Sequence[str], now: datetime) -> dict[An
     from keyshift.db.tables import DataObject, UsageCounter
     from keyshift.migration import repository
 
+    try:  # = ANY(array) on PostgreSQL, as read_states does since 6bf6d98
+        from keyshift.db.sql import among
+    except ImportError:
+
+        def among(session: Any, column: Any, values: Sequence[str]) -> Any:
+            return column.in_(list(values))
+
     wheres: dict[Any, tuple[Any, ...]] = {
         UsageCounter: (UsageCounter.period_end > now,),
         DataObject: (DataObject.state != "staged",),
@@ -148,7 +174,7 @@ async def fetch_rows(session: Any, ids: Sequence[str], now: datetime) -> dict[An
     for table, columns in repository._STATE_COLUMNS.items():
         rows: dict[str, list[Any]] = {}
         result = await session.execute(
-            select(*columns).where(columns[0].in_(list(ids)), *wheres.get(table, ()))
+            select(*columns).where(among(session, columns[0], ids), *wheres.get(table, ()))
         )
         for row in result:
             rows.setdefault(row[0], []).append(row)
@@ -285,13 +311,11 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     "accounts": len(cohort),
                     "can_apply": eligible,
                 }
-                results[f"to_dict {name}"], _ = cpu_passes(plans, lambda p: p.to_dict(), repeats)
-                results[f"outcome_digest {name}"], _ = cpu_passes(
-                    plans, lambda p: p.outcome_digest(), repeats
-                )
+                results[f"to_dict {name}"], _ = cpu_passes(plans, to_dict, repeats)
+                results[f"outcome_digest {name}"], _ = cpu_passes(plans, outcome_digest, repeats)
                 if args.profile:
                     profile_pass(f"plan_migration {name}", cohort, plan, args.profile)
-                    profile_pass(f"to_dict {name}", plans, lambda p: p.to_dict(), args.profile)
+                    profile_pass(f"to_dict {name}", plans, to_dict, args.profile)
     finally:
         await db.dispose()
     results["read_states, less fetch rows"] = {
@@ -308,6 +332,25 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "median": round(per_account, 2)
     }
     return results
+
+
+def code_timed() -> dict[str, str]:
+    """The checkout whose ``keyshift`` is imported, and its commit (marked when its ``src``
+    has uncommitted changes)."""
+    import subprocess
+
+    import keyshift
+
+    src = Path(keyshift.__file__).resolve().parents[1]
+
+    def git(*argv: str) -> str:
+        run = subprocess.run(["git", "-C", str(src), *argv], capture_output=True, text=True)
+        return run.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no", "."):
+        commit += " (uncommitted changes)"
+    return {"src": str(src), "commit": commit}
 
 
 def machine() -> dict[str, Any]:
@@ -333,16 +376,28 @@ def main(argv: list[str]) -> int:
         benchmark="planner",
         script="planner.py",
         argv=argv,
-        parameters=harness.parameters(args, "database_url", "profile"),
+        parameters=harness.parameters(args, "profile"),
         machine=machine(),
     )
-    record.parameters["database"] = "postgresql" if args.database_url else "sqlite (temporary)"
-    with tempfile.TemporaryDirectory(prefix="keyshift-planner-bench-") as scratch:
-        url = args.database_url or f"sqlite+aiosqlite:///{scratch}/bench.db"
-        results = asyncio.run(measure(args, url))
+    record.parameters["code"] = code_timed()
+    if args.database == "postgres":
+        database = f"keyshift_planner_{os.getpid()}"
+        _, url = harness.database_urls(args.pg_url, database)
+        harness.pg(args.pg_url, f'CREATE DATABASE "{database}"')
+        try:
+            results = asyncio.run(measure(args, url))
+        finally:
+            harness.pg(args.pg_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    else:
+        with tempfile.TemporaryDirectory(prefix="keyshift-planner-bench-") as scratch:
+            results = asyncio.run(measure(args, f"sqlite+aiosqlite:///{scratch}/bench.db"))
     record.machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     record.results = results
-    print(f"\n{args.accounts:,} accounts, CPU µs per account (median of {args.repeats} passes)")
+    code = record.parameters["code"]
+    print(
+        f"\n{args.accounts:,} accounts on {args.database}, CPU µs per account (median of"
+        f" {args.repeats} passes); code {code['commit']} ({code['src']})"
+    )
     print("\n| piece | µs/account | min | max | accounts |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
