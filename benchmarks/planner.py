@@ -107,27 +107,18 @@ def settle() -> None:
     gc.freeze()
 
 
-def cpu_passes(
-    items: Sequence[Any], call: Callable[[Any], Any], repeats: int, *, keep: bool = False
-) -> tuple[dict[str, float], list[Any]]:
-    """CPU µs per item over ``repeats`` passes (median, min, max), and, with ``keep``, the
-    last pass's results (otherwise each result is dropped as it is made, as a worker drops
-    an account's once it is written)."""
+def cpu_passes(items: Sequence[Any], call: Callable[[Any], Any], repeats: int) -> dict[str, float]:
+    """CPU µs per item over ``repeats`` passes (median, min, max). Each result is dropped as
+    it is made (a worker drops an account's once it is written): thousands kept alive would
+    time the garbage collector walking them."""
     per_item: list[float] = []
-    out: list[Any] = []
     for _ in range(repeats):
-        out = []
         settle()
         started = time.process_time_ns()
-        if keep:
-            append = out.append
-            for item in items:
-                append(call(item))
-        else:
-            for item in items:
-                call(item)
+        for item in items:
+            call(item)
         per_item.append((time.process_time_ns() - started) / 1000 / max(1, len(items)))
-    return _spread(per_item), out
+    return _spread(per_item)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -273,9 +264,10 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     return positional(*rows, taken_at)
                 return repository.build_state(*rows, now)
 
-            results["build dicts"], built = cpu_passes(rows_of, build, repeats, keep=True)
+            results["build dicts"] = cpu_passes(rows_of, build, repeats)
+            built = [build(rows) for rows in rows_of]
             assert len(built) == len(states) == len(ids)
-            results["state_hash"], _ = cpu_passes(states, state_hash, repeats)
+            results["state_hash"] = cpu_passes(states, state_hash, repeats)
             if args.profile:
                 profile_pass("build dicts", rows_of, build, args.profile)
                 profile_pass("state_hash", states, state_hash, args.profile)
@@ -304,15 +296,16 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     )
 
                 name = rules.rules.key
-                timed, plans = cpu_passes(cohort, plan, repeats, keep=True)
+                timed = cpu_passes(cohort, plan, repeats)
+                plans = [plan(state) for state in cohort]
                 eligible = sum(1 for p in plans if p.can_apply)
                 results[f"plan_migration {name}"] = {
                     **timed,
                     "accounts": len(cohort),
                     "can_apply": eligible,
                 }
-                results[f"to_dict {name}"], _ = cpu_passes(plans, to_dict, repeats)
-                results[f"outcome_digest {name}"], _ = cpu_passes(plans, outcome_digest, repeats)
+                results[f"to_dict {name}"] = cpu_passes(plans, to_dict, repeats)
+                results[f"outcome_digest {name}"] = cpu_passes(plans, outcome_digest, repeats)
                 if args.profile:
                     profile_pass(f"plan_migration {name}", cohort, plan, args.profile)
                     profile_pass(f"to_dict {name}", plans, to_dict, args.profile)
