@@ -34,7 +34,7 @@ scheduled time, and the run's accounts/s. Prints a table, writes
 ``results/zero-downtime-<UTC time>.json``, and exits 1 when a check failed.
 
     .venv/bin/python benchmarks/zero_downtime.py [--accounts 100000] [--workers 2]
-        [--pool 10000] [--validate-rate 200] [--usage-rate 50] [--baseline 20] [--after 5]
+        [--pool 10000] [--validate-rate 200] [--usage-rate 20] [--baseline 20] [--after 5]
         [--time-limit S]
 """
 
@@ -91,7 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--batch-size", type=int, default=100, help="accounts a worker claims at a time")
     add("--pool", type=int, default=10_000, help="accounts of the run the load picks from")
     add("--validate-rate", type=float, default=200.0, help="validations per second")
-    add("--usage-rate", type=float, default=50.0, help="usage events per second")
+    add("--usage-rate", type=float, default=20.0, help="usage events per second")
     add("--connections", type=int, default=8, help="keep-alive connections per stream")
     add("--baseline", type=float, default=20.0, help="seconds of load before the run")
     add("--after", type=float, default=5.0, help="seconds of load after the run")
