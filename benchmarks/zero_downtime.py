@@ -54,6 +54,7 @@ from typing import Any
 import harness
 import loadgen
 import orjson
+import validation_cache
 from checked_load import (
     DRAIN_SECONDS,
     EVENT_PREFIX,
@@ -196,6 +197,7 @@ class Loaded:
     before: Counter[tuple[str, str]]
     phase_seconds: dict[str, float]
     cpu: dict[str, dict[str, float]]
+    cache_hit_ratio: dict[str, float | None]
     run_seconds: float
     workers: list[runs.Worker]
     undrained: dict[str, int] = field(default_factory=dict)
@@ -203,7 +205,9 @@ class Loaded:
 
 def cpu_of(sampled: dict[str, float], own: float, wall: float) -> dict[str, float]:
     """``harness.cpu_sampled``'s split, its "generator" (this script's reaped children: the
-    run's workers) named as such, and this process (the load generator) out of "other"."""
+    run's workers) named as such, and this process (the load generator) out of "other". Its
+    "postgres" counts the bench database's backends alive at the phase's end: the workers'
+    backends exit with them, so their CPU is under "other" (with other people's work)."""
     out = dict(sampled)
     out["workers"] = out.pop("generator")
     out["load_generator"] = round(own / max(1e-9, wall), 3)
@@ -246,16 +250,20 @@ async def under_load(
     ]
     cpu: dict[str, dict[str, float]] = {}
     phase_seconds: dict[str, float] = {}
+    hits: dict[str, float | None] = {}  # the servers' validation cache hit ratio
 
     async def phase(name: str, work: Any) -> Any:
         began, own = time.perf_counter(), time.process_time()
         if name != "baseline":
             phases.begin(name, began)
+        counts = await asyncio.to_thread(validation_cache.cache_counts, bench)
         with harness.cpu_sampled(bench) as sampled:
             result = await work
         wall = time.perf_counter() - began
         phase_seconds[name] = round(wall, 2)
         cpu[name] = cpu_of(sampled, time.process_time() - own, wall)
+        after = await asyncio.to_thread(validation_cache.cache_counts, bench)
+        hits[name] = validation_cache.hit_ratio(counts, after)
         return result
 
     progress(f"baseline: {args.baseline:g} s of load, no run")
@@ -278,7 +286,9 @@ async def under_load(
         await stream.drain(DRAIN_SECONDS)
         undrained[name] = stream.outstanding
         stream.close()
-    return Loaded(validations, usage, before, phase_seconds, cpu, run_seconds, workers, undrained)
+    return Loaded(
+        validations, usage, before, phase_seconds, cpu, hits, run_seconds, workers, undrained
+    )
 
 
 # -- the checks ----------------------------------------------------------------------------------
@@ -417,6 +427,10 @@ def summarise(
         "usage_latency": {p: latency(u.latencies[p]) for p in phases},
         "phase_seconds": loaded.phase_seconds,
         "cpu_cores": loaded.cpu,
+        "cache_hit_ratio": {
+            name: None if ratio is None else round(ratio, 4)
+            for name, ratio in loaded.cache_hit_ratio.items()
+        },
         "run": {
             "accounts_seeded": args.accounts,
             "accounts_in_run": total,
@@ -457,14 +471,19 @@ def summarise(
 
 def render(results: dict[str, Any], problems: list[str]) -> str:
     lines = [
-        "| phase | seconds | validations | p50 ms | p99 ms | usage events | p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| phase | seconds | validations | p50 ms | p99 ms | cache hits | usage events"
+        " | p50 ms | p99 ms | cores: server / run workers / whole machine |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for phase in ("baseline", "during", "after"):
         v, u = results["validate_latency"][phase], results["usage_latency"][phase]
+        hits = results["cache_hit_ratio"].get(phase)
+        cpu = results["cpu_cores"].get(phase, {})
+        cores = " / ".join(str(cpu.get(k, "—")) for k in ("server", "workers", "all"))
         lines.append(
             f"| {phase} | {results['phase_seconds'].get(phase, '—')} | {v['count']:,}"
-            f" | {v['p50_ms']} | {v['p99_ms']} | {u['count']:,} | {u['p50_ms']} | {u['p99_ms']} |"
+            f" | {v['p50_ms']} | {v['p99_ms']} | {'—' if hits is None else f'{hits:.1%}'}"
+            f" | {u['count']:,} | {u['p50_ms']} | {u['p99_ms']} | {cores} |"
         )
     run, answers = results["run"], results["answers"]
     lines += [
