@@ -98,6 +98,7 @@ class Connection(asyncio.Protocol):
         self.body_start = -1
         self.length = 0
         self.status = 0
+        self.tag: object = None  # what ``Pool.next_request`` said of the in-flight request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -108,7 +109,8 @@ class Connection(asyncio.Protocol):
         self.body_start = -1
         self.buffer.clear()
         self.pool.record_send(scheduled)
-        self.transport.write(self.pool.choice(self.pool.requests))
+        request, self.tag = self.pool.next_request()
+        self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -127,7 +129,7 @@ class Connection(asyncio.Protocol):
         scheduled, self.scheduled = self.scheduled, None
         body = bytes(self.buffer[self.body_start : self.body_start + self.length])
         if scheduled is not None:
-            self.pool.record_response(scheduled, self.status, body)
+            self.pool.record_response(scheduled, self.status, body, self.tag)
         self.pool.release(self)
 
     def fail(self, exc: Exception) -> None:
@@ -155,7 +157,10 @@ def parse_head(head: bytes) -> tuple[int, int]:
 
 
 class Pool:
-    """Scheduled requests go to an idle connection, or wait in a FIFO backlog for one."""
+    """Scheduled requests go to an idle connection, or wait in a FIFO backlog for one.
+
+    A subclass can choose each request (``next_request``, with a tag that comes back with its
+    answer) and look at each answer (``record_response``, ``record_error``)."""
 
     def __init__(
         self, host: str, port: int, requests: list[bytes], stats: Stats, measure_from: float
@@ -195,6 +200,11 @@ class Pool:
         self.reconnects.add(task)
         task.add_done_callback(self.reconnects.discard)
 
+    def next_request(self) -> tuple[bytes, object]:
+        """The bytes of the next request to send, and a tag for its answer: here a random one
+        of ``requests``, untagged."""
+        return self.choice(self.requests), None
+
     def submit(self, scheduled: float, now: float) -> None:
         self.outstanding += 1
         if scheduled >= self.measure_from:
@@ -214,7 +224,9 @@ class Pool:
         if scheduled >= self.measure_from:
             self.stats.send_lag.append(time.perf_counter() - scheduled)
 
-    def record_response(self, scheduled: float, status: int, body: bytes) -> None:
+    def record_response(
+        self, scheduled: float, status: int, body: bytes, tag: object = None
+    ) -> None:
         done = time.perf_counter()
         if scheduled >= self.measure_from:
             self.stats.latencies.append(done - scheduled)
@@ -245,6 +257,13 @@ class Pool:
         if not self.closing:
             self.reconnect()
 
+    async def drain(self, seconds: float) -> None:
+        """Stop taking requests and wait (at most ``seconds``) for those in flight."""
+        self.closing = True
+        if self.outstanding:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), timeout=seconds)
+
     def close(self) -> None:
         self.closing = True
         for task in self.reconnects:
@@ -253,6 +272,27 @@ class Pool:
             conn = self.idle.popleft()
             if conn.transport is not None:
                 conn.transport.close()
+
+
+async def send_at_rate(
+    pool: Pool, start: float, interval: float, total: int, stop: asyncio.Event | None = None
+) -> int:
+    """Submit request ``i`` at ``start + i * interval`` until ``total`` are submitted (or
+    ``stop`` is set); returns how many were.
+
+    Submits every request whose time has come, then sleeps until the next one, but at least
+    TICK: the event loop's timers have millisecond resolution, and a shorter sleep spins,
+    burning the CPU the server needs. Requests are thus sent in small bursts, up to about a
+    tick late; that lateness is counted in their latency (conservative)."""
+    i = 0
+    while i < total and not (stop is not None and stop.is_set()):
+        now = time.perf_counter()
+        while i < total and start + i * interval <= now:
+            pool.submit(start + i * interval, now)
+            i += 1
+        if i < total:
+            await asyncio.sleep(max(TICK, start + i * interval - time.perf_counter()))
+    return i
 
 
 async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, Any]:
@@ -266,24 +306,10 @@ async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, Any]
     start = time.perf_counter() + 0.05
     pool.measure_from = measure_from = start + args.warmup
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    # The scheduler: submit every request whose time has come, then sleep until the next one,
-    # but at least TICK: the event loop's timers have millisecond resolution, and a shorter
-    # sleep spins, burning the CPU the server needs. Requests are thus sent in small bursts,
-    # up to about a tick late; that lateness is counted in their latency (conservative).
-    i = 0
-    while i < total:
-        now = time.perf_counter()
-        while i < total and start + i * interval <= now:
-            pool.submit(start + i * interval, now)
-            i += 1
-        if i < total:
-            await asyncio.sleep(max(TICK, start + i * interval - time.perf_counter()))
+    await send_at_rate(pool, start, interval, total)
     end_of_schedule = start + total * interval
     # Bounded drain: requests still waiting or in flight after the timeout count as dropped.
-    pool.closing = True
-    if pool.outstanding:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pool.drained.wait(), timeout=args.drain_timeout)
+    await pool.drain(args.drain_timeout)
     finished = time.perf_counter()
     cpu = time.process_time() - cpu0
     dropped_backlog = len(pool.backlog)

@@ -51,6 +51,8 @@ from harness import ROOT, Record, pg, progress
 RULES = ROOT / "examples" / "migrations" / "pro-2023-to-2025.toml"
 #: Applies before the timed ones (imports, the catalog cache, prepared statements).
 APPLY_WARMUP = 2
+#: One `keyshift worker` that exits once the run has nothing left to claim.
+WORKER_COMMAND = [sys.executable, "-m", "keyshift.cli", "worker", "--until-idle", "--poll", "0.2"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -224,6 +226,11 @@ class Worker:
         return True
 
 
+def worker_env(url: str, secrets_dir: Path) -> dict[str, str]:
+    """The environment of a worker on the database at ``url`` with these secrets."""
+    return {**os.environ, "KEYSHIFT_DATABASE_URL": url, "KEYSHIFT_SECRETS_DIR": str(secrets_dir)}
+
+
 def run_workers(
     commands: list[list[str]],
     env: dict[str, str],
@@ -274,12 +281,8 @@ def measure(
     secrets_dir = Path(tempfile.mkdtemp(prefix="keyshift-runs-bench-"))
     try:
         run_id, total = asyncio.run(prepare(url, secrets_dir, accounts, batch_size))
-        env = {
-            **os.environ,
-            "KEYSHIFT_DATABASE_URL": url,
-            "KEYSHIFT_SECRETS_DIR": str(secrets_dir),
-        }
-        command = [sys.executable, "-m", "keyshift.cli", "worker", "--until-idle", "--poll", "0.2"]
+        env = worker_env(url, secrets_dir)
+        command = WORKER_COMMAND
         commands = [command] * workers
         if profile is not None:
             profile.mkdir(parents=True, exist_ok=True)
