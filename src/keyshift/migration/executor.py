@@ -54,7 +54,7 @@ from keyshift.migration.errors import (
     RulesVersionConflict,
 )
 from keyshift.migration.planner import CounterMove, MigrationPlan, plan_migration
-from keyshift.migration.rollback import rollback
+from keyshift.migration.rollback import rollback_many
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
 from keyshift.migration.state import (
     ExpectedState,
@@ -749,15 +749,18 @@ class Executor:
             fault_point(f"before:{step}")
             flows = await self._batch_step(actor, going, step)
             fault_point(f"after:{step}")
-            ahead = []
+            ahead, differ = [], []
             for migration_id in going:
                 flow = flows[migration_id]
                 if isinstance(flow, KeyshiftError):
                     failed[migration_id] = flow
                 elif flow == Flow.VERIFY_FAILED:
-                    await rollback(self, actor, migration_id, reason="verification failed")
+                    differ.append(migration_id)
                 elif flow == Flow.NEXT and step != until:
                     ahead.append(migration_id)
+            if differ:
+                undone = await rollback_many(self, actor, differ, reason="verification failed")
+                failed |= {m: e for m, e in undone.items() if isinstance(e, KeyshiftError)}
             going = ahead
         async with self.db.transaction() as session:
             rows = (
