@@ -36,11 +36,12 @@ from keyshift.migration.state import (
     parse_iso,
     sort_state,
 )
-from keyshift.states import Step, StepOutcome
+from keyshift.states import MigrationState, Step, StepOutcome
 
 #: Core tables, for statements run with many parameter sets (one ``executemany``).
 _COUNTERS = cast(Table, UsageCounter.__table__)
 _ACTIVATIONS = cast(Table, Activation.__table__)
+_OBJECTS = cast(Table, DataObject.__table__)
 
 
 async def read_state(
@@ -445,6 +446,31 @@ async def ledger_of_step(
         )
     ).scalars()
     return {row.migration_id: row for row in rows}
+
+
+async def release_superseded(session: AsyncSession, migration_ids: Sequence[str]) -> dict[str, int]:
+    """Delete the originals the migrations superseded (archived at their cutovers): one
+    statement. How many each released (migrations that released none are left out)."""
+    table = _OBJECTS
+    gone = await session.execute(
+        delete(table)
+        .where(table.c.migration_id.in_(list(migration_ids)), table.c.state == "superseded")
+        .returning(table.c.migration_id)
+    )
+    released: dict[str, int] = {}
+    for (migration_id,) in gone:
+        released[migration_id] = released.get(migration_id, 0) + 1
+    return released
+
+
+async def finalize_rows(session: AsyncSession, migration_ids: Sequence[str]) -> None:
+    """Mark the migrations finalized and retire their snapshots: one statement."""
+    await session.execute(
+        update(Migration)
+        .where(Migration.id.in_(list(migration_ids)))
+        .values(state=MigrationState.FINALIZED, snapshot=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def steps_done(session: AsyncSession, migration_id: str) -> dict[str, MigrationStep]:

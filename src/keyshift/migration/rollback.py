@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from keyshift.audit import service as audit
 from keyshift.context import Actor
@@ -265,60 +266,132 @@ def _moments(clock: Callable[[], datetime], count: int) -> list[datetime]:
 
 
 async def cancel(executor: Engine, actor: Actor, migration_id: str) -> Migration:
-    """Withdraw a scheduled, held or queued change before it runs."""
-    now = executor.clock()
-    async with executor.db.transaction() as session:
-        row = await repository.lock_migration(session, migration_id)
-        if row is None:
-            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == MigrationState.CANCELLED:
-            return row
-        if row.state not in WAITING:
-            raise WrongState(
-                f"migration {row.id} is {row.state}; only a change that has not run can be"
-                " cancelled (roll back one that has)",
-                field="migration_id",
-            )
-        row.state, row.lock_account_id, row.finished_at = MigrationState.CANCELLED, None, now
-        await audit.record(
-            session, actor, "migration.cancel", "migration", row.id, account_id=row.account_id
-        )
-    return row
+    """Withdraw a scheduled, held or queued change before it runs (``cancel_many`` of one)."""
+    return _one((await cancel_many(executor, actor, [migration_id]))[migration_id])
+
+
+async def cancel_many(
+    executor: Engine, actor: Actor, migration_ids: Sequence[str]
+) -> dict[str, Migration | KeyshiftError]:
+    """Withdraw many changes that have not run, in ONE transaction (their rows updated
+    together, their audit events appended together). Idempotent: a cancelled one is returned
+    as it is; one that has run gets its error, having written nothing."""
+
+    async def work(
+        session: AsyncSession, keys: Sequence[str]
+    ) -> dict[str, Migration | KeyshiftError]:
+        now = executor.clock()
+        rows = await repository.lock_migrations(session, keys, without=(Migration.snapshot,))
+        out: dict[str, Migration | KeyshiftError] = {}
+        for migration_id in keys:
+            row = rows.get(migration_id)
+            if row is None:
+                out[migration_id] = _not_found(migration_id)
+            elif row.state == MigrationState.CANCELLED:
+                out[migration_id] = row
+            elif row.state not in WAITING:
+                out[migration_id] = WrongState(
+                    f"migration {row.id} is {row.state}; only a change that has not run can be"
+                    " cancelled (roll back one that has)",
+                    field="migration_id",
+                )
+            else:
+                row.state, row.lock_account_id = MigrationState.CANCELLED, None
+                row.finished_at = now
+                await audit.record(
+                    session,
+                    actor,
+                    "migration.cancel",
+                    "migration",
+                    row.id,
+                    account_id=row.account_id,
+                )
+                out[migration_id] = row
+        return out
+
+    ids = list(dict.fromkeys(migration_ids))
+    if not ids:
+        return {}
+    out = await isolated(executor.db, ids, work, fault="inside:cancel")
+    return out
 
 
 async def finalize(executor: Engine, actor: Actor, migration_id: str) -> Migration:
     """Release the old copies and retire the snapshot: the migration can no longer be rolled
-    back. Idempotent."""
-    now = executor.clock()
-    async with executor.db.transaction() as session:
-        row = await repository.lock_migration(session, migration_id)
-        if row is None:
-            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == MigrationState.FINALIZED:
-            return row
-        if row.state != MigrationState.COMPLETED:
-            raise WrongState(
-                f"migration {row.id} is {row.state}; only a completed migration is finalized",
-                field="migration_id",
+    back. Idempotent (``finalize_many`` of one)."""
+    return _one((await finalize_many(executor, actor, [migration_id]))[migration_id])
+
+
+async def finalize_many(
+    executor: Engine, actor: Actor, migration_ids: Sequence[str]
+) -> dict[str, Migration | KeyshiftError]:
+    """Finalize many completed migrations in ONE transaction, set-based: their old copies
+    released (one DELETE), their rows finalized and snapshots retired (one UPDATE), their
+    ledger rows and audit events written together. Idempotent: a finalized one is returned as
+    it is; one that is not completed gets its error, having written nothing. A crash anywhere
+    (``inside:finalize``) leaves it to be called again."""
+
+    async def work(
+        session: AsyncSession, keys: Sequence[str]
+    ) -> dict[str, Migration | KeyshiftError]:
+        now = executor.clock()
+        # The snapshot, retired here, is not read (the largest column of a row).
+        rows = await repository.lock_migrations(session, keys, without=(Migration.snapshot,))
+        out: dict[str, Migration | KeyshiftError] = {}
+        todo: list[Migration] = []
+        for migration_id in keys:
+            row = rows.get(migration_id)
+            if row is None:
+                out[migration_id] = _not_found(migration_id)
+            elif row.state == MigrationState.FINALIZED:
+                out[migration_id] = row
+            elif row.state != MigrationState.COMPLETED:
+                out[migration_id] = WrongState(
+                    f"migration {row.id} is {row.state}; only a completed migration is finalized",
+                    field="migration_id",
+                )
+            else:
+                todo.append(row)
+        if not todo:
+            return out
+        ids = [row.id for row in todo]
+        released = await repository.release_superseded(session, ids)
+        done = await repository.ledger_steps(session, ids)
+        await repository.finalize_rows(session, ids)
+        ledger = []
+        for row in todo:
+            # As the UPDATE above left them (set as loaded: nothing more to write).
+            set_committed_value(row, "state", MigrationState.FINALIZED)
+            set_committed_value(row, "snapshot", None)
+            ledger.append(
+                {
+                    "migration_id": row.id,
+                    "step": Step.FINALIZE,
+                    "account_id": row.account_id,
+                    "seq": len(done[row.id]) + 1,
+                    "outcome": StepOutcome.DONE,
+                    "snapshot_hash": row.snapshot_hash,
+                    "details": {"objects_released": released.get(row.id, 0)},
+                    "at": now,
+                }
             )
-        released = await session.execute(
-            delete(DataObject).where(
-                DataObject.migration_id == row.id, DataObject.state == "superseded"
+            await audit.record(
+                session,
+                actor,
+                "migration.finalize",
+                "migration",
+                row.id,
+                account_id=row.account_id,
             )
-        )
-        row.state, row.snapshot = MigrationState.FINALIZED, None
-        await repository.write_step(
-            session,
-            row,
-            Step.FINALIZE,
-            snapshot_hash=row.snapshot_hash,
-            details={"objects_released": int(released.rowcount or 0)},  # type: ignore[attr-defined]
-            now=now,
-        )
-        await audit.record(
-            session, actor, "migration.finalize", "migration", row.id, account_id=row.account_id
-        )
-    return row
+            out[row.id] = row
+        await repository.insert_steps(session, ledger)
+        return out
+
+    ids = list(dict.fromkeys(migration_ids))
+    if not ids:
+        return {}
+    out = await isolated(executor.db, ids, work, fault="inside:finalize")
+    return out
 
 
 def _one(result: Migration | KeyshiftError) -> Migration:
