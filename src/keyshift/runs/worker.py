@@ -354,11 +354,12 @@ class Worker:
 
     async def _backward(self, claim: Claim, account_ids: list[str]) -> None:
         """Roll a batch back: every migration this run made of each account, newest first —
-        rolled back if it ran, cancelled if it waits — each account's newest ones together
-        (``rollback_many``, ``cancel_many``: one transaction each), then the next newest, if
-        any. The accounts go in the order claimed (newest first). An account whose rollback
-        is refused is quarantined with its error while its neighbours are rolled back. Safe
-        to call again after any failure: what is rolled back (or cancelled) stays so."""
+        rolled back if it ran (refused if it was finalized), cancelled if it waits — each
+        account's newest ones together (``rollback_many``, ``cancel_many``: one transaction
+        each), then the next newest, if any. The accounts go in the order claimed (newest
+        first). An account whose rollback is refused is quarantined with its error while its
+        neighbours are rolled back. Safe to call again after any failure: what is rolled back
+        (or cancelled) stays so."""
         async with self.db.transaction() as session:
             found = await session.execute(
                 select(Migration.account_id, Migration.id, Migration.state)
@@ -376,7 +377,7 @@ class Worker:
                 for account_id, rows in newest.items()
                 if len(rows) > depth and account_id not in errors
             }
-            back = [m for m, state in turn.values() if state in REVERSIBLE]
+            back = [m for m, state in turn.values() if state in _TO_ROLL_BACK]
             waiting = [m for m, state in turn.values() if state in WAITING]
             results: dict[str, Migration | KeyshiftError] = {}
             if back:
@@ -611,6 +612,10 @@ async def _run_migration(session: Any, run_id: str, account_id: str) -> Migratio
     )
     return row
 
+
+#: The states of a migration a run's rollback sends to ``rollback_many``: those that moved the
+#: account (a finalized one is refused there, and its account quarantined with the error).
+_TO_ROLL_BACK = REVERSIBLE | {MigrationState.FINALIZED}
 
 #: A run account whose last attempt failed: back in the queue, taken again, or quarantined.
 _LAST_ATTEMPT_FAILED = RunAccount.error.is_not(None) & RunAccount.state.in_(
