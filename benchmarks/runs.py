@@ -287,6 +287,7 @@ def measure_after(
 ) -> dict[str, Any]:
     """Roll the completed run back with the workers (``then="rollback"``), or finalize it
     (``"finalize"``); the seconds it took and the accounts it moved."""
+    load = [round(x, 2) for x in os.getloadavg()]
     if then == "rollback":
         keyshift(env, "runs", "rollback", run_id)
         # Timed as the forward run is: from the workers' start until the last has exited.
@@ -307,7 +308,8 @@ def measure_after(
         "seconds": round(seconds, 2),
         "accounts_per_s": round(moved / seconds, 1) if seconds else None,
         "worker_exit_codes": [w.exit_code for w in ran],
-        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "final": result,
     }
 
