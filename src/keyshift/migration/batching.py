@@ -39,7 +39,7 @@ async def isolated(
     """``work`` over ``keys`` in ONE transaction. First all together; if it raises a
     ``KeyshiftError``, that transaction is rolled back and the work is done again with each key
     in a savepoint of its own, so the one that fails gets its error and leaves its neighbours
-    be. Audit events are appended together at the end either way (the chain's head is taken
+    be (a batch of one needs no second try: its error is the answer). Audit events are appended together at the end either way (the chain's head is taken
     once, last), then ``fault_point(fault)`` — every effect written, nothing committed. An
     ``Unavailable`` database is raised: the transaction is gone, the caller retries the whole."""
 
@@ -68,10 +68,11 @@ async def isolated(
         fault_point(fault)
         return out
 
-    if len(keys) > 1:
-        try:
-            return await db.run(together)
-        except KeyshiftError as error:
-            if isinstance(error, Unavailable):
-                raise
+    try:
+        return await db.run(together)
+    except KeyshiftError as error:
+        if isinstance(error, Unavailable):
+            raise
+        if len(keys) == 1:  # its transaction is rolled back: the one key's error is all
+            return {keys[0]: error}
     return await db.run(apart)
