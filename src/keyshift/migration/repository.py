@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import defer
@@ -434,18 +434,26 @@ async def insert_steps(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
         await session.execute(insert(MigrationStep), list(rows))
 
 
-async def ledger_of_step(
+async def ledger_with(
     session: AsyncSession, migration_ids: Sequence[str], step: Step
-) -> dict[str, MigrationStep]:
-    """Each migration's ledger row of ``step``, for those that have one."""
-    rows = (
-        await session.execute(
-            select(MigrationStep)
-            .where(MigrationStep.migration_id.in_(list(migration_ids)), MigrationStep.step == step)
-            .execution_options(populate_existing=True)
-        )
-    ).scalars()
-    return {row.migration_id: row for row in rows}
+) -> tuple[dict[str, set[Step]], dict[str, tuple[str, dict[str, Any]]]]:
+    """The steps each migration has in its ledger (every id is a key, as ``ledger_steps``), and
+    the outcome and details of its ``step`` row for those that have one: one query."""
+    done: dict[str, set[Step]] = {m: set() for m in migration_ids}
+    rows: dict[str, tuple[str, dict[str, Any]]] = {}
+    found = await session.execute(
+        select(
+            MigrationStep.migration_id,
+            MigrationStep.step,
+            MigrationStep.outcome,
+            case((MigrationStep.step == step, MigrationStep.details)),
+        ).where(MigrationStep.migration_id.in_(list(done)))
+    )
+    for migration_id, done_step, outcome, details in found:
+        done[migration_id].add(Step(done_step))
+        if done_step == step:
+            rows[migration_id] = (outcome, details or {})
+    return done, rows
 
 
 async def release_superseded(session: AsyncSession, migration_ids: Sequence[str]) -> dict[str, int]:

@@ -179,15 +179,14 @@ async def _roll_back_turn(
     if not going:
         return out
     ids = [row.id for row in going]
-    done = await repository.ledger_steps(session, ids)
-    cutovers = await repository.ledger_of_step(session, ids, Step.CUTOVER)
+    done, cutovers = await repository.ledger_with(session, ids, Step.CUTOVER)
     # One moment each, in the order given: a batch commits at once, but its rows still show
     # the order it was rolled back in (``finished_at``; a run's newest first).
     now = dict(zip(ids, _moments(executor.clock, len(ids)), strict=True))
     cut = {
-        row.id: cutovers[row.id].details
+        row.id: cutovers[row.id][1]
         for row in going
-        if row.id in cutovers and cutovers[row.id].outcome == StepOutcome.DONE
+        if row.id in cutovers and cutovers[row.id][0] == StepOutcome.DONE
     }
     details: dict[str, dict[str, Any]] = {
         row.id: {"reason": reason, "after_cutover": row.id in cut} for row in going
