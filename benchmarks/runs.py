@@ -19,10 +19,17 @@ p90 and the spread.
 100,000 accounts) and reports its peak RSS at each and their ratio: a worker's memory should not
 grow with the run.
 
+``--rollback`` goes on, in each worker count's database, once the run has completed: ``keyshift
+runs rollback RUN``, then K workers again until the run is rolled back, timed the same way
+(accounts rolled back per second). ``--finalize`` instead times ``keyshift runs finalize RUN``
+on the completed run (accounts finalized per second). Both go through the CLI, so the same
+script measures any version of the code.
+
 Prints a table and writes ``results/runs-<UTC time>.json``.
 
     .venv/bin/python benchmarks/runs.py [--accounts 2000] [--workers 1,2,4] [--batch-size 100]
         [--pgbench-duration 10] [--apply-samples 50] [--time-limit S] [--profile DIR]
+        [--rollback | --finalize]
     .venv/bin/python benchmarks/runs.py --rss-check [--rss-sizes 10000,100000]
 """
 
@@ -78,6 +85,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="instead: one worker at each --rss-sizes, its peak RSS at each and their ratio",
     )
     add("--rss-sizes", default="10000,100000", help="accounts seeded for --rss-check")
+    after = parser.add_mutually_exclusive_group()
+    after.add_argument(
+        "--rollback",
+        action="store_true",
+        help="then roll each completed run back with the same workers, timed",
+    )
+    after.add_argument(
+        "--finalize", action="store_true", help="then finalize each completed run, timed"
+    )
     add("--no-record", action="store_true", help="print only; write no JSON result")
     add(
         "--profile",
@@ -264,6 +280,47 @@ def run_workers(
     return time.perf_counter() - started, workers
 
 
+def keyshift(env: dict[str, str], *args: str) -> None:
+    """One `keyshift` command; its failure stops the benchmark."""
+    done = subprocess.run(
+        [sys.executable, "-m", "keyshift.cli", *args], env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"keyshift {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+
+
+def measure_after(
+    url: str, env: dict[str, str], run_id: str, commands: list[list[str]], then: str
+) -> dict[str, Any]:
+    """Roll the completed run back with the workers (``then="rollback"``), or finalize it
+    (``"finalize"``); the seconds it took and the accounts it moved."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    if then == "rollback":
+        keyshift(env, "runs", "rollback", run_id)
+        # Timed as the forward run is: from the workers' start until the last has exited.
+        seconds, ran = run_workers(commands, env, profiled=False, time_limit=None)
+        moved_state = "rolled_back"
+    else:
+        # The command's own start-up (about a second of imports) is in the time.
+        started = time.perf_counter()
+        keyshift(env, "runs", "finalize", run_id)
+        seconds, ran = time.perf_counter() - started, []
+        moved_state = "migrated"
+    result = asyncio.run(outcome(url, run_id))
+    moved = result["by_state"].get(moved_state, 0)
+    progress(f"  {then}: {moved:,} accounts in {seconds:.2f} s, run {result['state']}")
+    return {
+        "what": then,
+        "accounts": moved,
+        "seconds": round(seconds, 2),
+        "accounts_per_s": round(moved / seconds, 1) if seconds else None,
+        "worker_exit_codes": [w.exit_code for w in ran],
+        "load_average_before": load,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "final": result,
+    }
+
+
 def measure(
     admin_url: str,
     accounts: int,
@@ -273,6 +330,7 @@ def measure(
     profile: Path | None = None,
     time_limit: float | None = None,
     pgbench: dict[str, int] | None = None,
+    then: str | None = None,
 ) -> dict[str, Any]:
     name = f"keyshift_runs_{os.getpid()}_{workers}_{accounts}"
     plain_url, url = harness.database_urls(admin_url, name)
@@ -308,6 +366,8 @@ def measure(
             "worker_exit_codes": [w.exit_code for w in ran],
             "final": result,
         }
+        if then is not None and result["state"] == "completed":
+            row[then] = measure_after(url, env, run_id, [command] * workers, then)
         if pgbench is not None:
             row["pgbench"] = run_pgbench(admin_url, name, plain_url, **pgbench)
             tps = (row["pgbench"] or {}).get("tps")
@@ -461,6 +521,7 @@ def throughput(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]
             measure(
                 args.pg_url, args.accounts, workers, args.batch_size,
                 profile=args.profile, time_limit=args.time_limit, pgbench=pgbench,
+                then=after_run(args),
             )
         )  # fmt: skip
         progress(f"  {rows[-1]}")
@@ -481,6 +542,15 @@ def throughput(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]
             f" | {row.get('accounts_per_s_per_pgbench_tps', '—')}"
             f" | {', '.join(str(m) for m in row['worker_peak_rss_mib'])} |"
         )
+    if after_run(args) is not None:
+        print(f"\n| workers | {after_run(args)}: accounts | seconds | accounts/s |")
+        print("| ---: | ---: | ---: | ---: |")
+        for row in rows:
+            after = row.get(after_run(args)) or {}
+            print(
+                f"| {row['workers']} | {after.get('accounts', '—')} | {after.get('seconds', '—')}"
+                f" | {after.get('accounts_per_s', '—')} |"
+            )
     if apply is not None:
         print(
             f"\nmigrate apply, one account ({apply['samples']} samples): p50 {apply['p50_ms']} ms,"
@@ -492,12 +562,26 @@ def throughput(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]
             "pgbench_tps": (r.get("pgbench") or {}).get("tps"),
             "accounts_per_s_per_pgbench_tps": r.get("accounts_per_s_per_pgbench_tps"),
             "worker_peak_rss_mib": max(r["worker_peak_rss_mib"]),
+            **(
+                {
+                    f"{after_run(args)}_accounts_per_s": (r.get(after_run(args)) or {}).get(
+                        "accounts_per_s"
+                    )
+                }
+                if after_run(args)
+                else {}
+            ),
         }
         for r in rows
     }
     if apply is not None:
         results["apply_p50_ms"] = apply["p50_ms"]
     return results, {"rows": rows, "apply": apply}
+
+
+def after_run(args: argparse.Namespace) -> str | None:
+    """What follows each completed run: ``rollback``, ``finalize`` or nothing."""
+    return "rollback" if args.rollback else "finalize" if args.finalize else None
 
 
 def main(argv: list[str]) -> int:

@@ -421,17 +421,17 @@ def finalize(run_id: str = typer.Argument(..., help="The run id.")) -> None:
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.context import cli_actor
         from keyshift.migration.executor import Executor
-        from keyshift.migration.rollback import finalize as finalize_one
+        from keyshift.migration.rollback import finalize_many
         from keyshift.runs import service
         from keyshift.security.secrets_store import load_secrets
 
         executor = Executor(db, load_secrets(settings.secrets_dir).signing)
         actor = cli_actor()
 
-        async def one(migration_id: str) -> Any:
-            return await finalize_one(executor, actor, migration_id)
+        async def many(migration_ids: list[str]) -> Any:
+            return await finalize_many(executor, actor, migration_ids)
 
-        row = await service.finalize(db, actor, run_id, one)
+        row = await service.finalize(db, actor, run_id, many)
         typer.echo(f"run {row.id} is {row.state}")
 
     run(work)

@@ -8,8 +8,6 @@ Steps: lock → snapshot → prepare → cutover → verify → receipt (``plann
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +44,8 @@ from keyshift.errors import (
     Unavailable,
 )
 from keyshift.migration import repository
+from keyshift.migration.batching import FAULT_ENV as FAULT_ENV  # the crash tests set it
+from keyshift.migration.batching import fault_point, isolated
 from keyshift.migration.errors import (
     MigrationBlocked,
     MigrationNotFound,
@@ -56,7 +56,7 @@ from keyshift.migration.errors import (
 )
 from keyshift.migration.planner import CounterMove, MigrationPlan, plan_migration
 from keyshift.migration.repository import MigrationRecord
-from keyshift.migration.rollback import rollback
+from keyshift.migration.rollback import rollback_many
 from keyshift.migration.rules import MigrationRules, PlanPair, check_against_catalog
 from keyshift.migration.state import (
     ExpectedState,
@@ -86,16 +86,6 @@ class Flow(StrEnum):
 #: One step's work, given the locked migration row and the batch it is part of; it writes
 #: the step's ledger row (``Batch.write_step``).
 StepHandler = Callable[[AsyncSession, Actor, MigrationRecord, "Batch"], Awaitable[Flow]]
-
-
-#: Test hook: ``KEYSHIFT_FAULT_POINT=inside:cutover`` makes the process SIGKILL itself there.
-#: Points: ``before:<step>``, ``inside:<step>`` (effects written, not committed), ``after:<step>``.
-FAULT_ENV = "KEYSHIFT_FAULT_POINT"
-
-
-def fault_point(name: str) -> None:
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- rules and plans ----------------------------------------------------------------------------
@@ -770,15 +760,18 @@ class Executor:
             fault_point(f"before:{step}")
             flows = await self._batch_step(actor, going, step)
             fault_point(f"after:{step}")
-            ahead = []
+            ahead, differ = [], []
             for migration_id in going:
                 flow = flows[migration_id]
                 if isinstance(flow, KeyshiftError):
                     failed[migration_id] = flow
                 elif flow == Flow.VERIFY_FAILED:
-                    await rollback(self, actor, migration_id, reason="verification failed")
+                    differ.append(migration_id)
                 elif flow == Flow.NEXT and step != until:
                     ahead.append(migration_id)
+            if differ:
+                undone = await rollback_many(self, actor, differ, reason="verification failed")
+                failed |= {m: e for m, e in undone.items() if isinstance(e, KeyshiftError)}
             going = ahead
         async with self.db.transaction() as session:
             rows = (
@@ -799,43 +792,15 @@ class Executor:
     async def _batch_step(
         self, actor: Actor, migration_ids: Sequence[str], step: Step
     ) -> dict[str, Flow | KeyshiftError]:
-        """One step over the batch in ONE transaction. First all together; if one account
-        fails, that transaction is rolled back and the step is done again with each account
-        in a savepoint of its own, so the one that fails gets its error and leaves its
-        neighbours be. Audit events are appended together at the end either way."""
+        """One step over the batch in ONE transaction, one migration's failure isolated from
+        its neighbours' (``batching.isolated``)."""
 
-        async def together(session: AsyncSession) -> dict[str, Flow | KeyshiftError]:
-            with audit.deferred(session) as events:
-                out = await self._steps_in(session, actor, migration_ids, step)
-            await audit.append_deferred(session, events)
-            fault_point(f"inside:{step}")
-            return out
+        async def work(
+            session: AsyncSession, ids: Sequence[str]
+        ) -> dict[str, Flow | KeyshiftError]:
+            return await self._steps_in(session, actor, ids, step)
 
-        async def apart(session: AsyncSession) -> dict[str, Flow | KeyshiftError]:
-            out: dict[str, Flow | KeyshiftError] = {}
-            events: list[tuple[Actor, audit.EventIn]] = []
-            for migration_id in migration_ids:
-                with audit.deferred(session) as mine:
-                    try:
-                        async with session.begin_nested():
-                            out |= await self._steps_in(session, actor, [migration_id], step)
-                    except KeyshiftError as error:
-                        if isinstance(error, Unavailable):
-                            raise  # the transaction is gone: the whole batch is retried
-                        out[migration_id] = error
-                        continue
-                events += mine
-            await audit.append_deferred(session, events)
-            fault_point(f"inside:{step}")
-            return out
-
-        if len(migration_ids) > 1:
-            try:
-                return await self.db.run(together)
-            except KeyshiftError as error:
-                if isinstance(error, Unavailable):
-                    raise
-        return await self.db.run(apart)
+        return await isolated(self.db, migration_ids, work, fault=f"inside:{step}")
 
     # -- the steps ---------------------------------------------------------------------------
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import defer
 
 from keyshift.dates import rfc3339
 from keyshift.db.sql import among
@@ -39,6 +40,11 @@ from keyshift.migration.state import (
     sort_state,
 )
 from keyshift.states import MigrationState, Step, StepOutcome
+
+#: Core tables, for statements run with many parameter sets (one ``executemany``).
+_COUNTERS = cast(Table, UsageCounter.__table__)
+_ACTIVATIONS = cast(Table, Activation.__table__)
+_OBJECTS = cast(Table, DataObject.__table__)
 
 
 async def read_state(
@@ -248,11 +254,16 @@ async def read_states(
     account_ids: Sequence[str],
     now: datetime,
     *,
-    counters_at: datetime | None = None,
+    counters_at: datetime | Mapping[str, datetime] | None = None,
 ) -> list[Snapshot]:
     """The states of many accounts (as ``read_state`` gives each), in ``account_ids`` order,
     in one query per table; ids with no account are left out. For set-based reads of a batch
-    (a state checksum over a whole database, a run's batch of accounts)."""
+    (a state checksum over a whole database, a run's batch of accounts). ``counters_at``: one
+    moment for every account, or one per account (a batch of rollbacks proves each account
+    against the periods of its own snapshot; an account not named gets ``now``)."""
+    each: Mapping[str, datetime] = {}
+    if isinstance(counters_at, Mapping):
+        each, counters_at = counters_at, min([*counters_at.values(), now])
     counters_at = counters_at or now
     ids = list(dict.fromkeys(account_ids))
     if not ids:
@@ -280,7 +291,9 @@ async def read_states(
             (subscriptions.get(account_id) or [None])[0],
             licenses.get(account_id, ()),
             activations.get(account_id, ()),
-            counters.get(account_id, ()),
+            [c for c in counters.get(account_id, ()) if c.period_end > each.get(account_id, now)]
+            if each
+            else counters.get(account_id, ()),
             objects.get(account_id, ()),
             taken_at,
         )
@@ -505,6 +518,26 @@ async def lock_migration(session: AsyncSession, migration_id: str) -> Migration 
     ).scalar_one_or_none()
 
 
+async def lock_migrations(
+    session: AsyncSession, migration_ids: Sequence[str], *, without: Sequence[Any] = ()
+) -> dict[str, Migration]:
+    """Many migration rows as ORM objects, locked in id order (two batches that share rows
+    cannot deadlock on them); missing ids are left out — for rollback, cancel and finalize
+    (the forward steps read records: ``lock_records``). ``without``: columns not to read;
+    reading one of them later raises instead of loading it."""
+    query = (
+        select(Migration)
+        .where(among(session, Migration.id, sorted(set(migration_ids))))
+        .order_by(Migration.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if without:
+        query = query.options(*(defer(column, raiseload=True) for column in without))
+    rows = (await session.execute(query)).scalars()
+    return {row.id: row for row in rows}
+
+
 @dataclass(slots=True, eq=False)
 class MigrationRecord:
     """A migration row as a batch step reads it: with Core, not as an ORM object (a batch of
@@ -637,6 +670,53 @@ async def insert_steps(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
         await session.execute(insert(cast(Table, MigrationStep.__table__)), list(rows))
 
 
+async def ledger_with(
+    session: AsyncSession, migration_ids: Sequence[str], step: Step
+) -> tuple[dict[str, set[Step]], dict[str, tuple[str, dict[str, Any]]]]:
+    """The steps each migration has in its ledger (every id is a key, as ``ledger_steps``), and
+    the outcome and details of its ``step`` row for those that have one: one query."""
+    done: dict[str, set[Step]] = {m: set() for m in migration_ids}
+    rows: dict[str, tuple[str, dict[str, Any]]] = {}
+    found = await session.execute(
+        select(
+            MigrationStep.migration_id,
+            MigrationStep.step,
+            MigrationStep.outcome,
+            case((MigrationStep.step == step, MigrationStep.details)),
+        ).where(MigrationStep.migration_id.in_(list(done)))
+    )
+    for migration_id, done_step, outcome, details in found:
+        done[migration_id].add(Step(done_step))
+        if done_step == step:
+            rows[migration_id] = (outcome, details or {})
+    return done, rows
+
+
+async def release_superseded(session: AsyncSession, migration_ids: Sequence[str]) -> dict[str, int]:
+    """Delete the originals the migrations superseded (archived at their cutovers): one
+    statement. How many each released (migrations that released none are left out)."""
+    table = _OBJECTS
+    gone = await session.execute(
+        delete(table)
+        .where(table.c.migration_id.in_(list(migration_ids)), table.c.state == "superseded")
+        .returning(table.c.migration_id)
+    )
+    released: dict[str, int] = {}
+    for (migration_id,) in gone:
+        released[migration_id] = released.get(migration_id, 0) + 1
+    return released
+
+
+async def finalize_rows(session: AsyncSession, migration_ids: Sequence[str]) -> None:
+    """Mark the migrations finalized and retire their snapshots: one statement."""
+    await session.execute(
+        update(Migration)
+        .where(Migration.id.in_(list(migration_ids)))
+        .values(state=MigrationState.FINALIZED, snapshot=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def steps_done(session: AsyncSession, migration_id: str) -> dict[str, MigrationStep]:
     rows = (
         await session.execute(
@@ -720,6 +800,22 @@ async def holding_run(session: AsyncSession, account_id: str) -> str | None:
             select(RunAccount.run_id).where(RunAccount.hold_account_id == account_id)
         )
     ).scalar_one_or_none()
+
+
+async def unsettled_migrations(
+    session: AsyncSession, account_ids: Sequence[str], settled: Iterable[str]
+) -> dict[str, list[tuple[str, datetime]]]:
+    """The accounts' migrations in no ``settled`` state — (id, created at), newest first — by
+    account (only accounts that have one)."""
+    rows = await session.execute(
+        select(Migration.account_id, Migration.id, Migration.created_at)
+        .where(Migration.account_id.in_(list(account_ids)), Migration.state.not_in(list(settled)))
+        .order_by(Migration.created_at.desc(), Migration.id)
+    )
+    out: dict[str, list[tuple[str, datetime]]] = {}
+    for account_id, migration_id, created_at in rows:
+        out.setdefault(account_id, []).append((migration_id, created_at))
+    return out
 
 
 async def latest_migrations(
@@ -816,18 +912,75 @@ async def add_to_counter_row(
     )
 
 
-async def delete_counter_row_if_zero(
-    session: AsyncSession, account_id: str, meter: str, start: str
-) -> bool:
-    result = await session.execute(
-        delete(UsageCounter).where(
-            UsageCounter.account_id == account_id,
-            UsageCounter.meter == meter,
-            UsageCounter.period_start == parse_iso(start),
-            UsageCounter.used == 0,
-        )
+#: A counter row's key: (account id, meter, period start).
+CounterKey = tuple[str, str, datetime]
+
+
+async def lock_counter_rows(
+    session: AsyncSession, rows: Sequence[tuple[CounterKey, datetime]]
+) -> dict[CounterKey, int]:
+    """``lock_counter_row`` for many rows — (key, period end) each — in two statements: the
+    missing ones created (at 0), then all locked in key order. Each one's count."""
+    if not rows:
+        return {}
+    ordered = sorted(dict(rows).items())
+    table = _COUNTERS
+    await session.execute(
+        _insert(session, table).on_conflict_do_nothing(
+            index_elements=["account_id", "meter", "period_start"]
+        ),
+        [
+            {"account_id": a, "meter": m, "period_start": start, "period_end": end, "used": 0}
+            for (a, m, start), end in ordered
+        ],
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    found = await session.execute(
+        select(
+            UsageCounter.account_id,
+            UsageCounter.meter,
+            UsageCounter.period_start,
+            UsageCounter.used,
+        )
+        .where(_counter_key().in_([key for key, _ in ordered]))
+        .order_by(UsageCounter.account_id, UsageCounter.meter, UsageCounter.period_start)
+        .with_for_update()
+    )
+    return {(a, m, start): int(used) for a, m, start, used in found}
+
+
+async def add_to_counter_rows(session: AsyncSession, deltas: Mapping[CounterKey, int]) -> None:
+    """``add_to_counter_row`` for many rows, in one statement (the rows are locked)."""
+    table = _COUNTERS
+    params = [
+        {"b_account": a, "b_meter": m, "b_start": start, "b_delta": delta}
+        for (a, m, start), delta in sorted(deltas.items())
+        if delta
+    ]
+    if params:
+        await session.execute(
+            update(table)
+            .where(
+                table.c.account_id == bindparam("b_account"),
+                table.c.meter == bindparam("b_meter"),
+                table.c.period_start == bindparam("b_start"),
+            )
+            .values(used=table.c.used + bindparam("b_delta")),
+            params,
+        )
+
+
+async def delete_counter_rows_if_zero(session: AsyncSession, keys: Sequence[CounterKey]) -> None:
+    """``delete_counter_row_if_zero`` for many rows, in one statement."""
+    if keys:
+        await session.execute(
+            delete(UsageCounter)
+            .where(_counter_key().in_(sorted(keys)), UsageCounter.used == 0)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _counter_key() -> Any:
+    return tuple_(UsageCounter.account_id, UsageCounter.meter, UsageCounter.period_start)
 
 
 # -- writes the cutover and the rollback share ----------------------------------------------------
@@ -875,6 +1028,52 @@ async def put_license_overrides(
     if locked is None:
         await session.flush()
     return changed
+
+
+async def set_machine_modes(
+    session: AsyncSession, changes: Sequence[tuple[str, str, datetime | None]]
+) -> None:
+    """Put each activation — (id, mode, lease) — into its mode with its lease: one statement
+    for any number of them, each with its own values."""
+    table = _ACTIVATIONS
+    if changes:
+        await session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(mode=bindparam("b_mode"), lease_expires_at=bindparam("b_lease")),
+            [{"b_id": i, "b_mode": mode, "b_lease": lease} for i, mode, lease in changes],
+        )
+
+
+async def restore_activations(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Put activations back as rows of a state held them (``ActivationData`` with the
+    ``account_id``): a machine activated since under the same fingerprint on the same license
+    gives way to the original. Two statements for any number of them."""
+    if not rows:
+        return
+    pairs = sorted({(r["license_id"], r["fingerprint"]) for r in rows})
+    await session.execute(
+        delete(Activation)
+        .where(tuple_(Activation.license_id, Activation.fingerprint).in_(pairs))
+        .execution_options(synchronize_session=False)
+    )
+    await session.execute(
+        insert(Activation),
+        [
+            {
+                "id": r["id"],
+                "account_id": r["account_id"],
+                "license_id": r["license_id"],
+                "fingerprint": r["fingerprint"],
+                "mode": r["mode"],
+                "label": r["label"],
+                "created_at": parse_iso(r["created_at"]),
+                "last_seen_at": parse_iso(r["last_seen_at"]),
+                "lease_expires_at": parse_iso(r["lease_expires_at"]),
+            }
+            for r in rows
+        ],
+    )
 
 
 async def convert_now(

@@ -1,46 +1,33 @@
-"""Rollback (restore the snapshot, prove it by hash), cancel and finalize.
-
-Rollback restores everything the migration changed from the snapshot, in one transaction,
-except what must never be lost: usage recorded while the migration ran (counters are put back
-by inverse deltas, so concurrent events stay counted) and machines activated meanwhile. The
-proof re-hashes the restored state with exactly those two kinds of growth taken out, and
-records them (``usage_kept``, ``activations_kept``): with no concurrent traffic it is the
-plain hash of the restored state. A machine activated after the cutover, under the target's
-activation mode, is kept in the restored plan's mode (``activations_converted_back``): it is
-one of ``activations_kept``, so ``exact`` speaks for the snapshot's machines, not for it.
+"""Rollback, cancel and finalize, each for a batch of migrations in one transaction (one
+migration is a batch of one): which migrations may go, their rows, ledger rows and audit
+events. The restore itself and its proof by hash are ``keyshift.migration.restore``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import and_, delete, insert, update
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from keyshift.audit import service as audit
-from keyshift.catalog import service as catalog
 from keyshift.context import Actor
 from keyshift.db import changes
 from keyshift.db.engine import Database
-from keyshift.db.tables import Activation, DataObject, Migration
+from keyshift.db.tables import DataObject, Migration
+from keyshift.errors import KeyshiftError
 from keyshift.migration import repository
+from keyshift.migration.batching import fault_point, isolated
 from keyshift.migration.errors import (
     MigrationFinalized,
     MigrationNotFound,
     NothingToRollBack,
     WrongState,
 )
-from keyshift.migration.state import (
-    ActivationData,
-    CounterData,
-    Snapshot,
-    as_snapshot,
-    differences,
-    parse_iso,
-    state_hash,
-)
+from keyshift.migration.restore import prove_many, restore_many
 from keyshift.states import REVERSIBLE, SETTLED, WAITING, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
 
@@ -76,68 +63,174 @@ async def latest_for_account(session: AsyncSession, account_id: str) -> Migratio
 async def rollback(
     executor: Engine, actor: Actor, migration_id: str, *, reason: str | None = None
 ) -> Migration:
-    """Restore the account to its snapshot. Idempotent: a rolled-back migration is returned
-    as it is. Refused after finalize, and while a later migration of the account stands."""
-    now = executor.clock()
-    async with executor.db.transaction() as session:
-        row = await repository.lock_migration(session, migration_id)
+    """Restore the account to its snapshot (``rollback_many`` of one). Idempotent: a
+    rolled-back migration is returned as it is. Refused after finalize, and while a later
+    migration of the account stands."""
+    return _one((await rollback_many(executor, actor, [migration_id], reason=reason))[migration_id])
+
+
+async def rollback_many(
+    executor: Engine, actor: Actor, migration_ids: Sequence[str], *, reason: str | None = None
+) -> dict[str, Migration | KeyshiftError]:
+    """Restore many migrations' accounts to their snapshots in ONE transaction, in the order
+    given (a run gives them newest first), each proved by hash. The migrations and what their
+    accounts' restores change (subscriptions, licenses, machines, counters) are locked and read
+    in one statement per table, in key order; the restores are written together; the ledger
+    rows, audit events and cache announcements of all of them at the end. A migration that is
+    refused (finalized, not run yet, a later migration of its account stands …) gets its error
+    having written nothing; one whose restore fails while it is written is isolated from its
+    neighbours as a forward step's account is (``batching.isolated``). Idempotent; a crash
+    anywhere (``before:``, ``inside:``, ``after:rollback``) leaves it to be called again."""
+    ids = list(dict.fromkeys(migration_ids))
+    if not ids:
+        return {}
+    fault_point("before:rollback")
+
+    async def work(
+        session: AsyncSession, keys: Sequence[str]
+    ) -> dict[str, Migration | KeyshiftError]:
+        return await _roll_back_in(executor, session, actor, keys, reason)
+
+    out = await isolated(executor.db, ids, work, fault="inside:rollback")
+    fault_point("after:rollback")
+    return out
+
+
+async def _roll_back_in(
+    executor: Engine,
+    session: AsyncSession,
+    actor: Actor,
+    migration_ids: Sequence[str],
+    reason: str | None,
+) -> dict[str, Migration | KeyshiftError]:
+    """``rollback_many``'s work in the caller's transaction. Two migrations of one account go
+    in turns, in the order given: the second sees the first rolled back."""
+    rows = await repository.lock_migrations(session, migration_ids)
+    out: dict[str, Migration | KeyshiftError] = {}
+    todo: list[Migration] = []
+    for migration_id in migration_ids:
+        row = rows.get(migration_id)
         if row is None:
-            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == MigrationState.ROLLED_BACK:
-            return row
-        if row.state == MigrationState.FINALIZED:
-            raise MigrationFinalized(
-                f"migration {row.id} was finalized: its snapshot is retired", field="migration_id"
-            )
-        if row.state in WAITING:
-            raise WrongState(
-                f"migration {row.id} has not run ({row.state}); cancel it instead",
-                field="migration_id",
-            )
-        if row.state not in REVERSIBLE:
-            raise NothingToRollBack(
-                f"migration {row.id} changed nothing ({row.state})", field="migration_id"
-            )
+            out[migration_id] = _not_found(migration_id)
+        elif row.state == MigrationState.ROLLED_BACK:
+            out[migration_id] = row
+        elif (refused := _refusal(row)) is not None:
+            out[migration_id] = refused
+        else:
+            todo.append(row)
+    while todo:
+        turn: list[Migration] = []
+        later: list[Migration] = []
+        accounts: set[str] = set()
+        for row in todo:
+            (later if row.account_id in accounts else turn).append(row)
+            accounts.add(row.account_id)
+        out |= await _roll_back_turn(executor, session, actor, turn, reason)
+        todo = later
+    return out
+
+
+def _refusal(row: Migration) -> KeyshiftError | None:
+    """Why the migration cannot be rolled back, from its state alone (None: it can)."""
+    if row.state == MigrationState.FINALIZED:
+        return MigrationFinalized(
+            f"migration {row.id} was finalized: its snapshot is retired", field="migration_id"
+        )
+    if row.state in WAITING:
+        return WrongState(
+            f"migration {row.id} has not run ({row.state}); cancel it instead",
+            field="migration_id",
+        )
+    if row.state not in REVERSIBLE:
+        return NothingToRollBack(
+            f"migration {row.id} changed nothing ({row.state})", field="migration_id"
+        )
+    return None
+
+
+async def _roll_back_turn(
+    executor: Engine,
+    session: AsyncSession,
+    actor: Actor,
+    rows: list[Migration],
+    reason: str | None,
+) -> dict[str, Migration | KeyshiftError]:
+    """Roll back migrations of distinct accounts: refuse those a later migration of the
+    account stands after, restore the others, prove each by hash, and write their ledger
+    rows and audit events."""
+    out: dict[str, Migration | KeyshiftError] = {}
+    standing = await repository.unsettled_migrations(
+        session, [row.account_id for row in rows], SETTLED
+    )
+    going: list[Migration] = []
+    for row in rows:
         later = [
-            m
-            for m in await repository.latest_migrations(session, row.account_id)
-            if m.created_at > row.created_at and m.state not in SETTLED and m.id != row.id
+            other
+            for other, created_at in standing.get(row.account_id, [])
+            if created_at > row.created_at and other != row.id
         ]
         if later:
-            raise WrongState(
-                f"migration {later[0].id} came after this one; roll it back first",
+            out[row.id] = WrongState(
+                f"migration {later[0]} came after this one; roll it back first",
                 field="migration_id",
             )
-        done = await repository.steps_done(session, row.id)
-        cutover = done.get(Step.CUTOVER)
-        details: dict[str, Any] = {"reason": reason, "after_cutover": False}
-        if cutover is not None and cutover.outcome == StepOutcome.DONE:
-            details.update(await _restore(session, row, cutover.details, now))
-            details["after_cutover"] = True
-            await changes.announce(
-                session,
-                account_id=row.account_id,
-                to=executor.cache.apply if executor.cache is not None else None,
-            )
         else:
-            await session.execute(
-                delete(DataObject).where(
-                    DataObject.migration_id == row.id, DataObject.state == "staged"
-                )
+            going.append(row)
+    if not going:
+        return out
+    ids = [row.id for row in going]
+    done, cutovers = await repository.ledger_with(session, ids, Step.CUTOVER)
+    # One moment each, in the order given: a batch commits at once, but its rows still show
+    # the order it was rolled back in (``finished_at``; a run's newest first).
+    now = dict(zip(ids, _moments(executor.clock, len(ids)), strict=True))
+    cut = {
+        row.id: cutovers[row.id][1]
+        for row in going
+        if row.id in cutovers and cutovers[row.id][0] == StepOutcome.DONE
+    }
+    details: dict[str, dict[str, Any]] = {
+        row.id: {"reason": reason, "after_cutover": row.id in cut} for row in going
+    }
+    with session.no_autoflush:
+        restored = await restore_many(session, [r for r in going if r.id in cut], cut, now)
+    for migration_id, restore in restored.items():
+        details[migration_id].update(restore)
+    if len(cut) < len(going):
+        await session.execute(
+            delete(DataObject)
+            .where(
+                DataObject.migration_id.in_([i for i in ids if i not in cut]),
+                DataObject.state == "staged",
             )
-        if row.snapshot is not None:
-            details.update(await prove(session, row, now))
-        row.state, row.lock_account_id, row.finished_at = MigrationState.ROLLED_BACK, None, now
+            .execution_options(synchronize_session=False)
+        )
+    await session.flush()
+    await changes.announce_accounts(
+        session,
+        [row.account_id for row in going if row.id in cut],
+        to=executor.cache.apply if executor.cache is not None else None,
+    )
+    proved = await prove_many(session, [row for row in going if row.snapshot is not None], now)
+    ledger = []
+    for row in going:
+        details[row.id].update(proved.get(row.id, {}))
+        row.state, row.lock_account_id = MigrationState.ROLLED_BACK, None
+        row.finished_at = now[row.id]
         if reason and not row.error:
             row.error = reason
-        await repository.write_step(
-            session,
-            row,
-            Step.ROLLBACK,
-            outcome=StepOutcome.DONE if details.get("exact", True) else StepOutcome.INEXACT,
-            snapshot_hash=row.snapshot_hash,
-            details=details,
-            now=now,
+        ledger.append(
+            {
+                "migration_id": row.id,
+                "step": Step.ROLLBACK,
+                "account_id": row.account_id,
+                "seq": len(done[row.id]) + 1,
+                "outcome": StepOutcome.DONE
+                if details[row.id].get("exact", True)
+                else StepOutcome.INEXACT,
+                "snapshot_hash": row.snapshot_hash,
+                "details": details[row.id],
+                "at": now[row.id],
+            }
         )
         await audit.record(
             session,
@@ -149,234 +242,162 @@ async def rollback(
             details={
                 "reason": reason,
                 "snapshot_hash": row.snapshot_hash,
-                "restored_hash": details.get("restored_hash"),
-                "exact": details.get("exact"),
-                "activations_converted_back": details.get("activations_converted_back", []),
+                "restored_hash": details[row.id].get("restored_hash"),
+                "exact": details[row.id].get("exact"),
+                "activations_converted_back": details[row.id].get("activations_converted_back", []),
             },
         )
-    return row
+        out[row.id] = row
+    await repository.insert_steps(session, ledger)
+    return out
 
 
-async def _restore(
-    session: AsyncSession, row: Migration, cutover: dict[str, Any], now: datetime
-) -> dict[str, Any]:
-    snapshot = as_snapshot(row.snapshot)
-    before = snapshot["subscription"]
-    assert before is not None  # an account without a plan is refused, never cut over
-    sub = await repository.lock_subscription(session, row.account_id)
-    assert sub is not None
-    repository.put_subscription(sub, before, now)
-    await repository.put_license_overrides(session, row.account_id, snapshot["licenses"], now)
-
-    restored_activations = []
-    for activation in cutover.get("activations_deactivated", []):
-        # A machine re-activated since under the same fingerprint gives way to the original.
-        await session.execute(
-            delete(Activation).where(
-                and_(
-                    Activation.license_id == activation["license_id"],
-                    Activation.fingerprint == activation["fingerprint"],
-                )
-            )
-        )
-        await session.execute(
-            insert(Activation).values(
-                id=activation["id"],
-                account_id=row.account_id,
-                license_id=activation["license_id"],
-                fingerprint=activation["fingerprint"],
-                mode=activation["mode"],
-                label=activation["label"],
-                created_at=parse_iso(activation["created_at"]),
-                last_seen_at=parse_iso(activation["last_seen_at"]),
-                lease_expires_at=parse_iso(activation["lease_expires_at"]),
-            )
-        )
-        restored_activations.append(activation["id"])
-
-    # Machines the cutover switched to the target's activation mode get their own mode and
-    # lease back, as they were just before it (a floating lease that has run out since is
-    # re-acquired by the machine's next heartbeat, as any lapsed lease is).
-    reverted = []
-    for change in cutover.get("activations_converted", []):
-        before = change["from"]
-        result = await session.execute(
-            update(Activation)
-            .where(Activation.id == change["id"])
-            .values(mode=before["mode"], lease_expires_at=parse_iso(before["lease_expires_at"]))
-        )
-        if result.rowcount:  # type: ignore[attr-defined]
-            reverted.append(change["id"])
-
-    # Machines activated since the snapshot and not put back above (activated after the
-    # cutover, under the target's mode) take the restored plan's mode, by the cutover's own
-    # rule: node-locked without a lease, or floating with a lease from now.
-    converted_back = await _convert_to_restored_mode(session, row, snapshot, reverted, now)
-
-    await session.execute(
-        delete(DataObject).where(DataObject.migration_id == row.id, DataObject.tier == "archive")
-    )
-    await session.execute(
-        update(DataObject)
-        .where(DataObject.migration_id == row.id, DataObject.state == "superseded")
-        .values(state="active", migration_id=None)
-    )
-
-    counters = []
-    for entry in sorted(cutover.get("counters", []), key=lambda c: (c["meter"], c["period_start"])):
-        if not entry["delta"]:
-            continue
-        end = entry.get("period_end") or entry["period_start"]
-        used, _ = await repository.lock_counter_row(
-            session, row.account_id, entry["meter"], entry["period_start"], end
-        )
-        await repository.add_to_counter_row(
-            session, row.account_id, entry["meter"], entry["period_start"], -entry["delta"]
-        )
-        removed = False
-        if not entry["existed"]:
-            removed = await repository.delete_counter_row_if_zero(
-                session, row.account_id, entry["meter"], entry["period_start"]
-            )
-        counters.append(
-            {**entry, "at_rollback": used, "restored": used - entry["delta"], "removed": removed}
-        )
-    return {
-        "activations_restored": restored_activations,
-        "activations_reverted": reverted,
-        "activations_converted_back": converted_back,
-        "counters_restored": counters,
-    }
-
-
-async def _convert_to_restored_mode(
-    session: AsyncSession, row: Migration, snapshot: Snapshot, reverted: list[str], now: datetime
-) -> list[dict[str, Any]]:
-    """Every machine holding a seat that the snapshot did not have is put into the restored
-    plan's activation mode (the machines of the snapshot are restored as they were)."""
-    sub = snapshot.get("subscription")
-    if not sub or not sub["plan"]:
-        return []
-    plan = await catalog.entitlements_for(session, sub["plan"], sub["plan_hash"])
-    known = {a["id"] for a in snapshot.get("activations", [])}
-    return await repository.convert_machines(
-        session,
-        row.account_id,
-        plan.machine_mode,
-        plan.lease_until(now),
-        now,
-        skip=known | set(reverted),
-    )
-
-
-async def prove(session: AsyncSession, row: Migration, now: datetime) -> dict[str, Any]:
-    """Re-hash the restored state (growth from live traffic taken out and reported)."""
-    snapshot = as_snapshot(row.snapshot)
-    taken_at = snapshot.get("taken_at") or ""
-    restored = await repository.read_state(
-        session, row.account_id, now, counters_at=parse_iso(taken_at)
-    )
-    assert restored is not None
-    normal, usage_kept, activations_kept = normalise(snapshot, restored)
-    restored_hash = state_hash(normal)
-    return {
-        "restored_hash": restored_hash,
-        "snapshot_hash": row.snapshot_hash,
-        "exact": restored_hash == row.snapshot_hash,
-        "differences": differences(snapshot, normal)[:20],
-        "usage_kept": usage_kept,
-        "activations_kept": activations_kept,
-    }
-
-
-def normalise(
-    snapshot: Snapshot, restored: Snapshot
-) -> tuple[Snapshot, list[dict[str, Any]], list[str]]:
-    """``restored`` with live growth since the snapshot removed: counters above their
-    snapshot count go back to it (the excess is usage that arrived meanwhile), and machines
-    activated after the snapshot are left out. A counter *below* its snapshot is kept as it
-    is, so the hashes differ: that would be lost usage."""
-    taken_at = snapshot.get("taken_at") or ""
-    before = {(c["meter"], c["period_start"]): c for c in snapshot.get("counters", [])}
-    counters: list[CounterData] = []
-    usage_kept: list[dict[str, Any]] = []
-    for counter in restored.get("counters", []):
-        key = (counter["meter"], counter["period_start"])
-        had = before.get(key)
-        base = had["used"] if had else 0
-        if counter["used"] >= base:
-            if counter["used"] > base:
-                usage_kept.append(
-                    {"meter": key[0], "period_start": key[1], "units": counter["used"] - base}
-                )
-            if had is not None:
-                counters.append(had.copy())
-        else:
-            counters.append(counter)
-    known = {a["id"] for a in snapshot.get("activations", [])}
-    activations: list[ActivationData] = []
-    kept: list[str] = []
-    for activation in restored.get("activations", []):
-        if activation["id"] not in known and (activation["created_at"] or "") > taken_at:
-            kept.append(activation["id"])
-        else:
-            activations.append(activation)
-    normal: Snapshot = {**restored, "counters": counters, "activations": activations}
-    return normal, usage_kept, kept
+def _moments(clock: Callable[[], datetime], count: int) -> list[datetime]:
+    """``count`` moments from the clock, each after the one before (by a microsecond at
+    least: the clock may not have moved between two reads)."""
+    out: list[datetime] = []
+    for _ in range(count):
+        moment = clock()
+        if out and moment <= out[-1]:
+            moment = out[-1] + timedelta(microseconds=1)
+        out.append(moment)
+    return out
 
 
 async def cancel(executor: Engine, actor: Actor, migration_id: str) -> Migration:
-    """Withdraw a scheduled, held or queued change before it runs."""
-    now = executor.clock()
-    async with executor.db.transaction() as session:
-        row = await repository.lock_migration(session, migration_id)
-        if row is None:
-            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == MigrationState.CANCELLED:
-            return row
-        if row.state not in WAITING:
-            raise WrongState(
-                f"migration {row.id} is {row.state}; only a change that has not run can be"
-                " cancelled (roll back one that has)",
-                field="migration_id",
-            )
-        row.state, row.lock_account_id, row.finished_at = MigrationState.CANCELLED, None, now
-        await audit.record(
-            session, actor, "migration.cancel", "migration", row.id, account_id=row.account_id
-        )
-    return row
+    """Withdraw a scheduled, held or queued change before it runs (``cancel_many`` of one)."""
+    return _one((await cancel_many(executor, actor, [migration_id]))[migration_id])
+
+
+async def cancel_many(
+    executor: Engine, actor: Actor, migration_ids: Sequence[str]
+) -> dict[str, Migration | KeyshiftError]:
+    """Withdraw many changes that have not run, in ONE transaction (their rows updated
+    together, their audit events appended together). Idempotent: a cancelled one is returned
+    as it is; one that has run gets its error, having written nothing."""
+
+    async def work(
+        session: AsyncSession, keys: Sequence[str]
+    ) -> dict[str, Migration | KeyshiftError]:
+        now = executor.clock()
+        rows = await repository.lock_migrations(session, keys, without=(Migration.snapshot,))
+        out: dict[str, Migration | KeyshiftError] = {}
+        for migration_id in keys:
+            row = rows.get(migration_id)
+            if row is None:
+                out[migration_id] = _not_found(migration_id)
+            elif row.state == MigrationState.CANCELLED:
+                out[migration_id] = row
+            elif row.state not in WAITING:
+                out[migration_id] = WrongState(
+                    f"migration {row.id} is {row.state}; only a change that has not run can be"
+                    " cancelled (roll back one that has)",
+                    field="migration_id",
+                )
+            else:
+                row.state, row.lock_account_id = MigrationState.CANCELLED, None
+                row.finished_at = now
+                await audit.record(
+                    session,
+                    actor,
+                    "migration.cancel",
+                    "migration",
+                    row.id,
+                    account_id=row.account_id,
+                )
+                out[migration_id] = row
+        return out
+
+    ids = list(dict.fromkeys(migration_ids))
+    if not ids:
+        return {}
+    out = await isolated(executor.db, ids, work, fault="inside:cancel")
+    return out
 
 
 async def finalize(executor: Engine, actor: Actor, migration_id: str) -> Migration:
     """Release the old copies and retire the snapshot: the migration can no longer be rolled
-    back. Idempotent."""
-    now = executor.clock()
-    async with executor.db.transaction() as session:
-        row = await repository.lock_migration(session, migration_id)
-        if row is None:
-            raise MigrationNotFound(f"no migration {migration_id}", field="migration_id")
-        if row.state == MigrationState.FINALIZED:
-            return row
-        if row.state != MigrationState.COMPLETED:
-            raise WrongState(
-                f"migration {row.id} is {row.state}; only a completed migration is finalized",
-                field="migration_id",
+    back. Idempotent (``finalize_many`` of one)."""
+    return _one((await finalize_many(executor, actor, [migration_id]))[migration_id])
+
+
+async def finalize_many(
+    executor: Engine, actor: Actor, migration_ids: Sequence[str]
+) -> dict[str, Migration | KeyshiftError]:
+    """Finalize many completed migrations in ONE transaction, set-based: their old copies
+    released (one DELETE), their rows finalized and snapshots retired (one UPDATE), their
+    ledger rows and audit events written together. Idempotent: a finalized one is returned as
+    it is; one that is not completed gets its error, having written nothing. A crash anywhere
+    (``inside:finalize``) leaves it to be called again."""
+
+    async def work(
+        session: AsyncSession, keys: Sequence[str]
+    ) -> dict[str, Migration | KeyshiftError]:
+        now = executor.clock()
+        # The snapshot, retired here, is not read (the largest column of a row).
+        rows = await repository.lock_migrations(session, keys, without=(Migration.snapshot,))
+        out: dict[str, Migration | KeyshiftError] = {}
+        todo: list[Migration] = []
+        for migration_id in keys:
+            row = rows.get(migration_id)
+            if row is None:
+                out[migration_id] = _not_found(migration_id)
+            elif row.state == MigrationState.FINALIZED:
+                out[migration_id] = row
+            elif row.state != MigrationState.COMPLETED:
+                out[migration_id] = WrongState(
+                    f"migration {row.id} is {row.state}; only a completed migration is finalized",
+                    field="migration_id",
+                )
+            else:
+                todo.append(row)
+        if not todo:
+            return out
+        ids = [row.id for row in todo]
+        released = await repository.release_superseded(session, ids)
+        done = await repository.ledger_steps(session, ids)
+        await repository.finalize_rows(session, ids)
+        ledger = []
+        for row in todo:
+            # As the UPDATE above left them (set as loaded: nothing more to write).
+            set_committed_value(row, "state", MigrationState.FINALIZED)
+            set_committed_value(row, "snapshot", None)
+            ledger.append(
+                {
+                    "migration_id": row.id,
+                    "step": Step.FINALIZE,
+                    "account_id": row.account_id,
+                    "seq": len(done[row.id]) + 1,
+                    "outcome": StepOutcome.DONE,
+                    "snapshot_hash": row.snapshot_hash,
+                    "details": {"objects_released": released.get(row.id, 0)},
+                    "at": now,
+                }
             )
-        released = await session.execute(
-            delete(DataObject).where(
-                DataObject.migration_id == row.id, DataObject.state == "superseded"
+            await audit.record(
+                session,
+                actor,
+                "migration.finalize",
+                "migration",
+                row.id,
+                account_id=row.account_id,
             )
-        )
-        row.state, row.snapshot = MigrationState.FINALIZED, None
-        await repository.write_step(
-            session,
-            row,
-            Step.FINALIZE,
-            snapshot_hash=row.snapshot_hash,
-            details={"objects_released": int(released.rowcount or 0)},  # type: ignore[attr-defined]
-            now=now,
-        )
-        await audit.record(
-            session, actor, "migration.finalize", "migration", row.id, account_id=row.account_id
-        )
-    return row
+            out[row.id] = row
+        await repository.insert_steps(session, ledger)
+        return out
+
+    ids = list(dict.fromkeys(migration_ids))
+    if not ids:
+        return {}
+    out = await isolated(executor.db, ids, work, fault="inside:finalize")
+    return out
+
+
+def _one(result: Migration | KeyshiftError) -> Migration:
+    if isinstance(result, KeyshiftError):
+        raise result
+    return result
+
+
+def _not_found(migration_id: str) -> MigrationNotFound:
+    return MigrationNotFound(f"no migration {migration_id}", field="migration_id")

@@ -10,7 +10,7 @@ import hashlib
 import random
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -26,7 +26,7 @@ from keyshift.context import Actor
 from keyshift.db.engine import Database
 from keyshift.db.tables import Account, MigrationRun, RunAccount, Subscription
 from keyshift.db.types import utcnow
-from keyshift.errors import NotFound
+from keyshift.errors import KeyshiftError, NotFound
 from keyshift.migration import repository as migrations
 from keyshift.migration.errors import RulesInvalid
 from keyshift.migration.executor import check_rules, plan_pair, register_rules
@@ -897,19 +897,24 @@ async def finalize(
     db: Database,
     actor: Actor,
     run_id: str,
-    finalize_one: Callable[[str], Any],
+    finalize_many: Callable[[list[str]], Awaitable[Mapping[str, object]]],
     *,
     clock: Callable[[], datetime] = utcnow,
 ) -> MigrationRun:
     """Finalize every migration the run completed (old copies released, snapshots retired:
-    no rollback after), then the run. Resumable: finalizing a migration twice is a no-op."""
+    no rollback after), ``CHUNK`` of them in each call of ``finalize_many`` (one set-based
+    transaction: ``rollback.finalize_many``), then the run. Resumable and idempotent: a
+    finalized migration is left as it is. A migration that cannot be finalized stops it with
+    its error; the run stays completed."""
     async with db.transaction() as session:
         run = await get(session, run_id)
         check_move("finalize", run.state, run.id)
     async for chunk in migrated_accounts(db, run_id):
-        for _, migration_id in chunk:
-            if migration_id is not None:
-                await finalize_one(migration_id)
+        ids = [migration_id for _, migration_id in chunk if migration_id is not None]
+        results = await finalize_many(ids) if ids else {}
+        for migration_id in ids:
+            if isinstance(error := results.get(migration_id), KeyshiftError):
+                raise error
 
     async def apply(session: AsyncSession, run: MigrationRun) -> None:
         run.state = RunState.FINALIZED

@@ -6,11 +6,13 @@ again once its lease has run out. The migration of each account is the one-accou
 (``Executor``): its ledger makes every step idempotent, so an account taken again after a
 crash is resumed, never migrated twice. Each account is planned again when it is taken; one
 whose outcome differs from the approved report is held for review. An account that fails is
-retried (alone) up to ``max_attempts`` times, then quarantined while the run goes on.
+retried (alone) up to ``max_attempts`` times, then quarantined while the run goes on. A run
+rolled back as a whole goes back through its accounts newest first, a batch at a time
+(``rollback_many``); an account whose rollback is refused is quarantined at once.
 
 Transient database errors (lost connection, a restart, deadlocks) are retried with
-exponential backoff and jitter (tenacity); SIGTERM finishes the account in hand and releases
-the rest of the batch.
+exponential backoff and jitter (tenacity); SIGTERM finishes the batch in hand (under a rate
+limit, the account in hand) and releases the rest of the batch.
 """
 
 from __future__ import annotations
@@ -264,11 +266,11 @@ class Worker:
 
     async def work(self, claim: Claim) -> None:
         """Work the batch: forward phases as one batch through the executor (each step one
-        transaction over the batch) — or, under a rate limit, in batches of one at their
-        paced moments; a rollback account by account. Stop early (releasing the rest) when
-        asked to stop, or when the run left the state the batch was claimed in. The lease is
-        renewed all the while (``_heartbeat``); a database that stays down past our patience
-        leaves the rest of the batch to its lease."""
+        transaction over the batch), a rollback as one batch through ``rollback_many`` — or,
+        under a rate limit, in batches of one at their paced moments. Stop early (releasing
+        the rest) when asked to stop, or when the run left the state the batch was claimed
+        in. The lease is renewed all the while (``_heartbeat``); a database that stays down
+        past our patience leaves the rest of the batch to its lease."""
         ended = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(claim, ended))
         try:
@@ -281,7 +283,7 @@ class Worker:
 
     async def _work(self, claim: Claim) -> None:
         rules = await self._retrying(partial(self._rules_for, claim.rules_hash))
-        paced = claim.options.rate is not None or claim.phase == Phase.ROLLBACK
+        paced = claim.options.rate is not None
         groups = [[item] for item in claim.accounts] if paced else [list(claim.accounts)]
         for index, group in enumerate(groups):
             if self.stopping.is_set() or not await self._retrying(
@@ -294,8 +296,8 @@ class Worker:
             if delay > 0:
                 await asyncio.sleep(delay)
             if claim.phase == Phase.ROLLBACK:
-                account_id, expected, _ = group[0]
-                await self._retrying(partial(self._one, claim, rules, account_id, expected))
+                ids = [a for a, _, _ in group]
+                await self._retrying(partial(self._backward, claim, ids))
             else:
                 pairs = [(a, expected) for a, expected, _ in group]
                 await self._retrying(partial(self._forward, claim, rules, pairs))
@@ -349,6 +351,61 @@ class Worker:
                 else:
                     outcomes[result.account_id] = _outcome(result)
         await self._settle_many(claim, outcomes)
+
+    async def _backward(self, claim: Claim, account_ids: list[str]) -> None:
+        """Roll a batch back: every migration this run made of each account, newest first —
+        rolled back if it ran (refused if it was finalized), cancelled if it waits — each
+        account's newest ones together (``rollback_many``, ``cancel_many``: one transaction
+        each), then the next newest, if any. The accounts go in the order claimed (newest
+        first). An account whose rollback is refused is quarantined with its error while its
+        neighbours are rolled back. Safe to call again after any failure: what is rolled back
+        (or cancelled) stays so."""
+        async with self.db.transaction() as session:
+            found = await session.execute(
+                select(Migration.account_id, Migration.id, Migration.state)
+                .where(Migration.run_id == claim.run_id, Migration.account_id.in_(account_ids))
+                .order_by(Migration.created_at.desc(), Migration.id)
+            )
+            newest: dict[str, list[tuple[str, str]]] = {a: [] for a in account_ids}
+            for account_id, migration_id, state in found:
+                newest[account_id].append((migration_id, state))
+        reason = f"run {claim.run_id} rolled back"
+        errors: dict[str, str] = {}
+        for depth in range(max(map(len, newest.values()), default=0)):
+            turn = {
+                account_id: rows[depth]
+                for account_id, rows in newest.items()
+                if len(rows) > depth and account_id not in errors
+            }
+            back = [m for m, state in turn.values() if state in _TO_ROLL_BACK]
+            waiting = [m for m, state in turn.values() if state in WAITING]
+            results: dict[str, Migration | KeyshiftError] = {}
+            if back:
+                results |= await migration_rollback.rollback_many(
+                    self.executor, self.actor, back, reason=reason
+                )
+            if waiting:
+                results |= await migration_rollback.cancel_many(self.executor, self.actor, waiting)
+            for account_id, (migration_id, _) in turn.items():
+                if isinstance(result := results.get(migration_id), KeyshiftError):
+                    errors[account_id] = result.message
+        outcomes: dict[str, tuple[AccountState | None, str | None, str | None]] = {}
+        for account_id, rows in newest.items():
+            latest = rows[0][0] if rows else None
+            if account_id in errors:
+                outcomes[account_id] = (None, errors[account_id], latest)
+            else:
+                outcomes[account_id] = (AccountState.ROLLED_BACK, None, latest)
+        await self._settle_many(claim, outcomes)
+
+    async def _stamp_cutoff(self, migration_id: str, cutoff: datetime) -> None:
+        """Blue-green: the run's cutoff is the effective time on the receipt."""
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(Migration)
+                .where(Migration.id == migration_id, Migration.state == MigrationState.PREPARED)
+                .values(effective_at=cutoff)
+            )
 
     async def _rules_for(self, digest: str) -> MigrationRules:
         if digest not in self._rules:
@@ -441,84 +498,7 @@ class Worker:
             return AccountState.SCHEDULED
         return AccountState.MIGRATED
 
-    # -- one account ---------------------------------------------------------------------------
-
-    async def _one(
-        self, claim: Claim, rules: MigrationRules, account_id: str, expected: str | None
-    ) -> None:
-        if claim.phase == Phase.ROLLBACK:
-            state, error, migration_id = await self._roll_back_one(claim, account_id)
-        else:
-            state, error, migration_id = await self._forward_one(claim, rules, account_id, expected)
-        await self._settle(claim, account_id, state, error, migration_id)
-
-    async def _forward_one(
-        self, claim: Claim, rules: MigrationRules, account_id: str, expected: str | None
-    ) -> tuple[AccountState | None, str | None, str | None]:
-        """Migrate (or prepare, or flip) one account. Returns its new state (None: a failed
-        attempt), an error, and the migration's id."""
-        until = Step.PREPARE if claim.phase == Phase.PREPARE else None
-        async with self.db.transaction() as session:
-            existing = await _run_migration(session, claim.run_id, account_id)
-        try:
-            if existing is not None and existing.state in IN_FLIGHT:
-                if claim.phase == Phase.FLIP and claim.cutoff_at is not None:
-                    await self._stamp_cutoff(existing.id, claim.cutoff_at)
-                row = await self.executor.run(self.actor, existing.id, until=until)
-            elif existing is not None and existing.state == MigrationState.COMPLETED:
-                row = existing
-            else:
-                # Planned once, inside the request, against the approved outcome digest.
-                row = await self.executor.request(
-                    self.actor, rules, account_id, run_id=claim.run_id, expect=expected
-                )
-                if row.state == MigrationState.LOCKED:
-                    row = await self.executor.run(self.actor, row.id, until=until)
-        except Unavailable:
-            raise
-        except OutcomeChanged as error:
-            return AccountState.HELD, error.message, None
-        except (NotEligible, MigrationBlocked, AccountNotFound) as error:
-            return AccountState.SKIPPED, error.message, None
-        except KeyshiftError as error:
-            return None, error.message, existing.id if existing is not None else None
-        return _outcome(row)
-
-    async def _stamp_cutoff(self, migration_id: str, cutoff: datetime) -> None:
-        """Blue-green: the run's cutoff is the effective time on the receipt."""
-        async with self.db.transaction() as session:
-            await session.execute(
-                update(Migration)
-                .where(Migration.id == migration_id, Migration.state == MigrationState.PREPARED)
-                .values(effective_at=cutoff)
-            )
-
-    async def _roll_back_one(
-        self, claim: Claim, account_id: str
-    ) -> tuple[AccountState | None, str | None, str | None]:
-        async with self.db.transaction() as session:
-            rows = list(
-                (
-                    await session.execute(
-                        select(Migration)
-                        .where(Migration.run_id == claim.run_id, Migration.account_id == account_id)
-                        .order_by(Migration.created_at.desc())
-                    )
-                ).scalars()
-            )
-        try:
-            for row in rows:
-                if row.state in REVERSIBLE:
-                    await migration_rollback.rollback(
-                        self.executor, self.actor, row.id, reason=f"run {claim.run_id} rolled back"
-                    )
-                elif row.state in WAITING:
-                    await migration_rollback.cancel(self.executor, self.actor, row.id)
-        except Unavailable:
-            raise
-        except KeyshiftError as error:
-            return None, error.message, rows[0].id if rows else None
-        return AccountState.ROLLED_BACK, None, rows[0].id if rows else None
+    # -- outcomes ------------------------------------------------------------------------------
 
     async def _settle_many(
         self,
@@ -633,6 +613,10 @@ async def _run_migration(session: Any, run_id: str, account_id: str) -> Migratio
     return row
 
 
+#: The states of a migration a run's rollback sends to ``rollback_many``: those that moved the
+#: account (a finalized one is refused there, and its account quarantined with the error).
+_TO_ROLL_BACK = REVERSIBLE | {MigrationState.FINALIZED}
+
 #: A run account whose last attempt failed: back in the queue, taken again, or quarantined.
 _LAST_ATTEMPT_FAILED = RunAccount.error.is_not(None) & RunAccount.state.in_(
     [AccountState.PENDING, AccountState.CLAIMED, AccountState.QUARANTINED]
@@ -648,13 +632,15 @@ def _apply_outcome(
     now: datetime,
 ) -> None:
     """Count the attempt; a failed one goes back to the queue (to be retried alone) or, after
-    ``max_attempts``, is quarantined."""
+    ``max_attempts`` (in a rollback, at once), is quarantined."""
     row.attempts += 1
     row.migration_id = migration_id or row.migration_id
     row.lease_owner, row.lease_expires_at, row.updated_at = None, None, now
     if state is None:
         row.error = error
-        quarantine = row.attempts >= claim.options.max_attempts
+        # A refused rollback (finalized by hand, a later migration stands …) does not go away
+        # by trying again, and a rollback takes no pending account: a person looks at it.
+        quarantine = claim.phase == Phase.ROLLBACK or row.attempts >= claim.options.max_attempts
         row.state = AccountState.QUARANTINED if quarantine else AccountState.PENDING
         if quarantine:
             row.done_at = now

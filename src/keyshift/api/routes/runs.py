@@ -243,12 +243,12 @@ async def cutover_run(
 async def finalize_run(run_id: RunId, actor: Runner, state: State, engine: Migrations) -> Any:
     """Release the old copies and retire the snapshots of every migrated account: no
     rollback after this."""
-    from keyshift.migration.rollback import finalize
+    from keyshift.migration.rollback import finalize_many
 
-    async def one(migration_id: str) -> Any:
-        return await finalize(engine, actor, migration_id)
+    async def many(migration_ids: list[str]) -> Any:
+        return await finalize_many(engine, actor, migration_ids)
 
-    await service.finalize(state.db, actor, run_id, one, clock=engine.clock)
+    await service.finalize(state.db, actor, run_id, many, clock=engine.clock)
     return await _detail(state, run_id, engine.clock())
 
 
