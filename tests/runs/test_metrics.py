@@ -28,7 +28,7 @@ from keyshift.security.secrets_store import Secrets
 from tests.api.test_operations import sample
 from tests.runs.helpers import CREATOR, approved_run, cohort, drive, run_row, states
 from tests.runs.test_worker import _corrupt_an_archived_object
-from tests.support import cli_env, free_port, invoke_keyshift
+from tests.support import cli_env, free_port, invoke_keyshift, run_keyshift
 
 ACCOUNTS = "keyshift_run_accounts_total"
 STEP_COUNT = "keyshift_migration_step_duration_seconds_count"
@@ -204,3 +204,20 @@ def test_worker_refuses_a_metrics_host_that_does_not_resolve(settings: Settings)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Invalid value for '--metrics-host'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_run_completes_when_its_metrics_cannot_be_written(
+    db: Database, secrets: Secrets, settings: Settings, tmp_path: Path
+) -> None:
+    """A process whose PROMETHEUS_MULTIPROC_DIR does not exist cannot write a sample: the run
+    still completes (each failed sample logged once), never retried as a database error."""
+    ids = await cohort(db, secrets, 3)
+    run = await approved_run(db, options=RunOptions(batch_size=2))
+    env = {**cli_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+
+    done = run_keyshift(env, "runs", "start", run.id, "--wait")
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert await states(db, run.id) == dict.fromkeys(ids, "migrated")
+    assert done.stderr.count("metrics cannot be recorded (FileNotFoundError") == 1, done.stderr
+    assert "retrying after a database error" not in done.stderr

@@ -12,6 +12,7 @@ multiprocess mode of their own.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,11 +50,32 @@ RUN_ACCOUNTS = Counter(
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
+log = logging.getLogger("keyshift.metrics")
+#: The kinds of failure to record a sample already logged (each is logged once).
+_failures: set[str] = set()
+
+
+def _recorded(record: Callable[[], None]) -> None:
+    """Record a sample. A failure (a PROMETHEUS_MULTIPROC_DIR that does not exist, a full
+    disk) is logged once per kind and process and does not fail the migration step it
+    describes: that step has committed, and retrying it would only fail again."""
+    try:
+        record()
+    except Exception as error:
+        kind = type(error).__name__
+        if kind not in _failures:
+            _failures.add(kind)
+            log.warning("metrics cannot be recorded (%s: %s); migrating on", kind, error)
+
 
 def observe_step(step: str, accounts: int, seconds: float) -> None:
     """One step over a batch of ``accounts`` took ``seconds``."""
-    STEP_DURATION.labels(step).observe(seconds)
-    BATCH_ACCOUNTS.labels(step).observe(accounts)
+
+    def record() -> None:
+        STEP_DURATION.labels(step).observe(seconds)
+        BATCH_ACCOUNTS.labels(step).observe(accounts)
+
+    _recorded(record)
 
 
 def timed_batch_step(method: _F) -> _F:
@@ -93,8 +115,12 @@ def count_run_accounts(run_id: str, outcomes: Iterable[str]) -> None:
     tally: dict[str, int] = {}
     for outcome in outcomes:
         tally[outcome] = tally.get(outcome, 0) + 1
-    for outcome, count in tally.items():
-        RUN_ACCOUNTS.labels(run_id, outcome).inc(count)
+
+    def record() -> None:
+        for outcome, count in tally.items():
+            RUN_ACCOUNTS.labels(run_id, outcome).inc(count)
+
+    _recorded(record)
 
 
 # -- gauges read from the database at scrape time ------------------------------------------
