@@ -36,6 +36,9 @@ ENVIRON_READERS = {
     "cli/serve.py",
     # The same for a rehearsal's `keyshift worker` processes (its scratch database).
     "cli/simulate.py",
+    # Drops an inherited PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported: a
+    # worker's samples stay in its own registry, out of the server's sums.
+    "cli/worker.py",
 }
 
 

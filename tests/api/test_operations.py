@@ -180,7 +180,11 @@ def test_json_formatter_puts_a_traceback_on_one_line() -> None:
 
 
 def test_prepare_multiprocess_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    # Recorded as it was (unset, usually) and restored so after the test: a plain delenv of an
+    # unset variable records nothing, and the directory prepare_multiprocess_dir(2) sets below
+    # would outlive the test, removed, in every process this one spawns later.
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, "")
+    monkeypatch.delenv(metrics.MULTIPROC_ENV)
     assert metrics.prepare_multiprocess_dir(1) is None
     assert metrics.MULTIPROC_ENV not in os.environ
 

@@ -3,6 +3,9 @@ PostgreSQL, claim and migrate the accounts of running runs (docs/runs.md#workers
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import typer
@@ -31,10 +34,25 @@ def worker(
         show_envvar=True,
     ),
     poll: float = typer.Option(1.0, min=0.05, max=60, help="Seconds between looks for work."),
+    metrics_port: int | None = typer.Option(
+        None,
+        min=1,
+        max=65535,
+        help="Serve this worker's Prometheus metrics on this port (default: not served).",
+    ),
+    metrics_host: str = typer.Option(
+        "127.0.0.1", help="Address the metrics listener binds (with --metrics-port)."
+    ),
 ) -> None:
     """Claim and migrate accounts of running runs until stopped.
 
     SIGTERM finishes the batch in hand, or gives it back if it has not started."""
+    # A worker is one process: its samples stay in its own memory. Inheriting the server's
+    # PROMETHEUS_MULTIPROC_DIR would add them to the server's sums (and the server wipes that
+    # directory when it restarts), so the variable is dropped before prometheus-client is
+    # first imported, which fixes the mode for the process.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    stop_metrics = _serve_metrics(metrics_host, metrics_port) if metrics_port is not None else None
 
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.cli.runs import stop_on_signals
@@ -58,4 +76,23 @@ def worker(
             processed = await w.run(run_id=run_id, until_idle=until_idle)
         typer.echo(f"worker {w.worker_id}: {processed} account(s) processed", err=True)
 
-    run(work)
+    try:
+        run(work)
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+
+
+def _serve_metrics(host: str, port: int) -> Callable[[], None]:
+    """Start the worker's /metrics listener, or stop with a usage error naming the option."""
+    from keyshift.observability.migration_metrics import serve_worker_metrics
+
+    try:
+        return serve_worker_metrics(host, port)
+    except OSError as error:
+        # An address that does not resolve is the host's fault; one in use, the port's.
+        option = "--metrics-host" if isinstance(error, socket.gaierror) else "--metrics-port"
+        reason = error.strerror or str(error)
+        raise typer.BadParameter(
+            f"cannot listen on {host}:{port}: {reason}", param_hint=f"'{option}'"
+        ) from None

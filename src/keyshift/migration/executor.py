@@ -66,6 +66,7 @@ from keyshift.migration.state import (
     iso,
     parse_iso,
 )
+from keyshift.observability.migration_metrics import timed_batch_step, timed_lock
 from keyshift.security.signing import SigningKeys
 from keyshift.states import IN_FLIGHT, REPLACEABLE, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
@@ -654,6 +655,7 @@ class Executor:
 
     # -- batches -------------------------------------------------------------------------------
 
+    @timed_lock(Step.LOCK)
     async def request_many(
         self,
         actor: Actor,
@@ -789,6 +791,7 @@ class Executor:
         out.update(failed)
         return out
 
+    @timed_batch_step
     async def _batch_step(
         self, actor: Actor, migration_ids: Sequence[str], step: Step
     ) -> dict[str, Flow | KeyshiftError]:

@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by route template and status, latency, validations by code.
+"""Prometheus metrics: requests by route template and status, latency, validations by code,
+usage ingest and activations (migration and run series: ``migration_metrics``).
 
 Under several uvicorn workers each process writes its samples to files in
 ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` adds them up (prometheus-client's multiprocess
@@ -64,6 +65,26 @@ RATE_LIMITED = Counter(
     "keyshift_rate_limited",
     "Requests refused with 429, by the limit that refused them (address, key, token).",
     ("limit",),
+)
+USAGE_EVENTS = Counter(
+    "keyshift_usage_events",
+    "Usage events received, by result: recorded (counted now), replayed (an idempotency key"
+    " seen before: its first answer again) or refused (the request recorded nothing).",
+    ("result",),
+)
+USAGE_INGEST_LATENCY = Histogram(
+    "keyshift_usage_ingest_duration_seconds",
+    "Time to record one usage request's events (its transactions, commit included), by kind"
+    " (single: POST /v1/usage; batch: POST /v1/usage/batch); refused requests included.",
+    ("kind",),
+    buckets=_BUCKETS,
+)
+ACTIVATIONS = Counter(
+    "keyshift_activations",
+    "Machine activations asked for by clients, by result: created (a new seat), existing"
+    " (the machine already held one) or refused (answered with an error: no seat left, the"
+    " license not active, the database unavailable ...).",
+    ("result",),
 )
 
 # Labelled children cached by their labels: ``.labels()`` takes a lock and hashes on every call,
@@ -148,6 +169,18 @@ def record_anomaly(kind: str) -> None:
 
 def record_rate_limited(limit: str) -> None:
     RATE_LIMITED.labels(limit).inc()
+
+
+def record_usage(kind: str, recorded: int, replayed: int, refused: int, seconds: float) -> None:
+    """One usage request of ``kind`` (single, batch): its events by result, and its time."""
+    for result, count in (("recorded", recorded), ("replayed", replayed), ("refused", refused)):
+        if count:
+            USAGE_EVENTS.labels(result).inc(count)
+    USAGE_INGEST_LATENCY.labels(kind).observe(seconds)
+
+
+def record_activation(result: str) -> None:
+    ACTIVATIONS.labels(result).inc()
 
 
 def render() -> tuple[bytes, str]:

@@ -258,13 +258,17 @@ class RunOptions(_Strict):
         return min(total, self.canary)
 
 
+#: The priority of an account listed in ``Priority.ids``: above every attribute value.
+LISTED_PRIORITY = 2**31 - 1
+
+
 def priority_of(attributes: dict[str, object], account_id: str, spec: Priority | None) -> int:
     """An account's lane: higher is claimed first. Listed accounts above every attribute
     value; a missing or non-numeric attribute is 0. Clamped to the column's range."""
     if spec is None:
         return 0
     if account_id in spec.ids:
-        return 2**31 - 1
+        return LISTED_PRIORITY
     if spec.attribute is None:
         return 0
     value = attributes.get(spec.attribute)

@@ -43,6 +43,7 @@ from keyshift.migration import rollback as migration_rollback
 from keyshift.migration.errors import MigrationBlocked, NotEligible, OutcomeChanged
 from keyshift.migration.executor import Executor
 from keyshift.migration.rules import MigrationRules
+from keyshift.runs import metrics as run_metrics
 from keyshift.runs import service
 from keyshift.runs.model import (
     CLAIMABLE,
@@ -534,9 +535,13 @@ class Worker:
                 _apply_outcome(row, claim, state, error, migration_id, now)
                 if state is None and first_failure is None:
                     first_failure = (row.account_id, error or "")
+            settled = [
+                run_metrics.outcome_of(r.state, outcomes[r.account_id][0] is None) for r in rows
+            ]
             await session.flush()
             if first_failure is not None and claim.phase != Phase.ROLLBACK:
                 await self._maybe_halt(session, claim, *first_failure, now)
+        run_metrics.count_settled(claim.run_id, settled)
 
     async def _settle(
         self,

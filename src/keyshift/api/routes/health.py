@@ -15,6 +15,8 @@ from keyshift.api.errors import JsonResponse
 from keyshift.api.schemas import Response as Body
 from keyshift.db.migrate import current_revision, head_revision
 from keyshift.observability import metrics as metrics_registry
+from keyshift.observability import migration_metrics
+from keyshift.runs import metrics as run_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -65,7 +67,10 @@ async def readyz(state: State) -> JsonResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
-    """Prometheus text format; summed over every worker process under ``--workers`` > 1."""
+async def metrics(state: State) -> Response:
+    """Prometheus text format; summed over every worker process under ``--workers`` > 1,
+    followed by the gauges read from the database now (runs, queues, leases, and whether the
+    database answered at all)."""
     body, content_type = metrics_registry.render()
-    return Response(body, media_type=content_type)
+    gauges = await run_metrics.read_gauges(state.db)
+    return Response(body + migration_metrics.render_gauges(gauges), media_type=content_type)

@@ -26,9 +26,10 @@ from keyshift.api.routes.accounts import Grants
 from keyshift.api.schemas import LicenseKey, Request, Timestamp
 from keyshift.context import Actor
 from keyshift.db.tables import License
-from keyshift.errors import LicenseNotFound
+from keyshift.errors import KeyshiftError, LicenseNotFound
 from keyshift.licensing import activations, service
 from keyshift.licensing.schemas import ActivationOut, LicenseDetail, LicenseIssued, LicenseOut
+from keyshift.observability import metrics
 from keyshift.security.keyring import Keyring
 
 router = APIRouter(tags=["licenses"])
@@ -209,9 +210,14 @@ async def client_activate(
     limit_key(state, body.key)
     keyring = state.secrets.keyring
     row, actor = await _license_actor(session, keyring, body.key, rid)
-    outcome = await activations.activate(
-        session, actor, keyring, row, body.fingerprint, label=body.label
-    )
+    try:
+        outcome = await activations.activate(
+            session, actor, keyring, row, body.fingerprint, label=body.label
+        )
+    except KeyshiftError:
+        metrics.record_activation("refused")
+        raise
+    metrics.record_activation("created" if outcome.created else "existing")
     response.status_code = 201 if outcome.created else 200
     return ActivationOut.of(outcome.activation)
 

@@ -8,6 +8,8 @@ scoped ``usage:write`` and ``{"account_id": …}``. Reading needs ``accounts:rea
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -28,9 +30,11 @@ from keyshift.api.schemas import LicenseKey, Timestamp
 from keyshift.api.schemas import Request as RequestModel
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
+from keyshift.errors import KeyshiftError
 from keyshift.metering import reports, subjects
 from keyshift.metering import service as metering
 from keyshift.metering.schemas import UsageBatchRecorded, UsageRecorded, UsageReportOut
+from keyshift.observability import metrics
 
 router = APIRouter(tags=["usage"])
 
@@ -111,7 +115,7 @@ async def record_usage(body: UsageRecord, request: Request, state: State) -> Jso
         actor = bearer or subjects.key_actor(subject, request_id(request))
         return await metering.record(session, actor, subject, body.to_domain(), policy=policy)
 
-    recorded = await metering.in_transaction(state.db, work)
+    [recorded] = await _counted("single", 1, _one(metering.in_transaction(state.db, work)))
     return JsonResponse(
         recorded.to_dict(), headers={REPLAYED_HEADER: str(recorded.replayed).lower()}
     )
@@ -131,10 +135,29 @@ async def record_usage_batch(body: UsageBatch, request: Request, state: State) -
         actor = bearer or subjects.key_actor(subject, request_id(request))
         return await metering.record_batch(session, actor, subject, events, policy=policy)
 
-    results = await metering.in_transaction(state.db, work)
+    results = await _counted("batch", len(events), metering.in_transaction(state.db, work))
     # Serialised by orjson in one pass: a thousand answers through FastAPI's encoder would
     # cost more than recording them.
     return JsonResponse({"count": len(results), "results": [r.to_dict() for r in results]})
+
+
+async def _one(recording: Awaitable[metering.Recorded]) -> list[metering.Recorded]:
+    return [await recording]
+
+
+async def _counted(
+    kind: str, events: int, recording: Awaitable[list[metering.Recorded]]
+) -> list[metering.Recorded]:
+    """Await ``recording`` (the request's events) and count them, by result, with its time."""
+    started = time.perf_counter()
+    try:
+        results = await recording
+    except KeyshiftError:
+        metrics.record_usage(kind, 0, 0, events, time.perf_counter() - started)
+        raise
+    replayed = sum(1 for r in results if r.replayed)
+    metrics.record_usage(kind, len(results) - replayed, replayed, 0, time.perf_counter() - started)
+    return results
 
 
 #: A bearer token with ``accounts:read`` or ``licenses:read``.
