@@ -31,7 +31,7 @@ ENVIRON_READERS = {
     # prometheus-client's own PROMETHEUS_MULTIPROC_DIR, read and set before workers start.
     "observability/metrics.py",
     # KEYSHIFT_FAULT_POINT: the crash tests' hook, not configuration (see config.py).
-    "migration/executor.py",
+    "migration/batching.py",
     # Writes the resolved database URL and secrets directory for the spawned workers.
     "cli/serve.py",
     # The same for a rehearsal's `keyshift worker` processes (its scratch database).
