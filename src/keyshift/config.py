@@ -4,7 +4,7 @@ or the app starts (never at import), and checked then — a bad value is one
 
 Two variables are read elsewhere on purpose. ``PROMETHEUS_MULTIPROC_DIR`` belongs to
 prometheus-client, which reads it itself (``observability/metrics.py``). ``KEYSHIFT_FAULT_POINT``
-is the crash tests' fault-injection hook (``migration/executor.py``): it is not configuration —
+is the crash tests' fault-injection hook (``migration/batching.py``): it is not configuration —
 an operator never sets it — so it is read where the fault fires, and it is not documented here.
 """
 
