@@ -382,6 +382,54 @@ async def test_new_activation_is_seen_after_invalidation(db: Database, secrets: 
     assert (await run_validate(db, secrets, key, cache=lru, fingerprint="m1")).code is Code.VALID
 
 
+def test_a_load_keeps_its_place_when_only_other_accounts_were_invalidated() -> None:
+    """A migration run invalidates a batch of accounts every second or so: a load in flight
+    for another account's license is still stored; one raced by its own account's or its own
+    license's invalidation is not."""
+    lru = cache.LicenseStateCache(ttl_seconds=3600)
+    mine = cache.CachedLicense(state(license_id="L1", account_id="A1"), None)
+
+    started = lru.generation
+    for other in range(200):
+        lru.invalidate_account(f"B{other}")
+    lru.invalidate_license("k-other")
+    lru.put("k1", mine, generation=started)
+    assert lru.get("k1") is mine
+
+    for raced_by in ("account:A1", "license:k1"):
+        lru.clear()
+        started = lru.generation
+        lru.invalidate_account("B0")
+        kind, key = raced_by.split(":")
+        if kind == "account":
+            lru.invalidate_account(key)
+        else:
+            lru.invalidate_license(key)
+        lru.put("k1", mine, generation=started)
+        assert lru.get("k1") is None, raced_by
+
+
+def test_a_load_older_than_what_the_cache_remembers_is_not_stored() -> None:
+    """Past ``TRACKED`` remembered invalidations they are forgotten, and a load that began
+    before that is refused (its account's invalidation may be among the forgotten)."""
+    lru = cache.LicenseStateCache(ttl_seconds=3600)
+    lru.TRACKED = 10
+    mine = cache.CachedLicense(state(license_id="L1", account_id="A1"), None)
+    started = lru.generation
+    for other in range(11):  # the eleventh finds ten remembered: all are forgotten
+        lru.invalidate_account(f"B{other}")
+    lru.put("k1", mine, generation=started)
+    assert lru.get("k1") is None
+    started = lru.generation  # a load that begins after the forgetting is stored
+    lru.invalidate_account("B0")
+    lru.put("k1", mine, generation=started)
+    assert lru.get("k1") is mine
+
+    lru.expire_all()  # as after a lost connection: every load in flight is refused
+    lru.put("k1", mine, generation=started)
+    assert lru.get("k1") is None
+
+
 def test_cache_is_bounded() -> None:
     lru = cache.LicenseStateCache(ttl_seconds=60, max_entries=3)
     for i in range(5):

@@ -55,10 +55,18 @@ class CachedLicense:
 class LicenseStateCache:
     """A bounded LRU with a TTL, and a generation counter against a lost invalidation.
 
-    A loader reads ``generation`` before it queries and passes it to ``put``: if anything was
-    invalidated in between, the (possibly stale) result is not stored. One instance per
+    A loader reads ``generation`` before it queries and passes it to ``put``: if its license
+    or its account was invalidated in between, the (possibly stale) result is not stored. Each
+    invalidation is remembered by the generation it made, per license and per account, so
+    invalidations of other accounts do not cost a load its place in the cache (a migration run
+    invalidates a batch of accounts every second or so: with one global counter, every load in
+    flight then was thrown away). Past ``TRACKED`` remembered invalidations they are forgotten
+    and every load older than that moment is refused, as after ``clear``. One instance per
     process (``default_cache``); it is used from one event loop and takes no locks.
     """
+
+    #: Invalidations remembered per license and per account before they are forgotten.
+    TRACKED = 100_000
 
     def __init__(
         self,
@@ -78,6 +86,11 @@ class LicenseStateCache:
         self._entries: OrderedDict[str, tuple[float, CachedLicense]] = OrderedDict()
         self._by_account: dict[str, set[str]] = {}
         self.generation = 0
+        #: A load that began before this generation is not stored (``clear``, ``expire_all``,
+        #: or the remembered invalidations forgotten).
+        self._floor = 0
+        #: The generation each license (by lookup) and each account was last invalidated at.
+        self._invalidated: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
 
@@ -114,7 +127,7 @@ class LicenseStateCache:
         return found[1]
 
     def put(self, lookup: str, value: CachedLicense, *, generation: int) -> None:
-        if self.ttl_seconds <= 0 or generation != self.generation:
+        if self.ttl_seconds <= 0 or self._changed_since(lookup, value, generation):
             return
         ttl = (
             max(self.ttl_seconds, self.listening_ttl_seconds)
@@ -127,6 +140,25 @@ class LicenseStateCache:
         while len(self._entries) > self.max_entries:
             self._drop(next(iter(self._entries)))
 
+    def _changed_since(self, lookup: str, value: CachedLicense, generation: int) -> bool:
+        """Whether the license or its account was invalidated after ``generation``."""
+        if generation == self.generation:
+            return False
+        if generation < self._floor:
+            return True
+        seen = self._invalidated
+        return (
+            seen.get("license:" + lookup, -1) > generation
+            or seen.get("account:" + value.state.account_id, -1) > generation
+        )
+
+    def _remember(self, key: str) -> None:
+        self.generation += 1
+        if len(self._invalidated) >= self.TRACKED:
+            self._invalidated.clear()
+            self._floor = self.generation
+        self._invalidated[key] = self.generation
+
     def _drop(self, lookup: str) -> None:
         found = self._entries.pop(lookup, None)
         if found is not None:
@@ -138,17 +170,19 @@ class LicenseStateCache:
 
     def invalidate_license(self, lookup: str) -> None:
         """Forget one license (by its key lookup hash, ``License.key_lookup``)."""
-        self.generation += 1
+        self._remember("license:" + lookup)
         self._drop(lookup)
 
     def invalidate_account(self, account_id: str) -> None:
         """Forget every license of an account (its plan or entitlements changed)."""
-        self.generation += 1
+        self._remember("account:" + account_id)
         for lookup in list(self._by_account.get(account_id, ())):
             self._drop(lookup)
 
     def clear(self) -> None:
         self.generation += 1
+        self._floor = self.generation
+        self._invalidated.clear()
         self._entries.clear()
         self._by_account.clear()
 
@@ -156,6 +190,8 @@ class LicenseStateCache:
         """Expire every entry now (the next validation reads the database), keeping each
         only for ``get_stale``: for when invalidations may have gone unheard."""
         self.generation += 1
+        self._floor = self.generation
+        self._invalidated.clear()
         now = self._clock()
         for lookup in list(self._entries):
             expires, value = self._entries[lookup]
