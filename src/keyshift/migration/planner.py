@@ -44,7 +44,6 @@ from keyshift.migration.state import (
     sort_state,
 )
 from keyshift.states import STEPS as FORWARD_STEPS
-from keyshift.states import Step
 
 STEPS = FORWARD_STEPS  # the steps a plan lists, in order
 
@@ -1157,14 +1156,7 @@ def _gained_lost_changed(old: Mapping[str, object], new: Mapping[str, object]) -
 
 
 #: The steps' members, looked up once (an enum member is a class attribute lookup each time).
-_LOCK, _SNAPSHOT, _PREPARE, _CUTOVER, _VERIFY, _RECEIPT = (
-    Step.LOCK,
-    Step.SNAPSHOT,
-    Step.PREPARE,
-    Step.CUTOVER,
-    Step.VERIFY,
-    Step.RECEIPT,
-)
+_LOCK, _SNAPSHOT, _PREPARE, _CUTOVER, _VERIFY, _RECEIPT = FORWARD_STEPS
 
 
 def _steps(
