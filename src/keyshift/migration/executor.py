@@ -669,8 +669,8 @@ class Executor:
         that is refused — not eligible, held by another migration, planned differently … —
         gets its error, having written nothing) and the others' rows written together. If a
         write fails (two lockers raced for an account), the transaction is rolled back and
-        done again with each account in a savepoint of its own. Audit events are appended
-        together at the end."""
+        done again with each account in a savepoint of its own (``batching.isolated``, as
+        every step over a batch). Audit events are appended together at the end."""
         fault_point("before:lock")
         now = self.clock()
         ordered = sorted(dict(accounts).items())
@@ -692,56 +692,31 @@ class Executor:
                 "refuse",
             )  # fmt: skip
 
-        async def together(session: AsyncSession) -> dict[str, Migration | KeyshiftError]:
+        expects = dict(ordered)
+
+        async def work(
+            session: AsyncSession, keys: Sequence[str]
+        ) -> dict[str, Migration | KeyshiftError]:
             batch = Batch(session, now)
-            with audit.deferred(session) as events:
-                await batch.read_states([a for a, _ in ordered])
-                await batch.read_holders([a for a, _ in ordered])
-                out = {a: await lock(batch, a, expect) for a, expect in ordered}
+            await batch.read_states(keys)
+            await batch.read_holders(keys)
+            out = {a: await lock(batch, a, expects[a]) for a in keys}
+            try:
                 await session.flush()
                 await batch.flush()
-            await audit.append_deferred(session, events)
-            fault_point("inside:lock")
-            return out
-
-        async def apart(session: AsyncSession) -> dict[str, Migration | KeyshiftError]:
-            out: dict[str, Migration | KeyshiftError] = {}
-            events: list[tuple[Actor, audit.EventIn]] = []
-            for account_id, expect in ordered:
-                with audit.deferred(session) as mine:
-                    try:
-                        async with session.begin_nested():
-                            batch = Batch(session, now)
-                            out[account_id] = await lock(batch, account_id, expect)
-                            await session.flush()
-                            await batch.flush()
-                    except IntegrityError as exc:
-                        if "lock_account_id" not in str(exc.orig):
-                            raise
-                        out[account_id] = MigrationInProgress(
-                            f"account {account_id} already has a migration in progress",
-                            field="account_id",
-                        )
-                        continue
-                    except KeyshiftError as error:
-                        if isinstance(error, Unavailable):
-                            raise  # the transaction is gone: the whole batch is retried
-                        out[account_id] = error
-                        continue
-                events += mine
-            await audit.append_deferred(session, events)
-            fault_point("inside:lock")
-            return out
-
-        result: dict[str, Migration | KeyshiftError] | None = None
-        if len(ordered) > 1:
-            try:
-                result = await self.db.run(together)
             except IntegrityError as exc:
                 if "lock_account_id" not in str(exc.orig):
                     raise
-        if result is None:
-            result = await self.db.run(apart)
+                # Another locker took one of them first: redone account by account, where
+                # this is that account's answer.
+                raise MigrationInProgress(
+                    f"account {keys[0] if len(keys) == 1 else 'of the batch'} already has a"
+                    " migration in progress",
+                    field="account_id",
+                ) from exc
+            return out
+
+        result = await isolated(self.db, list(expects), work, fault="inside:lock")
         fault_point("after:lock")
         return result
 
