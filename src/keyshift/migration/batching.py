@@ -33,21 +33,27 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _faults(fault: str | Sequence[str]) -> None:
+    for name in [fault] if isinstance(fault, str) else fault:
+        fault_point(name)
+
+
 async def isolated(
-    db: Database, keys: Sequence[str], work: BatchWork[R], *, fault: str
+    db: Database, keys: Sequence[str], work: BatchWork[R], *, fault: str | Sequence[str]
 ) -> dict[str, R | KeyshiftError]:
     """``work`` over ``keys`` in ONE transaction. First all together; if it raises a
     ``KeyshiftError``, that transaction is rolled back and the work is done again with each key
     in a savepoint of its own, so the one that fails gets its error and leaves its neighbours
     be (a batch of one needs no second try: its error is the answer). Audit events are appended together at the end either way (the chain's head is taken
-    once, last), then ``fault_point(fault)`` — every effect written, nothing committed. An
+    once, last), then ``fault_point`` at each point ``fault`` names — every effect written, nothing
+    committed. An
     ``Unavailable`` database is raised: the transaction is gone, the caller retries the whole."""
 
     async def together(session: AsyncSession) -> dict[str, R | KeyshiftError]:
         with audit.deferred(session) as events:
             out: dict[str, R | KeyshiftError] = dict(await work(session, keys))
         await audit.append_deferred(session, events)
-        fault_point(fault)
+        _faults(fault)
         return out
 
     async def apart(session: AsyncSession) -> dict[str, R | KeyshiftError]:
@@ -65,7 +71,7 @@ async def isolated(
                     continue
             events += mine
         await audit.append_deferred(session, events)
-        fault_point(fault)
+        _faults(fault)
         return out
 
     try:

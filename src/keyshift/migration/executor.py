@@ -8,6 +8,7 @@ Steps: lock → snapshot → prepare → cutover → verify → receipt (``plann
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ from keyshift.migration.state import (
     iso,
     parse_iso,
 )
-from keyshift.observability.migration_metrics import timed_batch_step, timed_lock
+from keyshift.observability.migration_metrics import observe_steps
 from keyshift.security.signing import SigningKeys
 from keyshift.states import IN_FLIGHT, REPLACEABLE, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
@@ -74,6 +75,23 @@ from keyshift.validation import decide as policy
 from keyshift.validation import service as validation
 
 RUN_STEPS = (Step.SNAPSHOT, Step.PREPARE, Step.CUTOVER, Step.VERIFY, Step.RECEIPT)
+
+#: The transactions ``run_batch`` drives a batch through. Every step keeps its own ledger row,
+#: committed with its effect; steps share a transaction where nothing is gained by a commit
+#: between them: the snapshot and the staging of copies change nothing the app reads (a crash
+#: between them would only redo the snapshot), and the receipt certifies the verification it
+#: follows. The cutover stands alone: verification reads what it committed. Three
+#: transactions per batch instead of five — each carries the rows' locks, the ledger read
+#: and the write-back.
+PHASES: tuple[tuple[Step, ...], ...] = (
+    (Step.SNAPSHOT, Step.PREPARE),
+    (Step.CUTOVER,),
+    (Step.VERIFY, Step.RECEIPT),
+)
+
+#: The steps a run's lock step may take on in its own transaction (``request_many``'s
+#: ``through``): the first phase, which changes nothing the app reads.
+LOCK_PHASE = PHASES[0]
 
 
 class Flow(StrEnum):
@@ -228,6 +246,14 @@ class Batch:
     #: Read ahead by ``read_holders``: the migration holding each account, the run holding it.
     _holders: dict[str, Migration] | None = None
     _runs: dict[str, str] | None = None
+    #: The states in ``states`` were read under the snapshot's locks (``lock_for_snapshot``),
+    #: in this transaction: a snapshot step takes them as they are.
+    cut: bool = False
+    #: The plans the lock step made, by migration id: the snapshot step in the same
+    #: transaction, from the same state at the same time, would make the same.
+    plans: dict[str, MigrationPlan] = field(default_factory=dict)
+    #: Seconds spent in each step's own work (read-ahead and handlers), for the step metrics.
+    timings: dict[Step, float] = field(default_factory=dict)
 
     async def read_holders(self, account_ids: Sequence[str]) -> None:
         self._holders = await repository.active_migrations(self.session, account_ids)
@@ -429,6 +455,7 @@ class Executor:
         plan, _ = await preview(
             session, rules, account_id, now=batch.now, migration_id=migration_id, batch=batch
         )
+        batch.plans[migration_id] = plan
         holder = await batch.holder(account_id)
         in_run = await batch.holding_run(account_id)
         if in_run is not None and in_run != run_id:
@@ -592,70 +619,106 @@ class Executor:
 
     async def _step(self, actor: Actor, migration_id: str, step: Step) -> Flow:
         """One step of one migration in its own transaction (a batch of one)."""
-        flow = (await self._batch_step(actor, [migration_id], step))[migration_id]
+        flow = (await self._batch_step(actor, [migration_id], (step,)))[migration_id]
         if isinstance(flow, KeyshiftError):
             raise flow
         return flow
 
     async def _steps_in(
-        self, session: AsyncSession, actor: Actor, migration_ids: Sequence[str], step: Step
+        self,
+        session: AsyncSession,
+        actor: Actor,
+        migration_ids: Sequence[str],
+        steps: Sequence[Step],
+        timings: dict[Step, float] | None = None,
     ) -> dict[str, Flow | KeyshiftError]:
-        """One step of many migrations in the caller's transaction, each with its ledger row;
-        a step already in a migration's ledger is skipped. The rows are locked and the
-        ledger read in one query each, the accounts' states read ahead in one query per
-        table where the step reads them, and the ledger rows inserted together."""
+        """Steps (a phase, ``PHASES``) of many migrations in the caller's transaction, each
+        with its ledger row; a step already in a migration's ledger is skipped. The rows are
+        locked and the ledger read in one query each (``_steps_on`` does the rest)."""
         batch = Batch(session, self.clock())
-        batch.announce_to = self.cache.apply if self.cache is not None else None
-        rows = await repository.lock_records(
-            session, migration_ids, without=_NOT_READ.get(step, ())
-        )
+        if timings is not None:
+            batch.timings = timings
+        without = set.intersection(*(set(_NOT_READ.get(step, ())) for step in steps))
+        rows = await repository.lock_records(session, migration_ids, without=tuple(without))
         batch.done = await repository.ledger_steps(session, list(rows))
+        return await self._steps_on(session, actor, migration_ids, rows, steps, batch)
+
+    async def _steps_on(
+        self,
+        session: AsyncSession,
+        actor: Actor,
+        migration_ids: Sequence[str],
+        rows: dict[str, MigrationRecord],
+        steps: Sequence[Step],
+        batch: Batch,
+    ) -> dict[str, Flow | KeyshiftError]:
+        """The steps over locked rows whose ledger ``batch.done`` holds, one after the other:
+        a migration goes on to the next step while its flow is ``NEXT``. Each step reads the
+        accounts' states ahead in one query per table where it needs them; the rows' changes
+        are written back, and the ledger rows inserted, together at the end. A migration's
+        answer is the flow of the last step it reached."""
+        batch.announce_to = self.cache.apply if self.cache is not None else None
         out: dict[str, Flow | KeyshiftError] = {}
-        todo: list[MigrationRecord] = []
+        going: list[MigrationRecord] = []
         for migration_id in migration_ids:
             row = rows.get(migration_id)
             if row is None:
                 out[migration_id] = MigrationNotFound(
                     f"no migration {migration_id}", field="migration_id"
                 )
-            elif step in batch.done[migration_id]:
-                out[migration_id] = Flow.NEXT
-            elif row.state not in IN_FLIGHT:
-                out[migration_id] = Flow.STOP
             else:
-                todo.append(row)
-        accounts = [row.account_id for row in todo]
-        if todo and step == Step.SNAPSHOT:
+                going.append(row)
+        touched = list(going)
+        for step in steps:
+            started = time.perf_counter()
+            todo: list[MigrationRecord] = []
+            for row in going:
+                if step in batch.done[row.id]:
+                    out[row.id] = Flow.NEXT
+                elif row.state not in IN_FLIGHT:
+                    out[row.id] = Flow.STOP
+                else:
+                    todo.append(row)
+            await self._read_ahead(batch, step, [row.account_id for row in todo])
+            handler = self._handlers[step]
+            # The rows' changes are flushed together at the end (one executemany per shape
+            # of change) instead of before each next account's first statement.
+            with session.no_autoflush:
+                for row in todo:
+                    out[row.id] = await handler(session, actor, row, batch)
+            going = [row for row in going if out[row.id] == Flow.NEXT]
+            batch.timings[step] = batch.timings.get(step, 0.0) + time.perf_counter() - started
+        await session.flush()
+        await repository.write_records(session, touched, batch.now)
+        await batch.flush()  # every effect is in the database, only the commit is left
+        return out
+
+    async def _read_ahead(self, batch: Batch, step: Step, accounts: list[str]) -> None:
+        """What ``step`` reads of its accounts, in one query per table for the batch."""
+        if not accounts:
+            return
+        session = batch.session
+        if step == Step.SNAPSHOT and not batch.cut:
             # Lock what admin changes go through (the subscriptions and the licenses) before
             # reading, so each snapshot is a consistent cut: a concurrent admin change lands
             # before it or is refused after it (the account is held).
             await repository.lock_for_snapshot(session, accounts)
-        if todo and step in (Step.SNAPSHOT, Step.VERIFY):
             await batch.read_states(accounts)
-        if todo and step == Step.VERIFY:
+            batch.cut = True
+        elif step == Step.VERIFY:
+            await batch.read_states(accounts)
             batch.loaded = await validation.load_many(
                 session,
                 [lic["key_lookup"] for s in batch.states.values() for lic in s["licenses"]],
             )
-        if todo and step == Step.CUTOVER:
+        elif step == Step.CUTOVER:
             # In the order every seat change takes them: subscriptions, then licenses.
             batch.subscriptions = await repository.lock_subscriptions(session, accounts)
             batch.licenses = await repository.lock_licenses(session, accounts)
             batch.machines = await repository.read_machines(session, accounts)
-        handler = self._handlers[step]
-        # The rows' changes are flushed together at the end (one executemany per shape of
-        # change) instead of before each next account's first statement.
-        with session.no_autoflush:
-            for row in todo:
-                out[row.id] = await handler(session, actor, row, batch)
-        await session.flush()
-        await repository.write_records(session, todo, batch.now)
-        await batch.flush()  # every effect is in the database, only the commit is left
-        return out
 
     # -- batches -------------------------------------------------------------------------------
 
-    @timed_lock(Step.LOCK)
     async def request_many(
         self,
         actor: Actor,
@@ -663,6 +726,7 @@ class Executor:
         accounts: Sequence[tuple[str, str | None]],
         *,
         run_id: str | None = None,
+        through: Step | None = None,
     ) -> dict[str, Migration | KeyshiftError]:
         """The lock step for many accounts — (account id, expected outcome digest) each — in
         ONE transaction: their states are read in one query per table, each is checked (one
@@ -670,8 +734,19 @@ class Executor:
         gets its error, having written nothing) and the others' rows written together. If a
         write fails (two lockers raced for an account), the transaction is rolled back and
         done again with each account in a savepoint of its own (``batching.isolated``, as
-        every step over a batch). Audit events are appended together at the end."""
+        every step over a batch). Audit events are appended together at the end.
+
+        ``through``: go on in the same transaction with the steps of the first phase up to
+        this one (``LOCK_PHASE``: snapshot, prepare — nothing the app reads changes). The
+        subscriptions and licenses are then locked before the states are read, so the states
+        the accounts were checked against are their snapshots, and their plans are kept. The
+        migrations returned carry the state they reached."""
+        if through is not None and through not in LOCK_PHASE:
+            raise ValueError(f"the lock step takes on {LOCK_PHASE}, not {through}")
         fault_point("before:lock")
+        started = time.perf_counter()
+        timings: dict[Step, float] = {}
+        then = LOCK_PHASE[: LOCK_PHASE.index(through) + 1] if through is not None else ()
         now = self.clock()
         ordered = sorted(dict(accounts).items())
         ids = {account_id: str(uuid.uuid4()) for account_id, _ in ordered}
@@ -697,10 +772,14 @@ class Executor:
         async def work(
             session: AsyncSession, keys: Sequence[str]
         ) -> dict[str, Migration | KeyshiftError]:
-            batch = Batch(session, now)
+            batch = Batch(session, now, timings=timings)
+            if then:  # the snapshot's locks, taken before the states are read
+                await repository.lock_for_snapshot(session, keys)
+                batch.cut = True
             await batch.read_states(keys)
             await batch.read_holders(keys)
             out = {a: await lock(batch, a, expects[a]) for a in keys}
+            inserted = {values["id"]: values for values in batch.new_migrations}
             try:
                 await session.flush()
                 await batch.flush()
@@ -714,29 +793,46 @@ class Executor:
                     " migration in progress",
                     field="account_id",
                 ) from exc
+            locked = [r for r in out.values() if isinstance(r, Migration)]
+            going = [r for r in locked if r.state == MigrationState.LOCKED]
+            if then and going:
+                records = {r.id: _record_of(inserted[r.id]) for r in going}
+                await self._steps_on(session, actor, list(records), records, then, batch)
+                for row in going:  # the state each reached, for the caller
+                    record = records[row.id]
+                    row.state, row.error = record.state, record.error
+                    row.lock_account_id = record.lock_account_id
             return out
 
-        result = await isolated(self.db, list(expects), work, fault="inside:lock")
+        result = await isolated(self.db, list(expects), work, fault=["inside:lock", *_inside(then)])
         fault_point("after:lock")
+        observe_steps((Step.LOCK, *then), len(expects), timings, time.perf_counter() - started)
         return result
 
     async def run_batch(
-        self, actor: Actor, migration_ids: Sequence[str], *, until: Step | None = None
+        self,
+        actor: Actor,
+        migration_ids: Sequence[str],
+        *,
+        until: Step | None = None,
+        after: Step | None = None,
     ) -> dict[str, Migration | KeyshiftError]:
-        """Run (or resume) many migrations together: each step is ONE transaction over the
-        batch, while every migration keeps its own ledger row per step, its own snapshot
-        hash and its own atomic cutover (its cutover's writes are all in that one
-        transaction). Each migration's step runs in a savepoint: one that fails leaves its
+        """Run (or resume) many migrations together: each phase (``PHASES``) is ONE
+        transaction over the batch, while every migration keeps its own ledger row per step,
+        its own snapshot hash and its own atomic cutover (its cutover's writes are all in that
+        one transaction). Each migration's steps run in a savepoint: one that fails leaves its
         neighbours be (its error is returned; it is retried alone by the caller). Safe to
-        call again after a crash at any point, as ``run``."""
+        call again after a crash at any point, as ``run``. ``after``: the caller knows every
+        migration has done the steps up to this one (``request_many`` took them on): the
+        phases before are not visited."""
         failed: dict[str, KeyshiftError] = {}
         going = list(dict.fromkeys(migration_ids))
-        for step in RUN_STEPS:
+        for phase in _phases(until, after):
             if not going:
                 break
-            fault_point(f"before:{step}")
-            flows = await self._batch_step(actor, going, step)
-            fault_point(f"after:{step}")
+            fault_point(f"before:{phase[0]}")
+            flows = await self._batch_step(actor, going, phase)
+            fault_point(f"after:{phase[-1]}")
             ahead, differ = [], []
             for migration_id in going:
                 flow = flows[migration_id]
@@ -744,7 +840,7 @@ class Executor:
                     failed[migration_id] = flow
                 elif flow == Flow.VERIFY_FAILED:
                     differ.append(migration_id)
-                elif flow == Flow.NEXT and step != until:
+                elif flow == Flow.NEXT and phase[-1] != until:
                     ahead.append(migration_id)
             if differ:
                 undone = await rollback_many(self, actor, differ, reason="verification failed")
@@ -766,19 +862,24 @@ class Executor:
         out.update(failed)
         return out
 
-    @timed_batch_step
     async def _batch_step(
-        self, actor: Actor, migration_ids: Sequence[str], step: Step
+        self, actor: Actor, migration_ids: Sequence[str], steps: Sequence[Step]
     ) -> dict[str, Flow | KeyshiftError]:
-        """One step over the batch in ONE transaction, one migration's failure isolated from
-        its neighbours' (``batching.isolated``)."""
+        """One phase over the batch in ONE transaction, one migration's failure isolated from
+        its neighbours' (``batching.isolated``). Each step's time is observed (the shared
+        part — locks, ledger, write-back, commit — under the phase's first step)."""
+        started = time.perf_counter()
+        timings: dict[Step, float] = {}
 
         async def work(
             session: AsyncSession, ids: Sequence[str]
         ) -> dict[str, Flow | KeyshiftError]:
-            return await self._steps_in(session, actor, ids, step)
+            flows = await self._steps_in(session, actor, ids, steps, timings)
+            return flows
 
-        return await isolated(self.db, migration_ids, work, fault=f"inside:{step}")
+        out = await isolated(self.db, migration_ids, work, fault=_inside(steps))
+        observe_steps(steps, len(migration_ids), timings, time.perf_counter() - started)
+        return out
 
     # -- the steps ---------------------------------------------------------------------------
 
@@ -788,10 +889,14 @@ class Executor:
         now = batch.now
         # The batch locked what admin changes go through (every account's subscription and
         # licenses) before it read the states: each snapshot is a consistent cut.
-        rules = await batch.rules(row.rules_hash)
-        plan, snapshot = await preview(
-            session, rules, row.account_id, now=now, migration_id=row.id, batch=batch
-        )
+        planned = batch.plans.pop(row.id, None) if batch.cut else None
+        if planned is not None:  # planned by the lock step, in this transaction
+            plan, snapshot = planned, batch.states[row.account_id]
+        else:
+            rules = await batch.rules(row.rules_hash)
+            plan, snapshot = await preview(
+                session, rules, row.account_id, now=now, migration_id=row.id, batch=batch
+            )
         snapshot_hash = content_hash_of(snapshot)
         if not plan.can_apply:
             row.state, row.lock_account_id, row.finished_at = MigrationState.REFUSED, None, now
@@ -1056,6 +1161,38 @@ class Executor:
             },
         )
         return Flow.NEXT
+
+
+def _record_of(inserted: dict[str, Any]) -> MigrationRecord:
+    """A migration row just inserted by the lock step (its values; the columns left out are
+    NULL), as a batch step reads it."""
+    return MigrationRecord.of({**dict.fromkeys(repository.MIGRATION_COLUMNS), **inserted})
+
+
+def _phases(until: Step | None, after: Step | None) -> list[tuple[Step, ...]]:
+    """The phases ``run_batch`` visits: from the step after ``after``, through ``until``."""
+    order = list(RUN_STEPS)
+    first = order.index(after) + 1 if after is not None and after in order else 0
+    last = order.index(until) if until is not None and until in order else len(order) - 1
+    out = []
+    for phase in PHASES:
+        steps = tuple(s for s in phase if first <= order.index(s) <= last)
+        if steps:
+            out.append(steps)
+    return out
+
+
+def _inside(steps: Sequence[Step]) -> list[str]:
+    """The crash test's points inside a phase's transaction: each step's ``inside``, and the
+    boundaries between steps that share it (``after:snapshot``, ``before:prepare``)."""
+    points: list[str] = []
+    for index, step in enumerate(steps):
+        if index:
+            points.append(f"before:{step}")
+        points.append(f"inside:{step}")
+        if index < len(steps) - 1:
+            points.append(f"after:{step}")
+    return points
 
 
 #: The columns of a migration row a step does not read (``lock_records``): the snapshot

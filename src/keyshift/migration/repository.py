@@ -586,7 +586,7 @@ class MigrationRecord:
         """The columns set since the row was read, with their new values (a JSON column
         counts as changed when a new document was put in it; one changed in place is not)."""
         out = {}
-        for name in _MIGRATION_COLUMNS:
+        for name in MIGRATION_COLUMNS:
             try:
                 value = getattr(self, name)
             except AttributeError:
@@ -601,7 +601,7 @@ class MigrationRecord:
 
 
 _MIGRATION_TABLE = cast(Table, Migration.__table__)
-_MIGRATION_COLUMNS = tuple(column.name for column in _MIGRATION_TABLE.columns)
+MIGRATION_COLUMNS = tuple(column.name for column in _MIGRATION_TABLE.columns)
 
 
 async def lock_records(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -78,18 +78,16 @@ def observe_step(step: str, accounts: int, seconds: float) -> None:
     _recorded(record)
 
 
-def timed_batch_step(method: _F) -> _F:
-    """Decorates ``Executor._batch_step(self, actor, migration_ids, step)``: observes the
-    step's wall time and batch size when it returns."""
-
-    @functools.wraps(method)
-    async def timed(self: Any, actor: Any, migration_ids: Any, step: Any) -> Any:
-        started = time.perf_counter()
-        out = await method(self, actor, migration_ids, step)
-        observe_step(str(step), len(migration_ids), time.perf_counter() - started)
-        return out
-
-    return cast(_F, timed)
+def observe_steps(
+    steps: Sequence[str], accounts: int, timings: Mapping[Any, float], seconds: float
+) -> None:
+    """Steps that shared one transaction over a batch of ``accounts`` (``executor.PHASES``)
+    took ``seconds`` in all: each step is observed with the time of its own work
+    (``timings``), the first with the shared rest too (locks, ledger, write-back, commit) —
+    so the observations add up to the transaction's time, one per step per batch."""
+    shared = max(0.0, seconds - sum(timings.get(step, 0.0) for step in steps))
+    for index, step in enumerate(steps):
+        observe_step(str(step), accounts, timings.get(step, 0.0) + (shared if index == 0 else 0))
 
 
 def timed_lock(step: str) -> Callable[[_F], _F]:

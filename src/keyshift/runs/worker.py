@@ -329,23 +329,29 @@ class Worker:
                 outcomes[account_id] = _outcome(row)
             else:
                 fresh.append((account_id, expected))
+        prepared: list[str] = []
         if fresh:
-            locked = await self.executor.request_many(self.actor, rules, fresh, run_id=claim.run_id)
+            # Locked, snapshotted and staged in one transaction (nothing the app reads
+            # changes before the cutover); the rest of the way as one batch below.
+            locked = await self.executor.request_many(
+                self.actor, rules, fresh, run_id=claim.run_id, through=Step.PREPARE
+            )
             for account_id, result in locked.items():
                 if isinstance(result, KeyshiftError):
                     outcomes[account_id] = _refusal(result)
-                elif result.state == MigrationState.LOCKED:
-                    to_run.append(result.id)
+                elif result.state == MigrationState.PREPARED and until is None:
+                    prepared.append(result.id)
                 else:
                     outcomes[account_id] = _outcome(result)
-        if to_run:
-            ran = await self.executor.run_batch(self.actor, to_run, until=until)
-            account_of = {m.id: m.account_id for m in existing.values()}
-            account_of.update(
-                {r.id: r.account_id for r in locked.values() if not isinstance(r, KeyshiftError)}
-                if fresh
-                else {}
-            )
+        account_of = {m.id: m.account_id for m in existing.values()}
+        account_of.update(
+            {r.id: r.account_id for r in locked.values() if not isinstance(r, KeyshiftError)}
+        )
+        resumed: list[tuple[list[str], Step | None]] = [(to_run, None), (prepared, Step.PREPARE)]
+        for migration_ids, after in resumed:
+            if not migration_ids:
+                continue
+            ran = await self.executor.run_batch(self.actor, migration_ids, until=until, after=after)
             for migration_id, result in ran.items():
                 if isinstance(result, KeyshiftError):
                     outcomes[account_of[migration_id]] = (None, result.message, migration_id)
