@@ -19,6 +19,7 @@ from typing import Any, cast
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import load_only
 
 from keyshift.audit import service as audit
 from keyshift.canonical import canonical_json
@@ -816,6 +817,7 @@ class Executor:
         *,
         until: Step | None = None,
         after: Step | None = None,
+        outcome_only: bool = False,
     ) -> dict[str, Migration | KeyshiftError]:
         """Run (or resume) many migrations together: each phase (``PHASES``) is ONE
         transaction over the batch, while every migration keeps its own ledger row per step,
@@ -824,7 +826,9 @@ class Executor:
         neighbours be (its error is returned; it is retried alone by the caller). Safe to
         call again after a crash at any point, as ``run``. ``after``: the caller knows every
         migration has done the steps up to this one (``request_many`` took them on): the
-        phases before are not visited."""
+        phases before are not visited. ``outcome_only``: the rows returned carry their id,
+        account, state and error only (what a run records of them), not their snapshot, plan
+        and receipt — a batch's documents are most of what reading it back costs."""
         failed: dict[str, KeyshiftError] = {}
         going = list(dict.fromkeys(migration_ids))
         for phase in _phases(until, after):
@@ -846,13 +850,18 @@ class Executor:
                 undone = await rollback_many(self, actor, differ, reason="verification failed")
                 failed |= {m: e for m, e in undone.items() if isinstance(e, KeyshiftError)}
             going = ahead
+        query = select(Migration)
+        if outcome_only:
+            query = query.options(
+                load_only(Migration.id, Migration.account_id, Migration.state, Migration.error)
+            )
         async with self.db.transaction() as session:
             rows = (
                 (
                     await session.execute(
-                        select(Migration)
-                        .where(among(session, Migration.id, migration_ids))
-                        .execution_options(populate_existing=True)
+                        query.where(among(session, Migration.id, migration_ids)).execution_options(
+                            populate_existing=True
+                        )
                     )
                 )
                 .scalars()

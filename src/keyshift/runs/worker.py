@@ -351,7 +351,9 @@ class Worker:
         for migration_ids, after in resumed:
             if not migration_ids:
                 continue
-            ran = await self.executor.run_batch(self.actor, migration_ids, until=until, after=after)
+            ran = await self.executor.run_batch(
+                self.actor, migration_ids, until=until, after=after, outcome_only=True
+            )
             for migration_id, result in ran.items():
                 if isinstance(result, KeyshiftError):
                     outcomes[account_of[migration_id]] = (None, result.message, migration_id)
