@@ -59,7 +59,7 @@ def worker(
         from keyshift.context import Actor, cli_actor
         from keyshift.errors import PermissionDenied
         from keyshift.migration.executor import Executor
-        from keyshift.runs.worker import Worker
+        from keyshift.runs.worker import Worker, tune_collector
         from keyshift.security import tokens
         from keyshift.security.secrets_store import load_secrets
 
@@ -71,6 +71,7 @@ def worker(
                 raise PermissionDenied("this token lacks the 'migrations:run' scope")
         executor = Executor(db, load_secrets(settings.secrets_dir).signing)
         w = Worker(executor, actor, poll_seconds=poll)
+        tune_collector()
         with stop_on_signals(w.stopping):
             typer.echo(f"worker {w.worker_id} as {actor.id}: waiting for runs", err=True)
             processed = await w.run(run_id=run_id, until_idle=until_idle)

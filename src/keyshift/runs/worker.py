@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import uuid
 from collections.abc import Callable
@@ -704,3 +705,22 @@ def _outcome(row: Migration) -> tuple[AccountState | None, str | None, str | Non
         case MigrationState.REFUSED:
             return AccountState.SKIPPED, row.error, row.id
     return None, row.error or f"the migration ended {row.state}", row.id
+
+
+#: The collector's thresholds in a worker (``tune_collector``): a young collection every
+#: 50,000 net allocations instead of 700, and older ones as rarely in proportion.
+COLLECTOR_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_collector() -> None:
+    """Set the garbage collector up for a worker's life: what the process holds once it has
+    started (modules, tables, compiled statements) is frozen out of every collection, and
+    young collections are made rarer. A batch allocates hundreds of thousands of short-lived
+    containers (rows, states, plans, JSON documents) that reference counting frees; with the
+    default thresholds they set off a full collection every second or so, each walking the
+    whole heap: a third of a worker's CPU per account (1.76 → 1.16 ms measured with and
+    without, docs/benchmarks.md), most of it showing up in whatever allocated when it struck
+    — the JSON decoder, usually. Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
