@@ -690,7 +690,15 @@ class Executor:
             going = [row for row in going if out[row.id] == Flow.NEXT]
             batch.timings[step] = batch.timings.get(step, 0.0) + time.perf_counter() - started
         await session.flush()
-        await repository.write_records(session, touched, batch.now)
+        # A row the lock step made in this transaction is inserted by ``batch.flush`` with
+        # what the steps made of it; the others' changes are written back.
+        pending = {values["id"]: values for values in batch.new_migrations}
+        await repository.write_records(
+            session, [row for row in touched if row.id not in pending], batch.now
+        )
+        for row in touched:
+            if row.id in pending:
+                pending[row.id].update(row.changes())
         await batch.flush()  # every effect is in the database, only the commit is left
         return out
 
@@ -780,10 +788,19 @@ class Executor:
             await batch.read_states(keys)
             await batch.read_holders(keys)
             out = {a: await lock(batch, a, expects[a]) for a in keys}
-            inserted = {values["id"]: values for values in batch.new_migrations}
+            going = [r for r in out.values() if isinstance(r, Migration)]
+            going = [r for r in going if r.state == MigrationState.LOCKED]
+            records: dict[str, MigrationRecord] = {}
             try:
                 await session.flush()
-                await batch.flush()
+                if then and going:
+                    # The new rows are inserted at the end of the steps, with what the steps
+                    # made of them: one INSERT, no UPDATE of what was just inserted.
+                    pending = {values["id"]: values for values in batch.new_migrations}
+                    records = {r.id: _record_of(pending[r.id]) for r in going}
+                    await self._steps_on(session, actor, list(records), records, then, batch)
+                else:
+                    await batch.flush()
             except IntegrityError as exc:
                 if "lock_account_id" not in str(exc.orig):
                     raise
@@ -794,12 +811,8 @@ class Executor:
                     " migration in progress",
                     field="account_id",
                 ) from exc
-            locked = [r for r in out.values() if isinstance(r, Migration)]
-            going = [r for r in locked if r.state == MigrationState.LOCKED]
-            if then and going:
-                records = {r.id: _record_of(inserted[r.id]) for r in going}
-                await self._steps_on(session, actor, list(records), records, then, batch)
-                for row in going:  # the state each reached, for the caller
+            for row in going:  # the state each reached, for the caller
+                if row.id in records:
                     record = records[row.id]
                     row.state, row.error = record.state, record.error
                     row.lock_account_id = record.lock_account_id
