@@ -396,3 +396,35 @@ async def test_the_report_writes_no_account_state(db: Database, secrets: Secrets
     run = await service.create(db, CREATOR, helpers.rules(), Cohort(), RunOptions())
     await service.report(db, CREATOR, run.id)
     assert await account_tables(db) == before
+
+
+async def test_a_stopped_worker_gives_its_unstarted_accounts_back(
+    db: Database, secrets: Secrets, executor: Executor
+) -> None:
+    """Asked to stop before a batch starts (SIGTERM, a pause), a worker gives the batch back
+    in one transaction: forward, the accounts are pending again; in a rollback, each goes
+    back to where its migration left it (migrated), to be rolled back by the next worker."""
+    ids = await cohort(db, secrets, 3)
+    run = await approved_run(db, options=RunOptions(batch_size=3))
+    await service.start(db, CREATOR, run.id)
+
+    stopped = Worker(executor, CREATOR, poll_seconds=0.05)
+    claim = await stopped.claim(run_id=run.id)
+    assert claim is not None and len(claim.accounts) == 3
+    stopped.stopping.set()
+    await stopped.work(claim)
+    assert await states(db, run.id) == {i: "pending" for i in ids}
+
+    await drive(executor, run.id)
+    assert await states(db, run.id) == {i: "migrated" for i in ids}
+    await service.rollback(db, CREATOR, run.id)
+    stopped = Worker(executor, CREATOR, poll_seconds=0.05)
+    claim = await stopped.claim(run_id=run.id)
+    assert claim is not None and len(claim.accounts) == 3
+    assert await states(db, run.id) == {i: "claimed" for i in ids}
+    stopped.stopping.set()
+    await stopped.work(claim)
+    assert await states(db, run.id) == {i: "migrated" for i in ids}
+
+    await drive(executor, run.id)
+    assert await states(db, run.id) == {i: "rolled_back" for i in ids}

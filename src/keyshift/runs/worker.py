@@ -38,6 +38,7 @@ from tenacity import (
 
 from keyshift.audit import service as audit
 from keyshift.context import Actor
+from keyshift.db.sql import among
 from keyshift.db.tables import Migration, MigrationRun, RunAccount
 from keyshift.errors import AccountNotFound, KeyshiftError, Unavailable
 from keyshift.migration import rollback as migration_rollback
@@ -178,7 +179,8 @@ class Worker:
                 await session.execute(
                     update(RunAccount)
                     .where(
-                        RunAccount.run_id == run.id, RunAccount.account_id.in_([i for i, _ in ids])
+                        RunAccount.run_id == run.id,
+                        among(session, RunAccount.account_id, [i for i, _ in ids]),
                     )
                     .values(
                         state=AccountState.CLAIMED,
@@ -373,7 +375,10 @@ class Worker:
         async with self.db.transaction() as session:
             found = await session.execute(
                 select(Migration.account_id, Migration.id, Migration.state)
-                .where(Migration.run_id == claim.run_id, Migration.account_id.in_(account_ids))
+                .where(
+                    Migration.run_id == claim.run_id,
+                    among(session, Migration.account_id, account_ids),
+                )
                 .order_by(Migration.created_at.desc(), Migration.id)
             )
             newest: dict[str, list[tuple[str, str]]] = {a: [] for a in account_ids}
@@ -478,35 +483,28 @@ class Worker:
         if not account_ids:
             return
         async with self.db.transaction() as session:
-            for account_id in account_ids:
-                state = AccountState.PENDING
-                if claim.phase == Phase.ROLLBACK:
-                    state = await self._forward_state(session, claim.run_id, account_id)
+            back: dict[AccountState, list[str]] = {}
+            if claim.phase == Phase.ROLLBACK:
+                latest = {
+                    m.account_id: m
+                    for m in await _run_migrations(session, claim.run_id, account_ids)
+                }
+                for account_id in account_ids:
+                    state = _forward_state(latest.get(account_id))
+                    back.setdefault(state, []).append(account_id)
+            else:
+                back[AccountState.PENDING] = list(account_ids)
+            for state, ids in back.items():  # one statement per state given back
                 await session.execute(
                     update(RunAccount)
                     .where(
                         RunAccount.run_id == claim.run_id,
-                        RunAccount.account_id == account_id,
+                        among(session, RunAccount.account_id, sorted(ids)),
                         RunAccount.batch_id == claim.batch_id,
                         RunAccount.state == AccountState.CLAIMED,
                     )
                     .values(state=state, lease_owner=None, lease_expires_at=None)
                 )
-
-    async def _forward_state(self, session: Any, run_id: str, account_id: str) -> AccountState:
-        latest = await _run_migration(session, run_id, account_id)
-        if latest is None or latest.state in (
-            MigrationState.ROLLED_BACK,
-            MigrationState.CANCELLED,
-            MigrationState.REFUSED,
-            MigrationState.FAILED,
-        ):
-            return AccountState.ROLLED_BACK
-        if latest.state == MigrationState.PREPARED:
-            return AccountState.PREPARED
-        if latest.state in WAITING:
-            return AccountState.SCHEDULED
-        return AccountState.MIGRATED
 
     # -- outcomes ------------------------------------------------------------------------------
 
@@ -527,7 +525,7 @@ class Worker:
                         select(RunAccount)
                         .where(
                             RunAccount.run_id == claim.run_id,
-                            RunAccount.account_id.in_(sorted(outcomes)),
+                            among(session, RunAccount.account_id, sorted(outcomes)),
                             RunAccount.batch_id == claim.batch_id,
                             RunAccount.state == AccountState.CLAIMED,
                         )
@@ -609,22 +607,20 @@ class Worker:
         )
 
 
-async def _run_migration(session: Any, run_id: str, account_id: str) -> Migration | None:
-    """The account's latest migration made by this run, if any."""
-    row: Migration | None = (
-        (
-            await session.execute(
-                select(Migration)
-                .where(Migration.run_id == run_id, Migration.account_id == account_id)
-                .order_by(Migration.created_at.desc())
-                .limit(1)
-                .execution_options(populate_existing=True)
-            )
-        )
-        .scalars()
-        .first()
-    )
-    return row
+def _forward_state(latest: Migration | None) -> AccountState:
+    """Where a rollback's account goes back to, by its latest migration in the run."""
+    if latest is None or latest.state in (
+        MigrationState.ROLLED_BACK,
+        MigrationState.CANCELLED,
+        MigrationState.REFUSED,
+        MigrationState.FAILED,
+    ):
+        return AccountState.ROLLED_BACK
+    if latest.state == MigrationState.PREPARED:
+        return AccountState.PREPARED
+    if latest.state in WAITING:
+        return AccountState.SCHEDULED
+    return AccountState.MIGRATED
 
 
 #: The states of a migration a run's rollback sends to ``rollback_many``: those that moved the
@@ -680,7 +676,9 @@ async def _run_migrations(session: Any, run_id: str, account_ids: list[str]) -> 
         (
             await session.execute(
                 select(Migration)
-                .where(Migration.run_id == run_id, Migration.account_id.in_(account_ids))
+                .where(
+                    Migration.run_id == run_id, among(session, Migration.account_id, account_ids)
+                )
                 .order_by(Migration.created_at)
                 .execution_options(populate_existing=True)
             )
