@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -255,6 +256,8 @@ class Batch:
     plans: dict[str, MigrationPlan] = field(default_factory=dict)
     #: Seconds spent in each step's own work (read-ahead and handlers), for the step metrics.
     timings: dict[Step, float] = field(default_factory=dict)
+    #: The documents each snapshot step wrote, by migration id (``Documents.keep``).
+    taken: dict[str, TakenDocuments] = field(default_factory=dict)
 
     async def read_holders(self, account_ids: Sequence[str]) -> None:
         self._holders = await repository.active_migrations(self.session, account_ids)
@@ -347,6 +350,47 @@ class Batch:
         await changes.announce_accounts(self.session, changed, to=self.announce_to)
 
 
+# -- documents carried between phases ----------------------------------------------------------
+
+#: (snapshot hash, snapshot, plan) of a migration, as its snapshot step wrote them.
+TakenDocuments = tuple[str, dict[str, Any], dict[str, Any]]
+
+
+@dataclass
+class Documents:
+    """The snapshot and plan each migration's snapshot step wrote, kept by this process for the
+    migration's next phases (cutover, verify), so they are not read back from the database —
+    most of a migration row, and the larger part of reading it (JSON sent, decompressed and
+    parsed again). Both are written once, by the snapshot step, and never changed while the
+    migration is in flight; a phase takes them only for rows whose snapshot hash, read with
+    the row, is the one kept, and reads the row whole otherwise. Kept only once the
+    transaction that wrote them committed, dropped when the migration leaves the batch or the
+    batch ends (``run_batch``, ``Executor.forget``), at most ``limit`` at a time (oldest
+    dropped first): a batch's worth, parsed, is tens of MB."""
+
+    limit: int = 2_000
+    _kept: OrderedDict[str, TakenDocuments] = field(default_factory=OrderedDict)
+
+    def keep(self, taken: Mapping[str, TakenDocuments], committed: Mapping[str, object]) -> None:
+        """Keep what ``taken`` holds for the migrations whose step committed (their answer
+        in ``committed`` is not an error)."""
+        for migration_id, documents in taken.items():
+            answer = committed.get(migration_id)
+            if answer is None or isinstance(answer, KeyshiftError):
+                continue
+            self._kept[migration_id] = documents
+            self._kept.move_to_end(migration_id)
+        while len(self._kept) > self.limit:
+            self._kept.popitem(last=False)
+
+    def get(self, migration_id: str) -> TakenDocuments | None:
+        return self._kept.get(migration_id)
+
+    def drop(self, migration_ids: Iterable[str]) -> None:
+        for migration_id in migration_ids:
+            self._kept.pop(migration_id, None)
+
+
 # -- the executor -------------------------------------------------------------------------------
 
 
@@ -358,6 +402,7 @@ class Executor:
     signing: SigningKeys
     cache: license_cache.LicenseStateCache | None = None
     clock: Callable[[], datetime] = field(default=utcnow)
+    documents: Documents = field(default_factory=Documents)
 
     async def request(
         self,
@@ -632,6 +677,7 @@ class Executor:
         migration_ids: Sequence[str],
         steps: Sequence[Step],
         timings: dict[Step, float] | None = None,
+        taken: dict[str, TakenDocuments] | None = None,
     ) -> dict[str, Flow | KeyshiftError]:
         """Steps (a phase, ``PHASES``) of many migrations in the caller's transaction, each
         with its ledger row; a step already in a migration's ledger is skipped. The rows are
@@ -639,8 +685,25 @@ class Executor:
         batch = Batch(session, self.clock())
         if timings is not None:
             batch.timings = timings
+        if taken is not None:
+            batch.taken = taken
         without = set.intersection(*(set(_NOT_READ.get(step, ())) for step in steps))
+        kept = {m: self.documents.get(m) for m in migration_ids}
+        carried = Step.SNAPSHOT not in steps and all(kept.values())
+        if carried:
+            without |= {"snapshot", "plan"}
         rows = await repository.lock_records(session, migration_ids, without=tuple(without))
+        if carried:
+            stale = []
+            for row in rows.values():
+                documents = kept[row.id]
+                if documents is None or documents[0] != row.snapshot_hash:
+                    stale.append(row.id)
+                    continue
+                row.snapshot, row.plan = documents[1], documents[2]
+                row.read["snapshot"], row.read["plan"] = row.snapshot, row.plan
+            if stale:  # not as kept (never, but the database is the authority): read whole
+                rows |= await repository.lock_records(session, stale)
         batch.done = await repository.ledger_steps(session, list(rows))
         return await self._steps_on(session, actor, migration_ids, rows, steps, batch)
 
@@ -755,6 +818,7 @@ class Executor:
         fault_point("before:lock")
         started = time.perf_counter()
         timings: dict[Step, float] = {}
+        taken: dict[str, TakenDocuments] = {}
         then = LOCK_PHASE[: LOCK_PHASE.index(through) + 1] if through is not None else ()
         now = self.clock()
         ordered = sorted(dict(accounts).items())
@@ -781,7 +845,7 @@ class Executor:
         async def work(
             session: AsyncSession, keys: Sequence[str]
         ) -> dict[str, Migration | KeyshiftError]:
-            batch = Batch(session, now, timings=timings)
+            batch = Batch(session, now, timings=timings, taken=taken)
             if then:  # the snapshot's locks, taken before the states are read
                 await repository.lock_for_snapshot(session, keys)
                 batch.cut = True
@@ -819,6 +883,7 @@ class Executor:
             return out
 
         result = await isolated(self.db, list(expects), work, fault=["inside:lock", *_inside(then)])
+        self.documents.keep(taken, {m.id: m for m in result.values() if isinstance(m, Migration)})
         fault_point("after:lock")
         observe_steps((Step.LOCK, *then), len(expects), timings, time.perf_counter() - started)
         return result
@@ -842,27 +907,10 @@ class Executor:
         phases before are not visited. ``outcome_only``: the rows returned carry their id,
         account, state and error only (what a run records of them), not their snapshot, plan
         and receipt — a batch's documents are most of what reading it back costs."""
-        failed: dict[str, KeyshiftError] = {}
-        going = list(dict.fromkeys(migration_ids))
-        for phase in _phases(until, after):
-            if not going:
-                break
-            fault_point(f"before:{phase[0]}")
-            flows = await self._batch_step(actor, going, phase)
-            fault_point(f"after:{phase[-1]}")
-            ahead, differ = [], []
-            for migration_id in going:
-                flow = flows[migration_id]
-                if isinstance(flow, KeyshiftError):
-                    failed[migration_id] = flow
-                elif flow == Flow.VERIFY_FAILED:
-                    differ.append(migration_id)
-                elif flow == Flow.NEXT and phase[-1] != until:
-                    ahead.append(migration_id)
-            if differ:
-                undone = await rollback_many(self, actor, differ, reason="verification failed")
-                failed |= {m: e for m, e in undone.items() if isinstance(e, KeyshiftError)}
-            going = ahead
+        try:
+            failed = await self._phases_of(actor, migration_ids, until, after)
+        finally:
+            self.forget(migration_ids)
         query = select(Migration)
         if outcome_only:
             query = query.options(
@@ -884,6 +932,42 @@ class Executor:
         out.update(failed)
         return out
 
+    def forget(self, migration_ids: Iterable[str]) -> None:
+        """Drop the documents kept for these migrations (``Documents``): their batch is done
+        with them."""
+        self.documents.drop(migration_ids)
+
+    async def _phases_of(
+        self,
+        actor: Actor,
+        migration_ids: Sequence[str],
+        until: Step | None,
+        after: Step | None,
+    ) -> dict[str, KeyshiftError]:
+        """``run_batch``'s phases; the migrations that failed, with their errors."""
+        failed: dict[str, KeyshiftError] = {}
+        going = list(dict.fromkeys(migration_ids))
+        for phase in _phases(until, after):
+            if not going:
+                break
+            fault_point(f"before:{phase[0]}")
+            flows = await self._batch_step(actor, going, phase)
+            fault_point(f"after:{phase[-1]}")
+            ahead, differ = [], []
+            for migration_id in going:
+                flow = flows[migration_id]
+                if isinstance(flow, KeyshiftError):
+                    failed[migration_id] = flow
+                elif flow == Flow.VERIFY_FAILED:
+                    differ.append(migration_id)
+                elif flow == Flow.NEXT and phase[-1] != until:
+                    ahead.append(migration_id)
+            if differ:
+                undone = await rollback_many(self, actor, differ, reason="verification failed")
+                failed |= {m: e for m, e in undone.items() if isinstance(e, KeyshiftError)}
+            going = ahead
+        return failed
+
     async def _batch_step(
         self, actor: Actor, migration_ids: Sequence[str], steps: Sequence[Step]
     ) -> dict[str, Flow | KeyshiftError]:
@@ -892,14 +976,18 @@ class Executor:
         part — locks, ledger, write-back, commit — under the phase's first step)."""
         started = time.perf_counter()
         timings: dict[Step, float] = {}
+        taken: dict[str, TakenDocuments] = {}
 
         async def work(
             session: AsyncSession, ids: Sequence[str]
         ) -> dict[str, Flow | KeyshiftError]:
-            flows = await self._steps_in(session, actor, ids, steps, timings)
-            return flows
+            return await self._steps_in(session, actor, ids, steps, timings, taken)
 
         out = await isolated(self.db, migration_ids, work, fault=_inside(steps))
+        self.documents.keep(taken, out)  # committed: the next phases may take them
+        self.documents.drop(m for m, flow in out.items() if flow != Flow.NEXT)
+        if steps[-1] == RUN_STEPS[-1]:
+            self.documents.drop(out)
         observe_steps(steps, len(migration_ids), timings, time.perf_counter() - started)
         return out
 
@@ -941,6 +1029,7 @@ class Executor:
             return Flow.STOP
         row.snapshot = cast(dict[str, Any], snapshot)  # stored as JSON, read by as_snapshot
         row.snapshot_hash, row.plan = snapshot_hash, plan.to_dict()
+        batch.taken[row.id] = (snapshot_hash, row.snapshot, row.plan)
         row.source_ref = plan.source_ref
         sub = snapshot["subscription"]
         row.source_hash = sub["plan_hash"] if sub else None

@@ -346,6 +346,7 @@ class Worker:
                     prepared.append(result.id)
                 else:
                     outcomes[account_id] = _outcome(result)
+                    self.executor.forget([result.id])  # no next phase in this batch
         account_of = {m.id: m.account_id for m in existing.values()}
         account_of.update(
             {r.id: r.account_id for r in locked.values() if not isinstance(r, KeyshiftError)}
