@@ -54,7 +54,11 @@ def _browser_or_skip() -> Any:
 
 
 @pytest.fixture
-async def page(tmp_path: Path) -> AsyncIterator[Any]:
+async def page(db: Database) -> AsyncIterator[Any]:
+    """A page of a fresh headless Chromium (PostgreSQL only: the test runs a separate worker
+    process beside the server, which SQLite's single writer does not serve)."""
+    if db.dialect != "postgresql":
+        pytest.skip("a separate worker process shares PostgreSQL with the server")
     async_playwright = _browser_or_skip()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
@@ -74,8 +78,6 @@ def _done(text: str) -> int:
 async def test_sign_in_start_watch_pause_resume_and_drill_down_in_chromium(
     db: Database, secrets: Secrets, settings: Settings, tmp_path: Path, page: Any
 ) -> None:
-    if db.dialect != "postgresql":
-        pytest.skip("a separate worker process shares PostgreSQL with the server")
     await cohort(db, secrets, ACCOUNTS)
     run = await approved_run(db, options=RunOptions(batch_size=2, rate=RATE))
     token = await mint_token(db, "migrations:run", name="operator")
