@@ -69,6 +69,48 @@ async def page(db: Database) -> AsyncIterator[Any]:
             await browser.close()
 
 
+#: What a page must have for a keyboard and screen-reader user, checked in the browser: every
+#: field labelled, every link and button named, every table captioned, states written out.
+_ACCESSIBILITY = """() => {
+  const problems = [];
+  for (const el of document.querySelectorAll('input:not([type=hidden]), select, textarea, progress')) {
+    if (!(el.labels && el.labels.length) && !el.getAttribute('aria-label')) {
+      problems.push('unlabelled: ' + el.outerHTML.slice(0, 80));
+    }
+  }
+  for (const el of document.querySelectorAll('a, button')) {
+    if (!el.textContent.trim() && !el.getAttribute('aria-label')) {
+      problems.push('nameless: ' + el.outerHTML.slice(0, 80));
+    }
+  }
+  for (const table of document.querySelectorAll('table')) {
+    if (!table.querySelector('caption')) problems.push('table without a caption');
+  }
+  for (const state of document.querySelectorAll('.state')) {
+    if (!state.textContent.trim()) problems.push('a state shown by colour only');
+  }
+  if (!document.documentElement.lang) problems.push('no lang');
+  if (document.querySelectorAll('h1').length !== 1) problems.push('not exactly one h1');
+  if (!document.querySelector('main')) problems.push('no main landmark');
+  return problems;
+}"""
+
+
+async def _accessible(page: Any) -> None:
+    assert await page.evaluate(_ACCESSIBILITY) == [], page.url
+
+
+async def _tab_to(page: Any, name: str, limit: int = 40) -> None:
+    """Press Tab from the top of the page until ``name`` has the focus."""
+    await page.evaluate("document.activeElement && document.activeElement.blur()")
+    for _ in range(limit):
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate("document.activeElement.textContent.trim()")
+        if focused == name:
+            return
+    raise AssertionError(f"{name!r} is not reachable with Tab on {page.url}")
+
+
 def _done(text: str) -> int:
     found = re.match(r"(\d+) of (\d+)", text.strip())
     assert found is not None, text
@@ -115,10 +157,12 @@ async def _drive(page: Any, base: str, token: str, run_id: str, db: Database, tm
     # Sign in with the keyboard only: the field is found by its label.
     await page.goto(f"{base}/dashboard")
     assert page.url.endswith("/dashboard/sign-in")
+    await _accessible(page)
     await page.get_by_label("API token").focus()
     await page.keyboard.type(token)
     await page.keyboard.press("Enter")
     await expect(page.get_by_role("heading", name="Migration runs")).to_be_visible()
+    await _accessible(page)
     assert token not in await page.content()  # the bearer token is not in the page …
     cookies = {c["name"]: c for c in await page.context.cookies()}
     session = cookies["keyshift_session"]
@@ -129,7 +173,9 @@ async def _drive(page: Any, base: str, token: str, run_id: str, db: Database, tm
     # The run page, then start it through its confirmation page.
     await page.get_by_role("link", name=re.compile("old-to-new")).click()
     await expect(page.locator("#run-state")).to_have_text("approved")
+    await _accessible(page)
     await page.get_by_role("link", name="Start…").click()
+    await _accessible(page)
     await page.get_by_role("button", name="Yes, start the run").click()
     await expect(page.get_by_role("status").filter(has_text="Run started.")).to_be_visible()
 
@@ -146,8 +192,9 @@ async def _drive(page: Any, base: str, token: str, run_id: str, db: Database, tm
     await expect(progress).not_to_have_text(re.compile(rf"^{first} of"), timeout=10_000)
     assert await page.evaluate("window.__sameDocument === true")
 
-    # Pause with the keyboard; the run stops taking accounts.
-    await page.get_by_role("link", name="Pause…").focus()
+    # Pause with the keyboard alone; the run stops taking accounts.
+    await _accessible(page)
+    await _tab_to(page, "Pause…")
     await page.keyboard.press("Enter")
     await expect(page.get_by_role("button", name="Yes, pause the run")).to_be_focused()
     await page.keyboard.press("Enter")
@@ -192,3 +239,4 @@ async def _drive(page: Any, base: str, token: str, run_id: str, db: Database, tm
     await expect(page.locator("#ledger")).to_contain_text("cutover")
     await expect(page.locator("#receipt")).to_contain_text(migration.id)
     await expect(page.locator("#receipt")).to_contain_text('"signature"')
+    await _accessible(page)

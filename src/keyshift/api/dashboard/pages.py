@@ -81,10 +81,13 @@ DONE = {
     "abort": "Run aborted.",
     "rollback": "Rollback started.",
 }
-#: How often a run page's events refresh, and the longest one event stream lasts (the
-#: browser reconnects by itself after).
+#: How often a run page's events refresh, and the longest one event stream lasts: the
+#: browser reconnects by itself after, and a server shutting down (which lets responses in
+#: flight finish) waits for no stream longer than this.
 EVENT_SECONDS = 1.0
-STREAM_SECONDS = 600.0
+STREAM_SECONDS = 30.0
+#: A run in one of these states moves no more by itself: its stream ends.
+STILL = frozenset({RunState.COMPLETED, RunState.FINALIZED, RunState.ABORTED, RunState.ROLLED_BACK})
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
@@ -325,7 +328,7 @@ def _event(name: str, html: str) -> bytes:
 @router.get("/runs/{run_id}/events")
 async def run_events(request: Request, run_id: str, state: State, _session: Reader) -> Response:
     """Server-sent events: the run's live progress as HTML, every ``EVENT_SECONDS``; an
-    ``end`` event once the run has stopped moving."""
+    ``end`` event once the run has come to rest (completed, finalized, aborted, rolled back)."""
     async with state.db.transaction() as session:
         await _or_page(service.get(session, run_id[:64]))
     fragment = templates.get_template("_progress.html")
@@ -337,7 +340,7 @@ async def run_events(request: Request, run_id: str, state: State, _session: Read
             async with state.db.transaction() as session:
                 page = await views.live_progress(session, run_id, state.executor.clock())
             yield _event("progress", fragment.render(page=page))
-            if page.run.state not in (RunState.RUNNING, RunState.ROLLING_BACK):
+            if page.run.state in STILL:
                 yield _event("end", page.run.state)
                 return
             await asyncio.sleep(EVENT_SECONDS)
