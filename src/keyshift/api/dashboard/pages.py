@@ -32,7 +32,7 @@ from keyshift.api.dashboard.auth import (
     form_of,
     same_origin,
 )
-from keyshift.api.deps import State, request_id
+from keyshift.api.deps import State, client_rate_limit, request_id
 from keyshift.api.errors import status_for
 from keyshift.errors import AuthenticationFailed, KeyshiftError
 from keyshift.runs import service
@@ -210,7 +210,9 @@ async def sign_in_page(request: Request) -> Response:
     return response
 
 
-@router.post("/sign-in", dependencies=[Depends(SignInForm())])
+# The per-address limit of the key-authenticated routes (off unless configured) also bounds
+# how fast one address can fill the audit log with refused sign-ins.
+@router.post("/sign-in", dependencies=[Depends(SignInForm()), Depends(client_rate_limit)])
 async def sign_in(request: Request, state: State) -> Response:
     """Exchange the bearer token in the form for a session cookie (HttpOnly, SameSite=Strict);
     the token is not kept in the browser."""
@@ -279,7 +281,7 @@ async def sign_out(request: Request, state: State, signed_in: Anyone) -> Respons
 async def runs_page(request: Request, state: State, _session: Reader) -> Response:
     now = state.executor.clock()
     async with state.db.transaction() as session:
-        rows = await service.list_runs(session, limit=100)
+        rows = await service.list_runs(session, limit=50)
         listed = [(run, await service.progress(session, run, now)) for run in rows]
     return render(request, "runs.html", runs=listed)
 
