@@ -10,16 +10,18 @@ from contextlib import aclosing
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from keyshift.api import access
 from keyshift.api.app import create_app
 from keyshift.api.state import AppState
+from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import Migration
 from keyshift.licensing import keys
 from keyshift.runs import service
 from keyshift.runs.model import Cohort, RunOptions
+from keyshift.security import tokens
 from keyshift.security.secrets_store import Secrets
 from tests.dashboard.helpers import browser, csrf_in, events, sign_in
 from tests.migration import helpers as migration_helpers
@@ -264,12 +266,38 @@ async def test_the_run_page_and_account_drill_down_show_what_the_database_holds(
             assert f'<th scope="row">{step}</th>' in account.text
         assert migration.receipt is not None
         assert migration.receipt["signature"] in account.text
+        assert "verifies (Ed25519, key" in account.text
+        # A receipt altered in the database no longer verifies, and the page says so.
+        forged = {**migration.receipt, "body": {**migration.receipt["body"], "to": "old-seat@1"}}
+        async with db.transaction() as session:
+            await session.execute(
+                update(Migration).where(Migration.id == migration.id).values(receipt=forged)
+            )
+        altered = await client.get(f"/dashboard/runs/{run.id}/accounts/{ids[1]}")
+        assert "does NOT verify: signature does not verify" in altered.text
         events_answer = await client.get(f"/dashboard/runs/{run.id}/events")
         assert events_answer.headers["content-type"].startswith("text/event-stream")
         assert "event: progress" in events_answer.text and "event: end" in events_answer.text
         assert "3 of 3" in events_answer.text
         elsewhere = await client.get(f"/dashboard/runs/{run.id}/accounts/{'0' * 36}")
         assert elsewhere.status_code == 404
+
+
+async def test_revoking_the_token_ends_the_sessions_it_opened(
+    transport: httpx.ASGITransport, db: Database
+) -> None:
+    token = await mint_token(db, "migrations:read")
+    async with browser(transport) as client:
+        assert (await sign_in(client, token)).status_code == 303
+        assert (await client.get("/dashboard/runs")).status_code == 200
+        async with db.transaction() as session:
+            owner = await tokens.authenticate(session, token)
+            await tokens.revoke_token(session, SYSTEM, owner.id.removeprefix("token:"))
+        ended = await client.get("/dashboard/runs")
+        assert ended.status_code == 401 and "revoked" in ended.text
+        assert "keyshift_session" not in client.cookies  # cleared
+    [refused] = await events(db, "dashboard.refused")
+    assert refused.details["code"] == "unauthenticated"
 
 
 def _not_found(page: httpx.Response) -> int:

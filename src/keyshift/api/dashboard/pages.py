@@ -357,7 +357,11 @@ async def account_page(
 ) -> Response:
     """One account of a run: its ledger steps, snapshot hash and receipt."""
     async with state.db.transaction() as session:
-        page = await _or_page(views.account_page(session, run_id[:64], account_id[:64]))
+        page = await _or_page(
+            views.account_page(
+                session, run_id[:64], account_id[:64], state.secrets.signing.public_keys()
+            )
+        )
     return render(request, "account.html", page=page)
 
 

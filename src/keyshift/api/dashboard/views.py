@@ -14,6 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from keyshift.canonical import canonical_json
+from keyshift.client.errors import LicenseFileError
+from keyshift.client.signatures import b64decode_strict, verify_signature
 from keyshift.db.tables import (
     AuditEvent,
     Migration,
@@ -106,12 +109,25 @@ async def live_progress(session: AsyncSession, run_id: str, now: datetime) -> Ru
     return RunPage(run, progress, _canary(run, progress), failures, [], [], [])
 
 
+def receipt_check(receipt: dict[str, Any], public_keys: dict[str, bytes]) -> str:
+    """Whether a receipt's Ed25519 signature verifies against this server's signing keys, as
+    a customer holding the published keys would check it (``keyshift.client``)."""
+    try:
+        signature = b64decode_strict(str(receipt["signature"]))
+        keyid, algorithm = str(receipt["keyid"]), str(receipt["algorithm"])
+        verify_signature(canonical_json(receipt["body"]), keyid, algorithm, signature, public_keys)
+    except (KeyError, TypeError, LicenseFileError) as problem:
+        return f"does NOT verify: {problem}"
+    return f"verifies (Ed25519, key {keyid})"
+
+
 @dataclass(frozen=True)
 class AccountPage:
     run: MigrationRun
     entry: RunAccount
     migration: Migration | None
     steps: list[MigrationStep]
+    receipt_verdict: str | None = None
 
     @property
     def receipt(self) -> str | None:
@@ -128,7 +144,9 @@ class AccountNotInRun(RunNotFound):
     code = "account_not_in_run"
 
 
-async def account_page(session: AsyncSession, run_id: str, account_id: str) -> AccountPage:
+async def account_page(
+    session: AsyncSession, run_id: str, account_id: str, public_keys: dict[str, bytes]
+) -> AccountPage:
     run = await service.get(session, run_id)
     entry = await session.get(RunAccount, (run_id, account_id))
     if entry is None:
@@ -146,7 +164,10 @@ async def account_page(session: AsyncSession, run_id: str, account_id: str) -> A
                 )
             ).scalars()
         )
-    return AccountPage(run, entry, migration, steps)
+    verdict = None
+    if migration is not None and migration.receipt is not None:
+        verdict = receipt_check(migration.receipt, public_keys)
+    return AccountPage(run, entry, migration, steps, verdict)
 
 
 @dataclass
