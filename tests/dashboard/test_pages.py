@@ -228,6 +228,7 @@ async def test_each_action_moves_the_run_and_is_audited_under_the_signed_in_toke
         await act("pause", "paused")
         await act("resume", "running")
         await act("abort", "aborted")
+        await act("rollback", "rolling_back")
         # Not possible now: refused with the state machine's own words, and audited.
         page = await client.get(f"/dashboard/runs/{run.id}")
         late = await client.post(
@@ -236,7 +237,7 @@ async def test_each_action_moves_the_run_and_is_audited_under_the_signed_in_toke
         assert late.status_code == 409 and "pause needs it to be running" in late.text
     moves = [e.action for e in await events(db, "run.start")]
     assert moves == ["run.start"]
-    for action in ("approve", "start", "pause", "resume", "abort"):
+    for action in ("approve", "start", "pause", "resume", "abort", "rollback"):
         [event] = await events(db, f"run.{action}")
         assert event.actor.startswith("token:")
     [refused] = await events(db, "dashboard.refused")
