@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from keyshift import __version__
-from keyshift.api import errors, inputs, responses
+from keyshift.api import dashboard, errors, inputs, responses
 from keyshift.api.retry import RetryRolledBackRequests
 from keyshift.api.routes import ROUTERS, validation
 from keyshift.api.state import AppState
@@ -72,6 +72,7 @@ def create_app(
     for router in ROUTERS:
         responses.document(router)  # each route's error statuses, in the OpenAPI spec
         app.include_router(router)
+    dashboard.install(app)  # HTML pages at /dashboard, outside the OpenAPI document
     # Inside the request middleware: one access-log line and one metric per request, however
     # many times a deadlock's victim ran.
     app.add_middleware(RetryRolledBackRequests)
@@ -79,5 +80,6 @@ def create_app(
         RequestContextMiddleware,
         max_body_bytes=state.settings.max_body_bytes,
         check_body=inputs.body_error,
+        form_paths=("/dashboard/",),
     )
     return app

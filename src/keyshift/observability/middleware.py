@@ -56,11 +56,18 @@ BodyCheck = Callable[[bytes], dict[str, Any] | None]
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, check_body: BodyCheck | None = None
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        check_body: BodyCheck | None = None,
+        form_paths: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.check_body = check_body
+        #: Paths under these prefixes (the dashboard's HTML forms) take form bodies instead.
+        self.form_paths = form_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,7 +95,8 @@ class RequestContextMiddleware:
         try:
             refusal = None
             if scope["method"] in _BODY_METHODS:
-                refusal, receive = await self._check_body(headers, receive)
+                form = scope["path"].startswith(self.form_paths) if self.form_paths else False
+                refusal, receive = await self._check_body(headers, receive, form=form)
             if refusal is not None:
                 status = refusal[0]["status"]
                 await send(refusal[0])
@@ -127,10 +135,11 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
     async def _check_body(
-        self, headers: dict[bytes, bytes], receive: Receive
+        self, headers: dict[bytes, bytes], receive: Receive, *, form: bool = False
     ) -> tuple[tuple[Message, Message] | None, Receive]:
         """Read the whole body (it is small by contract) and refuse it if too large, not JSON
-        or refused by ``check_body``; else hand back a ``receive`` that replays it."""
+        (a form, if ``form``) or refused by ``check_body``; else hand back a ``receive`` that
+        replays it."""
         request_id = request_id_var.get() or ""
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
@@ -139,17 +148,18 @@ class RequestContextMiddleware:
         if too_large:
             return _error_payload(413, self._too_large(), request_id), receive
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if body and content_type != b"application/json":
+        wanted = b"application/x-www-form-urlencoded" if form else b"application/json"
+        if body and content_type != wanted:
             return _error_payload(
                 415,
                 {
                     "code": "unsupported_media_type",
-                    "message": "request bodies must be application/json",
+                    "message": f"request bodies must be {wanted.decode()}",
                     "field": "content-type",
                 },
                 request_id,
             ), receive
-        if body and self.check_body is not None:
+        if body and self.check_body is not None and not form:
             refused = self.check_body(body)
             if refused is not None:
                 return _error_payload(422, refused, request_id), receive
