@@ -41,8 +41,6 @@ import harness
 import psutil
 from harness import Record, pg, progress
 
-PHASES = ("lock+snapshot+prepare", "cutover", "verify+receipt", "other")
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="CPU per account of one worker, by phase.")
@@ -83,8 +81,10 @@ async def measure(
     from keyshift.context import SYSTEM
     from keyshift.db.engine import Database
     from keyshift.migration import executor as ex
-    from keyshift.runs.worker import Worker, tune_collector
+    from keyshift.runs import worker as worker_module
     from keyshift.security.secrets_store import ensure_secrets
+
+    Worker = worker_module.Worker
 
     cpu: collections.Counter[str] = collections.Counter()
     statements: collections.Counter[str] = collections.Counter()
@@ -92,7 +92,7 @@ async def measure(
     step_call, lock_call = ex.Executor._batch_step, ex.Executor.request_many
 
     async def timed_step(self: Any, actor: Any, ids: Any, steps: Any) -> Any:
-        name = "+".join(map(str, steps))
+        name = str(steps) if isinstance(steps, str) else "+".join(map(str, steps))
         phase["now"], started = name, time.process_time()
         try:
             return await step_call(self, actor, ids, steps)
@@ -101,11 +101,12 @@ async def measure(
             phase["now"] = "other"
 
     async def timed_lock(self: Any, *args: Any, **kwargs: Any) -> Any:
-        phase["now"], started = "lock+snapshot+prepare", time.process_time()
+        name = "lock+snapshot+prepare" if kwargs.get("through") else "lock"
+        phase["now"], started = name, time.process_time()
         try:
             return await lock_call(self, *args, **kwargs)
         finally:
-            cpu["lock+snapshot+prepare"] += time.process_time() - started
+            cpu[name] += time.process_time() - started
             phase["now"] = "other"
 
     ex.Executor._batch_step = timed_step  # type: ignore[method-assign]
@@ -132,8 +133,8 @@ async def measure(
             statements[phase["now"]] += 1
 
         worker = Worker(ex.Executor(db, secrets.signing), SYSTEM, poll_seconds=0.1)
-        if tuned:
-            tune_collector()
+        if tuned:  # an older src/ (PYTHONPATH) may not have it: then only --collector default
+            worker_module.tune_collector()
         gc.callbacks.append(on_gc)
         pg_before, cpu_before, wall_before = (
             backend_cpu(database),
@@ -159,8 +160,10 @@ async def measure(
         "accounts_per_s": round(accounts / wall, 1),
         "worker_cpu_us_per_account": round(worker_cpu * per),
         "postgres_cpu_us_per_account": round(pg_cpu * per),
-        "phase_cpu_us_per_account": {p: round(cpu[p] * per) for p in PHASES},
-        "statements_per_account": {p: round(statements[p] / max(accounts, 1), 3) for p in PHASES},
+        "phase_cpu_us_per_account": {p: round(cpu[p] * per) for p in cpu},
+        "statements_per_account": {
+            p: round(n / max(accounts, 1), 3) for p, n in statements.items()
+        },
         "gc": {
             f"gen{g}": {
                 "collections": collections_by_generation[f"gen{g}"],
@@ -197,7 +200,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "worker_cpu_us_per_account": median("worker_cpu_us_per_account"),
         "postgres_cpu_us_per_account": median("postgres_cpu_us_per_account"),
-        "phase_cpu_us_per_account": {p: median("phase_cpu_us_per_account", p) for p in PHASES},
+        "phase_cpu_us_per_account": {
+            p: median("phase_cpu_us_per_account", p) for p in runs[0]["phase_cpu_us_per_account"]
+        },
         "spread_worker_cpu": harness.spread(r["worker_cpu_us_per_account"] for r in runs),
     }
 
@@ -222,10 +227,13 @@ def main(argv: list[str]) -> int:
     print()
     print("| µs per account | " + " | ".join(results) + " |")
     print("| --- | " + " | ".join("---:" for _ in results) + " |")
-    for phase in PHASES:
+    phases = list(dict.fromkeys(p for r in results.values() for p in r["phase_cpu_us_per_account"]))
+    for phase in phases:
         print(
             f"| {phase} | "
-            + " | ".join(f"{r['phase_cpu_us_per_account'][phase]:,.0f}" for r in results.values())
+            + " | ".join(
+                f"{r['phase_cpu_us_per_account'].get(phase, 0):,.0f}" for r in results.values()
+            )
             + " |"
         )
     print(
