@@ -11,6 +11,7 @@ from keyshift.cli.output import exit_code_for
 from keyshift.cli.runtime import run
 
 if TYPE_CHECKING:
+    from keyshift.cli.remote import Api
     from keyshift.config import Settings
     from keyshift.db.engine import Database
     from keyshift.migration.errors import RulesInvalid
@@ -59,6 +60,27 @@ async def checked(db: Database, path: Path) -> MigrationRules:
     return rules
 
 
+async def checked_remotely(api: Api, path: Path) -> tuple[MigrationRules, str]:
+    """``checked`` through a server: the schema here, the catalog there (its problems are
+    placed on the lines of ``path``, as ``checked`` places them). Returns the rules and
+    their text, which the commands send."""
+    from keyshift.catalog.loader import Problem
+    from keyshift.migration.errors import RulesInvalid
+
+    rules, text = load(path)
+    try:
+        await api.post("/v1/rules/validate", {"rules": text})
+    except RulesInvalid as error:
+        # The server names the text after the request field it came in; here it is the file.
+        placed = [
+            Problem(str(path), p.field, p.reason, p.line) if isinstance(p, Problem) else p
+            for p in error.problems
+        ]
+        print_problems(RulesInvalid(placed, source=str(path)), path)
+        raise typer.Exit(exit_code_for(error)) from None
+    return rules, text
+
+
 @rules_group.command("validate")
 def validate(
     path: Path = typer.Argument(..., help=RULES_HELP),
@@ -74,8 +96,12 @@ def validate(
         typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}  (schema only)")
         return
 
-    async def work(settings: Settings, db: Database) -> None:
-        rules = await checked(db, path)
-        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}")
+    async def work(settings: Settings, db: Database) -> MigrationRules:
+        return await checked(db, path)
 
-    run(work)
+    async def remote(api: Api) -> MigrationRules:
+        rules, _ = await checked_remotely(api, path)
+        return rules
+
+    rules = run(work, remote=remote)
+    typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}")
