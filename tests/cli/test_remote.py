@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from keyshift.cli import runs as runs_cli
 from keyshift.config import Settings
 from keyshift.db.engine import Database
 from keyshift.migration.executor import Executor
@@ -48,7 +49,7 @@ _NOW = re.compile(r'("server_time": )"[^"]*"')
 _KEY = re.compile(r"\b[0-9A-Z]{5}(?:-[0-9A-Z]{5}){4}\b")
 _HINT = re.compile(r'"key_hint": "[^"]*"')
 _SIGNATURE = re.compile(r'"signature": "[^"]*"')
-_RATE = re.compile(r"(\"?(?:rate|eta|eta_seconds)\"?:? )[0-9.e+-]+(?:/s|s)?")
+_RATE = re.compile(r"(\"?(?:rate|eta|eta_seconds)\"?:? |\d+/\d+ )[0-9.e+-]+(?:/s|s)?")
 
 
 def normalised(steps: list[Step]) -> list[Step]:
@@ -137,6 +138,7 @@ async def test_runs_print_the_same_locally_and_through_a_server(
     settings: Settings,
     remote: dict[str, str],
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     local = cli_env(settings)
     ids = await cohort(db, secrets, 4)
@@ -182,6 +184,7 @@ async def test_runs_print_the_same_locally_and_through_a_server(
     each("runs", "rollback", "RUN")
     await work()
     each("runs", "status", "RUN")
+    each("runs", "status", "RUN", "--watch")  # stopped: one look, then its line
     each("runs", "finalize", "RUN")  # rolled back: nothing to finalize
     each("runs", "pause", "no-such-run")
     here, there = transcripts
@@ -193,6 +196,10 @@ async def test_runs_print_the_same_locally_and_through_a_server(
     for run_id in (here_run, there_run):
         same_read(local, remote, "runs", "status", run_id, "--json")
         same_read(local, remote, "runs", "accounts", run_id)
+    # Page by page (of one account, here) the server gives every account, in cohort order.
+    monkeypatch.setattr(runs_cli, "ACCOUNTS_PAGE", 1)
+    for run_id in (here_run, there_run):
+        assert len(same_read(local, remote, "runs", "accounts", run_id).splitlines()) == 2
     same_read(local, remote, "runs", "list")
     same_read(local, remote, "runs", "list", "--limit", "1")
 

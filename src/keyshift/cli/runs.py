@@ -604,6 +604,10 @@ def list_runs(limit: int = typer.Option(20, min=1, max=200, help="How many.")) -
         )
 
 
+#: The page `runs accounts` asks a server for (the API's largest).
+ACCOUNTS_PAGE = 500
+
+
 @group.command("accounts")
 def accounts(
     run_id: str = typer.Argument(..., help="The run id."),
@@ -632,12 +636,12 @@ def accounts(
     async def remote(api: Api) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         after = -1
-        while len(out) < limit:  # pages of at most 500, the API's largest
+        while len(out) < limit:
             page = await api.get(
                 f"/v1/runs/{segment(run_id)}/accounts",
                 state=state,
                 after=after,
-                limit=min(500, limit - len(out)),
+                limit=min(ACCOUNTS_PAGE, limit - len(out)),
             )
             out += [{k: v for k, v in item.items() if k != "ledger"} for item in page["accounts"]]
             if page["next_after"] is None:
