@@ -450,7 +450,7 @@ def test_a_server_whose_database_is_down_answers_503_and_the_cli_exits_6(
         cli = {**_without_database(), "KEYSHIFT_SERVER": server.base_url}
         cli["KEYSHIFT_TOKEN"] = UNKNOWN_TOKEN
         line = assert_one_line(invoke_keyshift(cli, "runs", "list"), 6, server.base_url)
-        assert "database" in line
+        assert "database" in line and "retry in " in line, line
 
 
 async def test_a_bad_token_or_a_missing_scope_is_refused_with_exit_4(
@@ -532,3 +532,121 @@ def test_a_command_without_a_remote_form_refuses_rather_than_act_locally(
         assert result.stdout == ""
     # Without the server the same command acts on the local database.
     assert invoke_keyshift(cli_env(settings), "tokens", "list").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "error", "code", "line"),
+    [
+        # keyshift's own answers: the class the local path raises, the server's words.
+        (
+            404,
+            {"error": {"code": "run_not_found", "message": "no run r1", "field": "run_id"}},
+            {},
+            "NotFound",
+            3,
+            "error: no run r1 [run_id]",
+        ),
+        (
+            409,
+            {"error": {"code": "wrong_run_state", "message": "run r1 is completed"}},
+            {},
+            "Conflict",
+            5,
+            "error: run r1 is completed",
+        ),
+        (
+            422,
+            {
+                "error": {
+                    "code": "invalid_request",
+                    "message": "query.limit: too big",
+                    "field": "query.limit",
+                }
+            },
+            {},
+            "InvalidInput",
+            2,
+            "error: limit: too big [limit]",
+        ),
+        (
+            403,
+            {"error": {"code": "forbidden", "message": "this token lacks the 'audit:read' scope"}},
+            {},
+            "PermissionDenied",
+            4,
+            "error: this token lacks the 'audit:read' scope",
+        ),
+        (
+            503,
+            {"error": {"code": "database_unavailable", "message": "database unavailable"}},
+            {"Retry-After": "3"},
+            "Unavailable",
+            6,
+            "error: database unavailable (https://ks.example; retry in 3 s)",
+        ),
+        # Not keyshift answering (a proxy's page): who answered, and what.
+        (
+            502,
+            "<html>bad gateway</html>",
+            {},
+            "Unavailable",
+            6,
+            "error: https://ks.example answered 502 Bad Gateway (https://ks.example)",
+        ),
+        (
+            500,
+            {"error": {"code": "internal_error", "message": "internal server error"}},
+            {"x-request-id": "r-1"},
+            "KeyshiftError",
+            1,
+            "error: internal server error (https://ks.example, request id r-1)",
+        ),
+    ],
+)
+def test_an_error_answer_becomes_the_local_paths_error(
+    status: int,
+    body: object,
+    headers: dict[str, str],
+    error: str,
+    code: int,
+    line: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import httpx
+    import typer
+
+    from keyshift import errors
+    from keyshift.cli.output import fail
+    from keyshift.cli.remote import error_from
+
+    if isinstance(body, str):
+        response = httpx.Response(status, text=body, headers=headers)
+    else:
+        response = httpx.Response(status, json=body, headers=headers)
+    mapped = error_from(response, "https://ks.example")
+    assert type(mapped) is getattr(errors, error)
+    with pytest.raises(typer.Exit) as exited:
+        fail(mapped)
+    assert exited.value.exit_code == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_rules_refusal_keeps_its_problems_on_their_lines() -> None:
+    import httpx
+
+    from keyshift.catalog.loader import Problem
+    from keyshift.cli.remote import error_from
+    from keyshift.migration.errors import RulesInvalid
+
+    problem = {"file": "rules", "field": "rules.to", "reason": "no such plan", "line": 4}
+    body = {
+        "error": {
+            "code": "invalid_rules",
+            "message": "1 rules problem(s)",
+            "field": "rules",
+            "problems": [problem],
+        }
+    }
+    mapped = error_from(httpx.Response(422, json=body), "https://ks.example")
+    assert isinstance(mapped, RulesInvalid)
+    assert mapped.problems == [Problem("rules", "rules.to", "no such plan", 4)]

@@ -108,9 +108,14 @@ def error_from(response: httpx.Response, where: str) -> e.KeyshiftError:
     if issubclass(cls, e.Unavailable):
         retry = response.headers.get("retry-after", "")
         seconds = int(retry) if retry.isdigit() else 1
-        error: e.KeyshiftError = cls(f"{message} ({where})", retry_after=seconds, **details)
+        later = f"; retry in {seconds} s" if retry.isdigit() else ""
+        error: e.KeyshiftError = cls(f"{message} ({where}{later})", retry_after=seconds, **details)
         error.field = field_name if isinstance(field_name, str) else None
     else:
+        if response.status_code >= 500:
+            # A bug on the server: its log has the traceback under the request id.
+            request_id = response.headers.get("x-request-id")
+            message += f" ({where}, request id {request_id})" if request_id else f" ({where})"
         error = cls(message, field=field_name if isinstance(field_name, str) else None, **details)
     if code:
         error.code = code
