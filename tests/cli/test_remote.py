@@ -186,9 +186,12 @@ async def test_runs_print_the_same_locally_and_through_a_server(
     each("runs", "status", "RUN")
     each("runs", "status", "RUN", "--watch")  # stopped: one look, then its line
     each("runs", "finalize", "RUN")  # rolled back: nothing to finalize
+    each("runs", "abort", "RUN")  # over: 5
+    each("runs", "cutover", "RUN", "--at", "2030-01-01T00:00:00Z")  # not blue-green: 5
     each("runs", "pause", "no-such-run")
     here, there = transcripts
     assert here[3][0] == 5 and here[5] == (0, f"run {runs[0]} is running\n")  # it did run
+    assert [code for code, _ in here[-4:]] == [5, 5, 5, 3]  # finalize, abort, cutover, no run
     assert_same(here, there)
     here_run, there_run = runs
 
@@ -325,7 +328,7 @@ async def test_migrate_prints_the_same_locally_and_through_a_server(
 
 #: The exit code of each step below, locally (the server's must be the same).
 ACCOUNTS_LICENSES_USAGE_CODES = [
-    *(0, 0, 0, 2, 2, 3, 3),  # accounts
+    *(0, 0, 0, 2, 2, 3, 0, 3),  # accounts
     *(0, 0, 0, 0, 5, 0, 0, 2, 0, 0, 0, 0, 5, 0, 0, 3, 2, 3),  # licenses
     *(0, 0, 0, 2, 2, 0, 2, 0, 0),  # usage, and a revocation
 ]
@@ -344,6 +347,7 @@ async def test_accounts_licenses_and_usage_print_the_same_locally_and_through_a_
     twins.each("accounts", "update", "ACCOUNT", "--status", "dormant")  # 2, naming status
     twins.each("accounts", "update", "ACCOUNT", "--attributes", "[1,")  # not JSON: 2
     twins.each("accounts", "subscribe", "ACCOUNT", "nothing@1")  # 3
+    twins.each("accounts", "subscribe", "ACCOUNT", helpers.NEW)
     twins.each("accounts", "show", "no-such-account")
 
     twins.each("licenses", "issue", "ACCOUNT", "--max-activations", "2")
