@@ -9,6 +9,7 @@ token without the scope, plain http to another host, a token never printed."""
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 import os
@@ -25,7 +26,7 @@ from keyshift.db.engine import Database
 from keyshift.migration.executor import Executor
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers
-from tests.runs.helpers import cohort, drive
+from tests.runs.helpers import cohort, drive, run_row
 from tests.support import (
     LiveServer,
     cli_env,
@@ -220,10 +221,34 @@ async def test_runs_print_the_same_locally_and_through_a_server(
     same_read(local, remote, "rules", "validate", str(rules))
 
 
-def test_runs_wait_is_refused_through_a_server(remote: dict[str, str]) -> None:
-    refused = keyshift(remote, "runs", "start", "some-run", "--wait")
-    assert refused.returncode == 2
-    assert "runs status some-run --watch" in refused.stderr
+async def test_runs_wait_through_a_server_waits_for_its_workers(
+    db: Database, secrets: Secrets, settings: Settings, remote: dict[str, str], tmp_path: Path
+) -> None:
+    await cohort(db, secrets, 2)
+    rules = tmp_path / "rules.toml"
+    rules.write_text(helpers.RULES)
+    local = cli_env(settings)
+    made = keyshift(local, "runs", "create", "--rules", str(rules), "--json")
+    run_id = json.loads(made.stdout)["id"]
+    assert keyshift(local, "runs", "report", run_id).returncode == 0
+    assert keyshift(local, "runs", "approve", run_id).returncode == 0
+
+    waiting = asyncio.create_task(
+        asyncio.to_thread(invoke_keyshift, remote, "runs", "start", run_id, "--wait")
+    )
+    for _ in range(600):  # bounded: a minute for the CLI to start the run
+        if (await run_row(db, run_id)).state == "running" or waiting.done():
+            break
+        await asyncio.sleep(0.1)
+    assert not waiting.done(), waiting.result().stderr  # it waits while the run runs
+    await drive(Executor(db, secrets.signing), run_id)  # the server's worker, as it were
+    result = await asyncio.wait_for(waiting, 60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"run {run_id} is running\n"
+        f"run {run_id} is completed (2 accounts done by the server's workers)\n"
+    )
+    assert "waiting for the server's workers" in result.stderr
 
 
 class Twins:

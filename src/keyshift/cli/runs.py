@@ -16,7 +16,7 @@ import typer
 from keyshift.cli.output import emit_json
 from keyshift.cli.remote import segment
 from keyshift.cli.rules import RULES_HELP, checked, checked_remotely
-from keyshift.cli.runtime import is_remote, run
+from keyshift.cli.runtime import run
 from keyshift.errors import KeyshiftError
 
 if TYPE_CHECKING:
@@ -341,12 +341,8 @@ def _move(
     move: str, run_id: str, *, wait: bool = False, body: dict[str, Any] | None = None, **kwargs: Any
 ) -> None:
     """Drive the run one step (``move``: the service function, and the API's path); ``body``:
-    what the API takes for the ``kwargs`` the service takes."""
-    if wait and is_remote():
-        _die(
-            "--wait works the run in this process, which needs the database; against a server"
-            f" its workers do the work: follow it with `keyshift runs status {run_id} --watch`"
-        )
+    what the API takes for the ``kwargs`` the service takes. ``wait``: until the run stops —
+    worked here on a local database, by the server's workers through a server."""
 
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.context import cli_actor
@@ -358,16 +354,37 @@ def _move(
             processed = await _work_in_process(settings, db, run_id)
             async with db.transaction() as session:
                 row = await service.get(session, run_id)
-            typer.echo(f"run {row.id} is {row.state} ({processed} accounts processed here)")
-            if row.halted_reason:
-                typer.echo(f"halted: {row.halted_reason}", err=True)
-                raise typer.Exit(5)
+            _stopped(row.id, row.state, f"{processed} accounts processed here", row.halted_reason)
 
     async def remote(api: Api) -> None:
-        moved = await api.post(f"/v1/runs/{segment(run_id)}/{move}", body)
+        from keyshift.runs.model import CLAIMABLE
+
+        path = f"/v1/runs/{segment(run_id)}"
+        moved = await api.post(f"{path}/{move}", body)
         typer.echo(f"run {moved['id']} is {moved['state']}")
+        if not wait:
+            return
+        typer.echo("waiting for the server's workers (Ctrl-C stops waiting, not the run)", err=True)
+        while moved["state"] in CLAIMABLE:
+            await asyncio.sleep(POLL_SECONDS)
+            moved = await api.get(path)
+        done = moved["progress"]["done"]
+        how = f"{done} accounts done by the server's workers"
+        _stopped(moved["id"], moved["state"], how, moved["halted_reason"])
 
     run(work, remote=remote)
+
+
+#: How often `--wait` through a server looks at the run.
+POLL_SECONDS = 1.0
+
+
+def _stopped(run_id: str, state: str, how: str, halted_reason: str | None) -> None:
+    """The end of a ``--wait``: the state the run stopped in; exit 5 if it halted."""
+    typer.echo(f"run {run_id} is {state} ({how})")
+    if halted_reason:
+        typer.echo(f"halted: {halted_reason}", err=True)
+        raise typer.Exit(5)
 
 
 async def _work_in_process(settings: Settings, db: Database, run_id: str) -> int:
@@ -404,7 +421,10 @@ def stop_on_signals(stopping: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-WAIT_HELP = "Work the run in this process until it stops (no separate worker needed)."
+WAIT_HELP = (
+    "Wait until the run stops: on a local database, work it in this process (no separate"
+    " worker needed); through a server, wait for its workers."
+)
 
 
 @group.command("start")

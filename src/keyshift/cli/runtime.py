@@ -77,12 +77,6 @@ def remote_target(settings: Settings) -> Target | None:
         fail(error)
 
 
-def is_remote() -> bool:
-    """Whether this command acts through a server (for the checks a command makes before it
-    starts, such as an option only the local path has)."""
-    return remote_target(load_settings()) is not None
-
-
 def run(
     work: Callable[[Settings, Database], Awaitable[T]],
     *,
