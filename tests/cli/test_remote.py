@@ -347,6 +347,19 @@ async def test_migrate_prints_the_same_locally_and_through_a_server(
     same_read(cli_env(settings), remote, "migrate", "status", here)
     same_read(cli_env(settings), remote, "migrate", "status", there)
 
+    # Rules the catalog refutes, or that do not parse: every problem on its line, exit 2,
+    # nothing applied — the server's catalog checked through the same request.
+    broken = tmp_path / "broken.toml"
+    broken.write_text(helpers.RULES.replace('to = "new-seat@1"', 'to = "nowhere@9"'))
+    garbled = tmp_path / "garbled.toml"
+    garbled.write_text("[rules\n")
+    for path in (broken, garbled):
+        for verb in ("plan", "apply"):
+            args = ["migrate", verb, "--rules", str(path), "--account", ids[0]]
+            result = invoke_keyshift(remote, *args)
+            assert result.returncode == 2 and f"{path}:" in result.stderr, result.stderr
+            same_read(cli_env(settings), remote, *args)
+
 
 # -- accounts, licenses, usage, audit -----------------------------------------------------------
 

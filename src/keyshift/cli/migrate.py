@@ -10,7 +10,7 @@ import typer
 
 from keyshift.cli.output import emit_json, readable
 from keyshift.cli.remote import segment
-from keyshift.cli.rules import RULES_HELP, checked, checked_remotely
+from keyshift.cli.rules import RULES_HELP, checked, load, sending
 from keyshift.cli.runtime import run
 from keyshift.states import MigrationState, Step
 
@@ -133,11 +133,11 @@ def plan(
         return result.to_dict()
 
     async def remote(api: Api) -> dict[str, Any]:
-        _, text = await checked_remotely(api, rules_path)
-        body: dict[str, Any] = await api.post(
-            "/v1/migrations/plan", {"rules": text, "account_id": account}
-        )
-        return body
+        # The route checks the rules against the catalog first, as `checked` does here.
+        _, text = load(rules_path)
+        body = {"rules": text, "account_id": account}
+        plan: dict[str, Any] = await sending(rules_path, api.post("/v1/migrations/plan", body))
+        return plan
 
     shown = run(work, remote=remote)
     if as_json:
@@ -169,9 +169,11 @@ def apply(
         return _view(row)
 
     async def remote(api: Api) -> dict[str, Any]:
-        _, text = await checked_remotely(api, rules_path)
+        # The route checks the rules against the catalog first, as `checked` does here (and
+        # one request, not two, counts towards the server's migration-burst flag).
+        _, text = load(rules_path)
         body = {"rules": text, "account_id": account, "on_pending": on_pending}
-        return _view(await api.post("/v1/migrations", body))
+        return _view(await sending(rules_path, api.post("/v1/migrations", body)))
 
     shown = run(work, remote=remote)
     emit_json(shown)

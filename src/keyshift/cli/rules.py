@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from keyshift.db.engine import Database
     from keyshift.migration.errors import RulesInvalid
     from keyshift.migration.rules import MigrationRules
+
+T = TypeVar("T")
 
 rules_group = typer.Typer(help="Migration rules manifests.", no_args_is_help=True)
 
@@ -60,16 +63,15 @@ async def checked(db: Database, path: Path) -> MigrationRules:
     return rules
 
 
-async def checked_remotely(api: Api, path: Path) -> tuple[MigrationRules, str]:
-    """``checked`` through a server: the schema here, the catalog there (its problems are
-    placed on the lines of ``path``, as ``checked`` places them). Returns the rules and
-    their text, which the commands send."""
+async def sending(path: Path, request: Awaitable[T]) -> T:
+    """The answer to ``request``, which sends the rules of ``path`` to a server; the problems
+    the server finds in them (against its catalog) printed on the lines of ``path``, as
+    ``checked`` prints them."""
     from keyshift.catalog.loader import Problem
     from keyshift.migration.errors import RulesInvalid
 
-    rules, text = load(path)
     try:
-        await api.post("/v1/rules/validate", {"rules": text})
+        return await request
     except RulesInvalid as error:
         # The server names the text after the request field it came in; here it is the file.
         placed = [
@@ -78,6 +80,13 @@ async def checked_remotely(api: Api, path: Path) -> tuple[MigrationRules, str]:
         ]
         print_problems(RulesInvalid(placed, source=str(path)), path)
         raise typer.Exit(exit_code_for(error)) from None
+
+
+async def checked_remotely(api: Api, path: Path) -> tuple[MigrationRules, str]:
+    """``checked`` through a server: the schema here, the catalog there. Returns the rules and
+    their text. (A route that checks the rules itself needs only ``load`` and ``sending``.)"""
+    rules, text = load(path)
+    await sending(path, api.post("/v1/rules/validate", {"rules": text}))
     return rules, text
 
 
