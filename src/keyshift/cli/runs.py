@@ -544,7 +544,10 @@ def status(
     async def show(fetch: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         if not watch:
             body = await fetch()
-            emit_json(body) if json_out else typer.echo(_line(body))
+            if json_out:
+                emit_json(body)
+            else:
+                typer.echo(_line(body))
             return
         await _watch(fetch)
 
