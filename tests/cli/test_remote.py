@@ -626,6 +626,21 @@ def test_a_command_without_a_remote_form_refuses_rather_than_act_locally(
             6,
             "error: database unavailable (https://ks.example; retry in 3 s)",
         ),
+        (
+            422,
+            {
+                "error": {
+                    "code": "invalid_cohort",
+                    "message": "1 unknown account id",
+                    "field": "cohort.ids",
+                    "details": {"unknown": ["ghost"], "field": "shadowed", "retry_after": 9},
+                }
+            },
+            {},
+            "InvalidInput",
+            2,
+            "error: 1 unknown account id [cohort.ids]",
+        ),
         # Not keyshift answering (a proxy's page): who answered, and what.
         (
             502,

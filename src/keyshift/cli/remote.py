@@ -98,7 +98,9 @@ def error_from(response: httpx.Response, where: str) -> e.KeyshiftError:
         bare = field_name.split(".", 1)[1]
         message = message.replace(f"{field_name}: ", f"{bare}: ", 1)
         field_name = bare
-    details = body.get("details") if isinstance(body.get("details"), dict) else {}
+    given = body.get("details") if isinstance(body.get("details"), dict) else {}
+    # What the server said about the error, minus the names the constructors take themselves.
+    details = {k: v for k, v in given.items() if k not in ("message", "field", "retry_after")}
     problems = body.get("problems")
     if code in ("invalid_rules", "invalid_manifest") and isinstance(problems, list):
         return _with_problems(code, problems)
