@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The prefix of every variable: field ``max_body_bytes`` is ``KEYSHIFT_MAX_BODY_BYTES``.
@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     runs_four_eyes: bool = False
     #: The CLI prints the traceback of an unexpected error.
     debug: bool = False
+    #: The CLI acts through this server's HTTP API instead of the local database (`--server`).
+    server: str | None = None
+    #: The bearer token the CLI sends to ``server``; never printed.
+    token: SecretStr | None = None
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -8,19 +8,38 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from keyshift.cli.output import emit_json, fail
+from keyshift.cli.remote import segment
 from keyshift.cli.runtime import run
 from keyshift.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from keyshift.cli.remote import Api
     from keyshift.config import Settings
     from keyshift.db.engine import Database
 
 group = typer.Typer(help="Customer accounts and their plan.", no_args_is_help=True)
 
+#: The largest page `accounts list` asks for (``accounts.service.MAX_PAGE``, which a test
+#: holds this to; importing it here would load the database code for `--help`).
+MAX_PAGE = 500
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
     app.add_typer(group, name="accounts")
+
+
+def _shown(body: Any) -> dict[str, Any]:
+    """An account as the CLI prints it (``AccountOut``), from the API's answer (an
+    ``AccountDetail``, whose preferences and overrides it leaves out, as the local path does)."""
+    from keyshift.accounts.schemas import AccountOut
+
+    shown: dict[str, Any] = AccountOut.model_validate(body).model_dump(mode="json")
+    return shown
+
+
+def _account(account_id: str) -> str:
+    return f"/v1/accounts/{segment(account_id)}"
 
 
 @group.command("create")
@@ -31,7 +50,7 @@ def create(
 ) -> None:
     """Create an account (and subscribe it, with --plan); prints it as JSON."""
 
-    async def work(_settings: Settings, db: Database) -> None:
+    async def work(_settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.accounts import service
         from keyshift.accounts.schemas import AccountOut
         from keyshift.context import cli_actor
@@ -44,9 +63,15 @@ def create(
             subscription = (
                 await service.subscribe(session, actor, account.id, plan) if plan else None
             )
-        emit_json(AccountOut.of(account, subscription).model_dump(mode="json"))
+        return AccountOut.of(account, subscription).model_dump(mode="json")
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        body = {"name": name, "external_ref": external_ref, "plan": plan}
+        return _shown(
+            await api.post("/v1/accounts", {k: v for k, v in body.items() if v is not None})
+        )
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("list")
@@ -56,32 +81,41 @@ def list_accounts(
     after: str | None = typer.Option(None, help="The last id of the previous page."),
 ) -> None:
     """List accounts as JSON, one page at a time."""
+    if limit > MAX_PAGE:  # the service's (and the API's) bound, said here for both paths
+        fail(InvalidInput(f"limit must be between 1 and {MAX_PAGE}", field="limit"))
 
-    async def work(_settings: Settings, db: Database) -> None:
+    async def work(_settings: Settings, db: Database) -> list[dict[str, Any]]:
         from keyshift.accounts import service
         from keyshift.accounts.schemas import AccountOut
 
         async with db.transaction() as session:
             accounts = await service.list_accounts(session, limit=limit, after=after)
-        emit_json([AccountOut.of(a).model_dump(mode="json") for a in accounts])
+        return [AccountOut.of(a).model_dump(mode="json") for a in accounts]
 
-    run(work)
+    async def remote(api: Api) -> list[dict[str, Any]]:
+        page = await api.get("/v1/accounts", limit=limit, after=after)
+        return [_shown(item) for item in page["items"]]
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("show")
 def show(account_id: str) -> None:
     """Show an account and its subscription."""
 
-    async def work(_settings: Settings, db: Database) -> None:
+    async def work(_settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.accounts import service
         from keyshift.accounts.schemas import AccountOut
 
         async with db.transaction() as session:
             account = await service.get_account(session, account_id)
             subscription = await service.get_subscription(session, account.id)
-        emit_json(AccountOut.of(account, subscription).model_dump(mode="json"))
+        return AccountOut.of(account, subscription).model_dump(mode="json")
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        return _shown(await api.get(_account(account_id)))
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("update")
@@ -111,7 +145,7 @@ def update(
         except ValueError as error:
             fail(InvalidInput(f"not JSON: {error}", field="attributes"))
 
-    async def work(_settings: Settings, db: Database) -> None:
+    async def work(_settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.accounts import service
         from keyshift.accounts.schemas import AccountOut
         from keyshift.context import cli_actor
@@ -119,22 +153,32 @@ def update(
         async with db.transaction() as session:
             account = await service.update_account(session, cli_actor(), account_id, changes)
             subscription = await service.get_subscription(session, account.id)
-        emit_json(AccountOut.of(account, subscription).model_dump(mode="json"))
+        return AccountOut.of(account, subscription).model_dump(mode="json")
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        return _shown(await api.patch(_account(account_id), changes))
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("subscribe")
 def subscribe(account_id: str, plan: str = typer.Argument(..., help="key@version")) -> None:
     """Put an account on a published plan version."""
 
-    async def work(_settings: Settings, db: Database) -> None:
+    async def work(_settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.accounts import service
         from keyshift.accounts.schemas import SubscriptionOut
         from keyshift.context import cli_actor
 
         async with db.transaction() as session:
             subscription = await service.subscribe(session, cli_actor(), account_id, plan)
-        emit_json(SubscriptionOut.of(subscription).model_dump(mode="json"))
+        return SubscriptionOut.of(subscription).model_dump(mode="json")
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        from keyshift.accounts.schemas import SubscriptionOut
+
+        body = await api.put(f"{_account(account_id)}/subscription", {"plan": plan})
+        shown: dict[str, Any] = SubscriptionOut.model_validate(body).model_dump(mode="json")
+        return shown
+
+    emit_json(run(work, remote=remote))

@@ -86,9 +86,26 @@ app = _typer(
 
 
 @app.callback()
-def _root() -> None:
-    # Makes the root a group (its commands come from _Commands); it has no options.
-    pass
+def _root(
+    ctx: typer.Context,
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        metavar="URL",
+        help="Act through this keyshift server's HTTP API (default: KEYSHIFT_SERVER; the"
+        " token comes from KEYSHIFT_TOKEN) instead of the local database: runs, migrate,"
+        " accounts, licenses, usage, audit.",
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Allow a plain http:// server that is not on this machine."
+    ),
+) -> None:
+    # Makes the root a group (its commands come from _Commands). The options are read by
+    # keyshift.cli.runtime when a command runs.
+    from keyshift.cli.runtime import RemoteOptions, set_options
+
+    command = ctx.invoked_subcommand or ""
+    set_options(RemoteOptions(server=server, insecure=insecure, command=command))
 
 
 def main() -> None:

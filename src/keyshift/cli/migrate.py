@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from keyshift.cli.output import emit_json, readable
-from keyshift.cli.rules import RULES_HELP, checked
+from keyshift.cli.remote import segment
+from keyshift.cli.rules import RULES_HELP, checked, load, sending
 from keyshift.cli.runtime import run
 from keyshift.states import MigrationState, Step
 
 if TYPE_CHECKING:
+    from keyshift.cli.remote import Api
     from keyshift.config import Settings
     from keyshift.db.engine import Database
 
@@ -36,10 +38,15 @@ def _executor(settings: Settings, db: Database) -> Any:
 
 
 def _view(row: Any) -> dict[str, Any]:
-    """A migration as the API lists it (``MigrationOut``), as JSON data."""
+    """A migration as the API lists it (``MigrationOut``), as JSON data: from a row, or from
+    the API's answer (a ``MigrationDetail``, whose plan and ledger it leaves out)."""
     from keyshift.migration.schemas import MigrationOut
 
     return MigrationOut.model_validate(row).model_dump(mode="json")
+
+
+def _migration(path: str) -> str:
+    return f"/v1/migrations/{segment(path)}"
 
 
 def plan_text(plan: dict[str, Any]) -> str:
@@ -114,7 +121,7 @@ def plan(
 
     Steps, changes (entitlements, counters, licenses), conflicts and risks."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.db.types import utcnow
         from keyshift.migration.executor import preview
 
@@ -123,12 +130,20 @@ def plan(
             result, _ = await preview(session, rules, account, now=utcnow())
             # A plan is read-only: make sure of it whatever a future change does.
             await session.rollback()
-        if as_json:
-            emit_json(result.to_dict())
-        else:
-            typer.echo(plan_text(result.to_dict()))
+        return result.to_dict()
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        # The route checks the rules against the catalog first, as `checked` does here.
+        _, text = load(rules_path)
+        body = {"rules": text, "account_id": account}
+        plan: dict[str, Any] = await sending(rules_path, api.post("/v1/migrations/plan", body))
+        return plan
+
+    shown = run(work, remote=remote)
+    if as_json:
+        emit_json(shown)
+    else:
+        typer.echo(plan_text(shown))
 
 
 @group.command("apply")
@@ -143,7 +158,7 @@ def apply(
 
     Prints the migration with its receipt. Exit 5 if another migration holds the account."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
 
         rules = await checked(db, rules_path)
@@ -151,28 +166,38 @@ def apply(
         row = await executor.request(cli_actor(), rules, account, on_pending=on_pending)
         if row.state == MigrationState.LOCKED:
             row = await executor.run(cli_actor(), row.id)
-        emit_json(_view(row))
-        if row.state not in (
-            MigrationState.COMPLETED,
-            MigrationState.SCHEDULED,
-            MigrationState.QUEUED,
-        ):
-            raise typer.Exit(5)
+        return _view(row)
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        # The route checks the rules against the catalog first, as `checked` does here (and
+        # one request, not two, counts towards the server's migration-burst flag).
+        _, text = load(rules_path)
+        body = {"rules": text, "account_id": account, "on_pending": on_pending}
+        return _view(await sending(rules_path, api.post("/v1/migrations", body)))
+
+    shown = run(work, remote=remote)
+    emit_json(shown)
+    if shown["state"] not in (
+        MigrationState.COMPLETED,
+        MigrationState.SCHEDULED,
+        MigrationState.QUEUED,
+    ):
+        raise typer.Exit(5)
 
 
 @group.command("resume")
 def resume(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
     """Run the steps of a migration that a crash interrupted (safe to repeat)."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
 
-        row = await _executor(settings, db).run(cli_actor(), migration_id)
-        emit_json(_view(row))
+        return _view(await _executor(settings, db).run(cli_actor(), migration_id))
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        return _view(await api.post(f"{_migration(migration_id)}/resume"))
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("rollback")
@@ -184,7 +209,7 @@ def rollback_command(
     if (migration_id is None) == (account is None):
         raise typer.BadParameter("give a migration id or --account, not both")
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
         from keyshift.migration import repository
         from keyshift.migration.rollback import latest_for_account, rollback
@@ -198,62 +223,82 @@ def rollback_command(
         row = await rollback(executor, cli_actor(), target, reason="requested")
         async with db.transaction() as session:
             step = (await repository.steps_done(session, row.id)).get(Step.ROLLBACK)
-        emit_json({**_view(row), "rollback": step.details if step else None})
+        return {**_view(row), "rollback": step.details if step else None}
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        if migration_id is not None:
+            body = await api.post(f"{_migration(migration_id)}/rollback")
+        else:
+            assert account is not None
+            body = await api.post(f"/v1/accounts/{segment(account)}/migrations/rollback")
+        return {**_view(body), "rollback": body["rollback"]}
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("finalize")
 def finalize_command(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
     """Release the old copies and retire the snapshot (no rollback after this)."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
         from keyshift.migration.rollback import finalize
 
-        emit_json(_view(await finalize(_executor(settings, db), cli_actor(), migration_id)))
+        return _view(await finalize(_executor(settings, db), cli_actor(), migration_id))
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        return _view(await api.post(f"{_migration(migration_id)}/finalize"))
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("cancel")
 def cancel_command(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
     """Withdraw a scheduled, held or queued change."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
         from keyshift.migration.rollback import cancel
 
-        emit_json(_view(await cancel(_executor(settings, db), cli_actor(), migration_id)))
+        return _view(await cancel(_executor(settings, db), cli_actor(), migration_id))
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        return _view(await api.post(f"{_migration(migration_id)}/cancel"))
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("approve")
 def approve_command(migration_id: str = typer.Argument(..., help="The migration id.")) -> None:
     """Apply a change held for review, as it stands now."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
         from keyshift.migration.schedule import approve
 
-        emit_json(_view(await approve(_executor(settings, db), cli_actor(), migration_id)))
+        return _view(await approve(_executor(settings, db), cli_actor(), migration_id))
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        return _view(await api.post(f"{_migration(migration_id)}/approve"))
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("run-due")
 def run_due_command() -> None:
     """Execute scheduled changes whose time has come (run it from cron or a timer)."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> list[dict[str, Any]]:
         from keyshift.context import cli_actor
         from keyshift.migration.schedule import run_due
 
-        rows = await run_due(_executor(settings, db), cli_actor())
-        emit_json([_view(r) for r in rows])
+        return [_view(r) for r in await run_due(_executor(settings, db), cli_actor())]
 
-    run(work)
+    async def remote(api: Api) -> list[dict[str, Any]]:
+        body = await api.post("/v1/migrations/run-due")
+        return [_view(item) for item in body["items"]]
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("status")
@@ -265,18 +310,19 @@ def status(
     if (migration_id is None) == (account is None):
         raise typer.BadParameter("give a migration id or --account, not both")
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> Any:
         from sqlalchemy import select
 
+        from keyshift.accounts import service as accounts
         from keyshift.db.tables import MigrationStep
         from keyshift.migration import repository
         from keyshift.migration.schemas import MigrationDetail
 
         if account is not None:
             async with db.transaction() as session:
-                rows = await repository.latest_migrations(session, account)
-            emit_json([_view(r) for r in rows])
-            return
+                await accounts.get_account(session, account)  # as the API: 404 if none
+                rows = await repository.latest_migrations(session, account, limit=LATEST)
+            return [_view(r) for r in rows]
         assert migration_id is not None
         row = await _executor(settings, db).get(migration_id)
         async with db.transaction() as session:
@@ -287,6 +333,19 @@ def status(
                     .order_by(MigrationStep.seq)
                 )
             ).scalars()
-            emit_json(MigrationDetail.of(row, steps).model_dump(mode="json"))
+            return MigrationDetail.of(row, steps).model_dump(mode="json")
 
-    run(work)
+    async def remote(api: Api) -> Any:
+        if account is not None:
+            body = await api.get(
+                f"/v1/accounts/{segment(account)}/migrations", state="all", limit=LATEST
+            )
+            return [_view(item) for item in body["items"]]
+        assert migration_id is not None
+        return await api.get(_migration(migration_id))
+
+    emit_json(run(work, remote=remote))
+
+
+#: How many of an account's migrations `migrate status --account` shows, newest first.
+LATEST = 50

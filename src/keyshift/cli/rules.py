@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
@@ -11,10 +12,13 @@ from keyshift.cli.output import exit_code_for
 from keyshift.cli.runtime import run
 
 if TYPE_CHECKING:
+    from keyshift.cli.remote import Api
     from keyshift.config import Settings
     from keyshift.db.engine import Database
     from keyshift.migration.errors import RulesInvalid
     from keyshift.migration.rules import MigrationRules
+
+T = TypeVar("T")
 
 rules_group = typer.Typer(help="Migration rules manifests.", no_args_is_help=True)
 
@@ -59,6 +63,33 @@ async def checked(db: Database, path: Path) -> MigrationRules:
     return rules
 
 
+async def sending(path: Path, request: Awaitable[T]) -> T:
+    """The answer to ``request``, which sends the rules of ``path`` to a server; the problems
+    the server finds in them (against its catalog) printed on the lines of ``path``, as
+    ``checked`` prints them."""
+    from keyshift.catalog.loader import Problem
+    from keyshift.migration.errors import RulesInvalid
+
+    try:
+        return await request
+    except RulesInvalid as error:
+        # The server names the text after the request field it came in; here it is the file.
+        placed = [
+            Problem(str(path), p.field, p.reason, p.line) if isinstance(p, Problem) else p
+            for p in error.problems
+        ]
+        print_problems(RulesInvalid(placed, source=str(path)), path)
+        raise typer.Exit(exit_code_for(error)) from None
+
+
+async def checked_remotely(api: Api, path: Path) -> tuple[MigrationRules, str]:
+    """``checked`` through a server: the schema here, the catalog there. Returns the rules and
+    their text. (A route that checks the rules itself needs only ``load`` and ``sending``.)"""
+    rules, text = load(path)
+    await sending(path, api.post("/v1/rules/validate", {"rules": text}))
+    return rules, text
+
+
 @rules_group.command("validate")
 def validate(
     path: Path = typer.Argument(..., help=RULES_HELP),
@@ -74,8 +105,12 @@ def validate(
         typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}  (schema only)")
         return
 
-    async def work(settings: Settings, db: Database) -> None:
-        rules = await checked(db, path)
-        typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}")
+    async def work(settings: Settings, db: Database) -> MigrationRules:
+        return await checked(db, path)
 
-    run(work)
+    async def remote(api: Api) -> MigrationRules:
+        rules, _ = await checked_remotely(api, path)
+        return rules
+
+    rules = run(work, remote=remote)
+    typer.echo(f"ok  rules {rules.ref}  {rules.content_hash()}")

@@ -7,17 +7,20 @@ import asyncio
 import contextlib
 import json
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from keyshift.cli.output import emit_json
-from keyshift.cli.rules import RULES_HELP, checked
+from keyshift.cli.remote import segment
+from keyshift.cli.rules import RULES_HELP, checked, checked_remotely
 from keyshift.cli.runtime import run
+from keyshift.errors import KeyshiftError
 
 if TYPE_CHECKING:
+    from keyshift.cli.remote import Api
     from keyshift.config import Settings
     from keyshift.db.engine import Database
     from keyshift.runs.model import Cohort, RunOptions
@@ -163,30 +166,54 @@ def create(
         },
     )
 
-    async def work(settings: Settings, db: Database) -> None:
+    def explain(error: KeyshiftError) -> None:
+        """Each unknown id of an ids file on its line, before the one-line error."""
+        from keyshift.runs.errors import CohortInvalid
+
+        unknown = error.details.get("unknown") or []
+        if error.code == CohortInvalid.code and ids_file is not None and unknown:
+            for account_id in unknown:
+                typer.echo(
+                    f"{ids_file}:{lines.get(account_id, '?')}: unknown account id {account_id}",
+                    err=True,
+                )
+
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
         from keyshift.runs import service
-        from keyshift.runs.errors import CohortInvalid
 
         rules = await checked(db, rules_path)
         try:
             row = await service.create(db, cli_actor(), rules, cohort, options, name=name)
-        except CohortInvalid as error:
-            unknown = error.details.get("unknown") or []
-            if ids_file is not None and unknown:
-                for account_id in unknown:
-                    typer.echo(
-                        f"{ids_file}:{lines.get(account_id, '?')}: unknown account id {account_id}",
-                        err=True,
-                    )
+        except KeyshiftError as error:
+            explain(error)
             raise
-        if json_out:
-            emit_json(await _status(db, row.id))
-        else:
-            typer.echo(f"run {row.id} created ({row.total} accounts, {row.strategy}); next:")
-            typer.echo(f"  keyshift runs report {row.id}")
+        return await _status(db, row.id)
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        _, text = await checked_remotely(api, rules_path)
+        body: dict[str, Any] = {
+            "rules": text,
+            "cohort": cohort.model_dump(mode="json", exclude_unset=True),
+            "options": options.model_dump(mode="json", exclude_unset=True),
+        }
+        if name is not None:
+            body["name"] = name
+        try:
+            created: dict[str, Any] = await api.post("/v1/runs", body)
+        except KeyshiftError as error:
+            explain(error)
+            raise
+        return created
+
+    shown = run(work, remote=remote)
+    if json_out:
+        emit_json(shown)
+    else:
+        typer.echo(
+            f"run {shown['id']} created ({shown['total']} accounts, {shown['strategy']}); next:"
+        )
+        typer.echo(f"  keyshift runs report {shown['id']}")
 
 
 async def _status(db: Database, run_id: str) -> dict[str, Any]:
@@ -215,20 +242,29 @@ def report(
 ) -> None:
     """Dry-run every account of the run and print what would happen (writes no account state)."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
         from keyshift.runs import service
 
         async with db.transaction() as session:
             throughput = await service.measured_throughput(session)
-        row = await service.report(db, cli_actor(), run_id, throughput=throughput)
+        await service.report(db, cli_actor(), run_id, throughput=throughput)
+        # As stored (and as the API answers): PostgreSQL's jsonb keeps its own key order.
+        async with db.transaction() as session:
+            row = await service.get(session, run_id)
         assert row.report is not None
-        if json_out:
-            emit_json(row.report)
-        else:
-            print_report(row.id, row.report)
+        return row.report
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        await api.post(f"/v1/runs/{segment(run_id)}/report")
+        body: dict[str, Any] = await api.get(f"/v1/runs/{segment(run_id)}/report")
+        return body
+
+    body = run(work, remote=remote)
+    if json_out:
+        emit_json(body)
+    else:
+        print_report(run_id, body)
 
 
 def print_report(run_id: str, body: dict[str, Any], *, hints: bool = True) -> None:
@@ -286,17 +322,28 @@ def print_report(run_id: str, body: dict[str, Any], *, hints: bool = True) -> No
 def approve(run_id: str = typer.Argument(..., help="The run id.")) -> None:
     """Approve a reported run as reported (pinned to its rules and catalog hashes)."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> tuple[str, str | None]:
         from keyshift.context import cli_actor
         from keyshift.runs import service
 
         row = await service.approve(db, cli_actor(), run_id, four_eyes=settings.runs_four_eyes)
-        typer.echo(f"run {row.id} approved by {row.approved_by}")
+        return row.id, row.approved_by
 
-    run(work)
+    async def remote(api: Api) -> tuple[str, str | None]:
+        body = await api.post(f"/v1/runs/{segment(run_id)}/approve")
+        return body["id"], body["approved_by"]
+
+    approved, by = run(work, remote=remote)
+    typer.echo(f"run {approved} approved by {by}")
 
 
-def _move(move: str, run_id: str, *, wait: bool = False, **kwargs: Any) -> None:
+def _move(
+    move: str, run_id: str, *, wait: bool = False, body: dict[str, Any] | None = None, **kwargs: Any
+) -> None:
+    """Drive the run one step (``move``: the service function, and the API's path); ``body``:
+    what the API takes for the ``kwargs`` the service takes. ``wait``: until the run stops —
+    worked here on a local database, by the server's workers through a server."""
+
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.context import cli_actor
         from keyshift.runs import service
@@ -307,12 +354,37 @@ def _move(move: str, run_id: str, *, wait: bool = False, **kwargs: Any) -> None:
             processed = await _work_in_process(settings, db, run_id)
             async with db.transaction() as session:
                 row = await service.get(session, run_id)
-            typer.echo(f"run {row.id} is {row.state} ({processed} accounts processed here)")
-            if row.halted_reason:
-                typer.echo(f"halted: {row.halted_reason}", err=True)
-                raise typer.Exit(5)
+            _stopped(row.id, row.state, f"{processed} accounts processed here", row.halted_reason)
 
-    run(work)
+    async def remote(api: Api) -> None:
+        from keyshift.runs.model import CLAIMABLE
+
+        path = f"/v1/runs/{segment(run_id)}"
+        moved = await api.post(f"{path}/{move}", body)
+        typer.echo(f"run {moved['id']} is {moved['state']}")
+        if not wait:
+            return
+        typer.echo("waiting for the server's workers (Ctrl-C stops waiting, not the run)", err=True)
+        while moved["state"] in CLAIMABLE:
+            await asyncio.sleep(POLL_SECONDS)
+            moved = await api.get(path)
+        done = moved["progress"]["done"]
+        how = f"{done} accounts done by the server's workers"
+        _stopped(moved["id"], moved["state"], how, moved["halted_reason"])
+
+    run(work, remote=remote)
+
+
+#: How often `--wait` through a server looks at the run.
+POLL_SECONDS = 1.0
+
+
+def _stopped(run_id: str, state: str, how: str, halted_reason: str | None) -> None:
+    """The end of a ``--wait``: the state the run stopped in; exit 5 if it halted."""
+    typer.echo(f"run {run_id} is {state} ({how})")
+    if halted_reason:
+        typer.echo(f"halted: {halted_reason}", err=True)
+        raise typer.Exit(5)
 
 
 async def _work_in_process(settings: Settings, db: Database, run_id: str) -> int:
@@ -349,7 +421,10 @@ def stop_on_signals(stopping: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-WAIT_HELP = "Work the run in this process until it stops (no separate worker needed)."
+WAIT_HELP = (
+    "Wait until the run stops: on a local database, work it in this process (no separate"
+    " worker needed); through a server, wait for its workers."
+)
 
 
 @group.command("start")
@@ -411,14 +486,20 @@ def cutover(
             _die(f"--at: not an RFC 3339 time: {at!r}")
         except InvalidInput as error:
             _die(f"--at: {error.message}")
-    _move("cutover", run_id, wait=wait, at=when)
+    _move(
+        "cutover",
+        run_id,
+        wait=wait,
+        body=None if when is None else {"at": when.isoformat()},
+        at=when,
+    )
 
 
 @group.command("finalize")
 def finalize(run_id: str = typer.Argument(..., help="The run id.")) -> None:
     """Release old copies and retire snapshots of every migrated account: no rollback after."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> tuple[str, str]:
         from keyshift.context import cli_actor
         from keyshift.migration.executor import Executor
         from keyshift.migration.rollback import finalize_many
@@ -432,9 +513,14 @@ def finalize(run_id: str = typer.Argument(..., help="The run id.")) -> None:
             return await finalize_many(executor, actor, migration_ids)
 
         row = await service.finalize(db, actor, run_id, many)
-        typer.echo(f"run {row.id} is {row.state}")
+        return row.id, row.state
 
-    run(work)
+    async def remote(api: Api) -> tuple[str, str]:
+        body = await api.post(f"/v1/runs/{segment(run_id)}/finalize")
+        return body["id"], body["state"]
+
+    finalized, state = run(work, remote=remote)
+    typer.echo(f"run {finalized} is {state}")
 
 
 @group.command("status")
@@ -446,16 +532,26 @@ def status(
     """A run's progress: done/total, rate, ETA, failures, quarantined, held, rolled back."""
 
     async def work(settings: Settings, db: Database) -> None:
-        body = await _status(db, run_id)
-        if json_out:
-            emit_json(body)
-            return
-        if not watch:
-            typer.echo(_line(body))
-            return
-        await _watch(db, run_id)
+        await show(lambda: _status(db, run_id))
 
-    run(work)
+    async def remote(api: Api) -> None:
+        async def fetch() -> dict[str, Any]:
+            body: dict[str, Any] = await api.get(f"/v1/runs/{segment(run_id)}")
+            return body
+
+        await show(fetch)
+
+    async def show(fetch: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        if not watch:
+            body = await fetch()
+            if json_out:
+                emit_json(body)
+            else:
+                typer.echo(_line(body))
+            return
+        await _watch(fetch)
+
+    run(work, remote=remote)
 
 
 def _line(body: dict[str, Any]) -> str:
@@ -471,7 +567,7 @@ def _line(body: dict[str, Any]) -> str:
     )
 
 
-async def _watch(db: Database, run_id: str) -> None:
+async def _watch(fetch: Callable[[], Awaitable[dict[str, Any]]]) -> None:
     from rich.progress import BarColumn, Progress, TextColumn
 
     from keyshift.runs.model import CLAIMABLE, AccountState
@@ -486,7 +582,7 @@ async def _watch(db: Database, run_id: str) -> None:
     with Progress(*columns) as bar:
         task = bar.add_task("run", total=1, state="", rate="", eta="", detail="")
         while True:
-            body = await _status(db, run_id)
+            body = await fetch()
             p = body["progress"]
             s = p["by_state"]
             bar.update(
@@ -513,15 +609,26 @@ async def _watch(db: Database, run_id: str) -> None:
 def list_runs(limit: int = typer.Option(20, min=1, max=200, help="How many.")) -> None:
     """The most recent runs."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> list[dict[str, Any]]:
+        from keyshift.api.routes.runs import RunOut
         from keyshift.runs import service
 
         async with db.transaction() as session:
             rows = await service.list_runs(session, limit=limit)
-        for row in rows:
-            typer.echo(f"{row.id}  {row.state:<12} {row.total:>9}  {row.rules_ref}  {row.name}")
+        return [RunOut.model_validate(row).model_dump(mode="json") for row in rows]
 
-    run(work)
+    async def remote(api: Api) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await api.get("/v1/runs", limit=limit)
+        return rows
+
+    for row in run(work, remote=remote):
+        typer.echo(
+            f"{row['id']}  {row['state']:<12} {row['total']:>9}  {row['rules']}  {row['name']}"
+        )
+
+
+#: The page `runs accounts` asks a server for (the API's largest).
+ACCOUNTS_PAGE = 500
 
 
 @group.command("accounts")
@@ -532,44 +639,68 @@ def accounts(
 ) -> None:
     """The run's accounts with their state, attempts and error, as JSON lines."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    from keyshift.runs.model import AccountState
+
+    if state is not None and state not in set(AccountState):
+        _die(f"--state: one of {', '.join(AccountState)}")
+
+    async def work(settings: Settings, db: Database) -> list[dict[str, Any]]:
         from keyshift.api.routes.runs import RunAccountOut
         from keyshift.runs import service
-        from keyshift.runs.model import AccountState
 
-        if state is not None and state not in set(AccountState):
-            _die(f"--state: one of {', '.join(AccountState)}")
         async with db.transaction() as session:
             await service.get(session, run_id)
             rows = await service.accounts(session, run_id, state=state, limit=limit)
-        for row in rows:
-            typer.echo(
-                json.dumps(
-                    RunAccountOut.model_validate(row).model_dump(mode="json", exclude={"ledger"})
-                )
-            )
+        return [
+            RunAccountOut.model_validate(row).model_dump(mode="json", exclude={"ledger"})
+            for row in rows
+        ]
 
-    run(work)
+    async def remote(api: Api) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        after = -1
+        while len(out) < limit:
+            page = await api.get(
+                f"/v1/runs/{segment(run_id)}/accounts",
+                state=state,
+                after=after,
+                limit=min(ACCOUNTS_PAGE, limit - len(out)),
+            )
+            out += [{k: v for k, v in item.items() if k != "ledger"} for item in page["accounts"]]
+            if page["next_after"] is None:
+                break
+            after = page["next_after"]
+        return out
+
+    for item in run(work, remote=remote):
+        typer.echo(json.dumps(item))
 
 
 @group.command("verify")
 def verify(
     run_id: str = typer.Argument(..., help="The run id."),
     sample: int = typer.Option(100, min=1, max=1_000_000, help="Accounts to check."),
-    seed: int = typer.Option(0, help="The sample's seed."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="The sample's seed."),
 ) -> None:
     """Re-verify a random sample of migrated accounts against their expected state."""
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> list[dict[str, Any]]:
+        from dataclasses import asdict
+
         from keyshift.runs import service
 
-        checked_ = await service.verify_sample(db, run_id, sample, seed=seed)
-        bad = [v for v in checked_ if v.problems]
-        for item in bad:
-            for problem in item.problems:
-                typer.echo(f"{item.account_id}: {problem}", err=True)
-        typer.echo(f"{len(checked_)} account(s) checked, {len(bad)} with differences")
-        if bad:
-            raise typer.Exit(1)
+        return [asdict(v) for v in await service.verify_sample(db, run_id, sample, seed=seed)]
 
-    run(work)
+    async def remote(api: Api) -> list[dict[str, Any]]:
+        body = await api.get(f"/v1/runs/{segment(run_id)}/verify", sample=sample, seed=seed)
+        accounts: list[dict[str, Any]] = body["accounts"]
+        return accounts
+
+    checked_ = run(work, remote=remote)
+    bad = [v for v in checked_ if v["problems"]]
+    for item in bad:
+        for problem in item["problems"]:
+            typer.echo(f"{item['account_id']}: {problem}", err=True)
+    typer.echo(f"{len(checked_)} account(s) checked, {len(bad)} with differences")
+    if bad:
+        raise typer.Exit(1)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from keyshift.cli.output import emit_json
+from keyshift.cli.output import emit_json, fail
+from keyshift.cli.remote import segment
 from keyshift.cli.runtime import run
-from keyshift.errors import InvalidInput
+from keyshift.errors import InvalidInput, KeyshiftError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    from keyshift.cli.remote import Api
     from keyshift.config import Settings
     from keyshift.db.engine import Database
     from keyshift.metering import service as metering
@@ -51,14 +53,18 @@ def record(
     """Record one usage event (printed as JSON, with `replayed` for a repeated key)."""
     if (key is None) == (account is None):
         raise typer.BadParameter("give exactly one of --key or --account")
+    try:
+        when = _timestamp(timestamp)
+    except KeyshiftError as error:
+        fail(error)
 
-    async def work(settings: Settings, db: Database) -> None:
+    async def work(settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.context import cli_actor
         from keyshift.metering import service as metering
         from keyshift.metering import subjects
         from keyshift.security.secrets_store import load_secrets
 
-        event = metering.UsageIn(meter, quantity, idempotency_key, _timestamp(timestamp), member)
+        event = metering.UsageIn(meter, quantity, idempotency_key, when, member)
         policy = metering.UsagePolicy.from_settings(settings)
 
         async def once(session: AsyncSession) -> metering.Recorded:
@@ -71,9 +77,20 @@ def record(
             return await metering.record(session, cli_actor(), subject, event, policy=policy)
 
         recorded = await metering.in_transaction(db, once)
-        emit_json(recorded.to_dict())
+        return recorded.to_dict()
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        # By key: as the application would; by account: as a service, with usage:write.
+        body: dict[str, Any] = {"key": key} if key is not None else {"account_id": account}
+        body |= {"meter": meter, "quantity": quantity, "idempotency_key": idempotency_key}
+        if when is not None:
+            body["timestamp"] = when.isoformat()
+        if member is not None:
+            body["member"] = member
+        recorded: dict[str, Any] = await api.post("/v1/usage", body)
+        return recorded
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("show")
@@ -84,7 +101,7 @@ def show(
 ) -> None:
     """An account's meters: used / included / remaining and recent events."""
 
-    async def work(_settings: Settings, db: Database) -> None:
+    async def work(_settings: Settings, db: Database) -> dict[str, Any]:
         from keyshift.metering import reports
         from keyshift.metering.schemas import UsageReportOut
 
@@ -92,21 +109,32 @@ def show(
             report = await reports.account_usage(
                 session, account_id, period=period, history_limit=history_limit
             )
-            emit_json(UsageReportOut.model_validate(report).model_dump(mode="json"))
+            shown: dict[str, Any] = UsageReportOut.model_validate(report).model_dump(mode="json")
+        return shown
 
-    run(work)
+    async def remote(api: Api) -> dict[str, Any]:
+        shown: dict[str, Any] = await api.get(
+            f"/v1/accounts/{segment(account_id)}/usage",
+            period=period,
+            history_limit=history_limit,
+        )
+        return shown
+
+    emit_json(run(work, remote=remote))
 
 
 @group.command("prune")
 def prune() -> None:
     """Release idempotency keys older than their window (events are kept)."""
 
-    async def work(_settings: Settings, db: Database) -> None:
+    async def work(_settings: Settings, db: Database) -> int:
         from keyshift.context import cli_actor
         from keyshift.metering import service as metering
 
         async with db.transaction() as session:
-            released = await metering.prune(session, cli_actor())
-        emit_json({"released": released})
+            return await metering.prune(session, cli_actor())
 
-    run(work)
+    async def remote(api: Api) -> int:
+        return int((await api.post("/v1/usage/prune"))["released"])
+
+    emit_json({"released": run(work, remote=remote)})

@@ -24,6 +24,7 @@ from keyshift.api.deps import (
 )
 from keyshift.api.routes.accounts import Grants
 from keyshift.api.schemas import LicenseKey, Request, Timestamp
+from keyshift.api.schemas import Response as ResponseModel
 from keyshift.context import Actor
 from keyshift.db.tables import License
 from keyshift.errors import KeyshiftError, LicenseNotFound
@@ -172,6 +173,20 @@ async def renew(
     until: datetime | None = body.expires_at if body else None
     row = await service.renew_license(session, actor, license_id, until=until)
     return await _out(session, row)
+
+
+class Revealed(ResponseModel):
+    key: str = Field(description="The license's key, decrypted.")
+
+
+@router.post("/v1/licenses/{license_id}/reveal")
+async def reveal_license(
+    license_id: str, actor: Writer, session: Session, state: State, response: Response
+) -> Revealed:
+    """The license's key, decrypted, for a customer who lost it (`keyshift licenses reveal`);
+    the reveal is audited and the answer is not to be cached."""
+    response.headers["Cache-Control"] = "no-store"
+    return Revealed(key=await service.reveal(session, actor, state.secrets.keyring, license_id))
 
 
 @router.get("/v1/licenses/{license_id}/activations")

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field
 from sqlalchemy import select
 
 from keyshift.api.deps import Migrations, State, require, require_any
+from keyshift.api.inputs import INT64_MAX
 from keyshift.api.routes.migrations import RULES_FILE, RulesText, _about_rules, _RulesBody
 from keyshift.api.schemas import Instant, Request, Response, Timestamp
 from keyshift.context import Actor
@@ -106,6 +107,17 @@ class RunAccountOut(Response):
     error: str | None
     done_at: Instant | None
     ledger: list[LedgerStepOut] = Field(default_factory=list)
+
+
+class VerifiedOut(Response):
+    account_id: str
+    migration_id: str
+    problems: list[str] = Field(description="Each difference from the expected state.")
+
+
+class RunVerified(Response):
+    checked: int
+    accounts: list[VerifiedOut] = Field(description="Every account checked, in id order.")
 
 
 class RunAccountsPage(Response):
@@ -288,4 +300,21 @@ async def run_accounts(
         out.append(item)
     return RunAccountsPage(
         accounts=out, next_after=rows[-1].position if len(rows) == limit else None
+    )
+
+
+@router.get("/{run_id}/verify", response_model=RunVerified)
+async def verify_run(
+    run_id: RunId,
+    _actor: Reader,
+    state: State,
+    engine: Migrations,
+    sample: Annotated[int, Query(ge=1, le=1_000_000)] = 100,
+    seed: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
+) -> Any:
+    """Re-verify a seeded random sample of the run's migrated accounts against the state their
+    migration expected (reads only), as ``keyshift runs verify`` does."""
+    checked = await service.verify_sample(state.db, run_id, sample, seed=seed, clock=engine.clock)
+    return RunVerified(
+        checked=len(checked), accounts=[VerifiedOut.model_validate(v) for v in checked]
     )

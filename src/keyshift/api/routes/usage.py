@@ -28,6 +28,7 @@ from keyshift.api.deps import (
 from keyshift.api.errors import JsonResponse
 from keyshift.api.schemas import LicenseKey, Timestamp
 from keyshift.api.schemas import Request as RequestModel
+from keyshift.api.schemas import Response as ResponseModel
 from keyshift.catalog.manifests import KEY_PATTERN
 from keyshift.context import Actor
 from keyshift.errors import KeyshiftError
@@ -185,3 +186,17 @@ async def account_usage(
             session, account_id, period=period, history_limit=history_limit
         )
     return UsageReportOut.model_validate(report)
+
+
+class Pruned(ResponseModel):
+    released: int = Field(description="Idempotency keys released (their events are kept).")
+
+
+@router.post("/v1/usage/prune")
+async def prune_usage(
+    actor: Annotated[Actor, Depends(require("usage:write"))], state: State
+) -> Pruned:
+    """Release the idempotency keys older than their window (`keyshift usage prune`); the
+    events stay. Audited."""
+    async with state.db.transaction() as session:
+        return Pruned(released=await metering.prune(session, actor))
