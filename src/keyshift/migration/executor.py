@@ -43,7 +43,7 @@ from keyshift.errors import (
     NotFound,
     Unavailable,
 )
-from keyshift.migration import repository
+from keyshift.migration import notices, repository
 from keyshift.migration.batching import FAULT_ENV as FAULT_ENV  # the crash tests set it
 from keyshift.migration.batching import fault_point, isolated
 from keyshift.migration.errors import (
@@ -225,6 +225,8 @@ class Batch:
     loaded: dict[str, license_cache.CachedLicense] | None = None
     #: Migration rows to insert (the lock step's), inserted by ``flush`` before the ledger.
     new_migrations: list[dict[str, Any]] = field(default_factory=list)
+    #: Customer notices the steps wrote (``migration.notices``), inserted by ``flush``.
+    notices: list[dict[str, Any]] = field(default_factory=list)
     #: Read ahead by ``read_holders``: the migration holding each account, the run holding it.
     _holders: dict[str, Migration] | None = None
     _runs: dict[str, str] | None = None
@@ -313,6 +315,8 @@ class Batch:
         await repository.insert_migrations(self.session, migrations)
         rows, self.ledger = self.ledger, []
         await repository.insert_steps(self.session, rows)
+        written, self.notices = self.notices, []
+        await notices.write(self.session, written)
         conversions, self.conversions = self.conversions, {}
         for (mode, lease), ids in conversions.items():
             await repository.convert_now(self.session, mode, lease, ids)
@@ -534,6 +538,7 @@ class Executor:
             events.insert(0, registered)
         if row.state == MigrationState.LOCKED:
             batch.write_step(row, Step.LOCK, details={"rules": rules.ref})
+            batch.notices.append(notices.started(row, now))
         events.append(
             audit.EventIn(
                 f"migration.{row.state if row.state != MigrationState.LOCKED else 'start'}",
@@ -932,6 +937,9 @@ class Executor:
             "counters": counters,
         }
         batch.write_step(row, Step.CUTOVER, details=details)
+        grace = expected["subscription"]["overrides"].get("grace")
+        if grace and (ending := notices.grace_ending(row, grace["until"], now)) is not None:
+            batch.notices.append(ending)
         await audit.record(
             session,
             actor,
@@ -1042,6 +1050,7 @@ class Executor:
         }
         row.state, row.lock_account_id, row.finished_at = MigrationState.COMPLETED, None, now
         batch.write_step(row, Step.RECEIPT, details={"keyid": kid})
+        batch.notices.append(notices.completed(row, row.receipt, now))
         await audit.record(
             session,
             actor,
