@@ -9,8 +9,8 @@ import asyncio
 import base64
 
 import pytest
-from prometheus_client import REGISTRY
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from keyshift.audit import service as audit
