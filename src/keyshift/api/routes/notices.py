@@ -8,13 +8,13 @@ Reading needs ``notices:read``; configuring and replaying ``notices:write``; ann
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import Field
 
 from keyshift.api.deps import Migrations, State, require
+from keyshift.api.responses import error_response
 from keyshift.api.schemas import Instant, Request, Response, Timestamp
 from keyshift.context import Actor
 from keyshift.db.tables import Notice
@@ -125,7 +125,9 @@ async def set_endpoint(body: EndpointIn, actor: Writer, state: State) -> Any:
     )
 
 
-@router.get("/v1/notices/endpoint", response_model=EndpointOut)
+@router.get(
+    "/v1/notices/endpoint", response_model=EndpointOut, responses={404: error_response(404)}
+)
 async def get_endpoint(_actor: Reader, state: State) -> Any:
     """The endpoint (never its secret); 404 before one is set."""
     async with state.db.transaction() as session:
@@ -147,18 +149,20 @@ async def list_templates(_actor: Reader, state: State) -> Any:
         ]
 
 
-@router.put("/v1/notices/templates/{kind}", response_model=TemplateOut)
-async def set_template(kind: NoticeKind, body: TemplateIn, actor: Writer, state: State) -> Any:
+@router.put("/v1/notices/templates/{notice_kind}", response_model=TemplateOut)
+async def set_template(
+    notice_kind: NoticeKind, body: TemplateIn, actor: Writer, state: State
+) -> Any:
     """Store the text for one kind; a variable the kind does not have is refused (422
     ``invalid_template`` naming it) and the refusal audited."""
-    info = await service.set_template(state.db, actor, kind, body.subject, body.body)
+    info = await service.set_template(state.db, actor, notice_kind, body.subject, body.body)
     return TemplateOut.model_validate(info, from_attributes=True)
 
 
-@router.delete("/v1/notices/templates/{kind}", response_model=TemplateOut)
-async def reset_template(kind: NoticeKind, actor: Writer, state: State) -> Any:
+@router.delete("/v1/notices/templates/{notice_kind}", response_model=TemplateOut)
+async def reset_template(notice_kind: NoticeKind, actor: Writer, state: State) -> Any:
     """Back to the built-in text."""
-    info = await service.reset_template(state.db, actor, kind)
+    info = await service.reset_template(state.db, actor, notice_kind)
     return TemplateOut.model_validate(info, from_attributes=True)
 
 
@@ -168,12 +172,11 @@ async def account_notices(
     _actor: Reader,
     state: State,
     kind: NoticeKind | None = None,
-    before: Annotated[datetime | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Any:
     """The account's notices, newest first, with how each delivery went."""
     async with state.db.transaction() as session:
-        rows = await service.history(session, account_id, kind=kind, before=before, limit=limit)
+        rows = await service.history(session, account_id, kind=kind, limit=limit)
         return [_notice(r) for r in rows]
 
 
