@@ -12,9 +12,15 @@ from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.errors import InvalidInput
 from keyshift.migration.executor import Executor
-from keyshift.migration.rollback import rollback
+from keyshift.migration.rollback import cancel, rollback
+from keyshift.migration.schedule import run_due
 from keyshift.notices.delivery import Deliverer
-from keyshift.notices.kinds import GRACE_NOTICE_LEAD, NoticeKind, NoticeState
+from keyshift.notices.kinds import (
+    GRACE_NOTICE_LEAD,
+    SCHEDULE_NOTICE_LEAD,
+    NoticeKind,
+    NoticeState,
+)
 from keyshift.runs import service as runs
 from keyshift.runs.announce import announce
 from keyshift.runs.model import WrongRunState
@@ -115,3 +121,37 @@ async def test_a_grace_period_is_announced_before_it_ends_and_cancelled_by_a_rol
     kinds = {n.kind: n.state for n in await helpers.notices(db)}
     assert kinds[NoticeKind.GRACE_ENDING] == NoticeState.CANCELLED
     assert kinds[NoticeKind.ROLLED_BACK] == NoticeState.PENDING
+
+
+async def test_a_one_off_scheduled_change_is_announced_then_started_when_due_or_cancelled(
+    db: Database, secrets: Secrets
+) -> None:
+    await migration.publish(db)
+    account_id, _ = await migration.rich_account(db, secrets)
+    at = (datetime.now(UTC) + timedelta(days=10)).replace(microsecond=0)
+    text = migration.RULES.replace('version = "1"', 'version = "1-at"', 1) + (
+        f'\n[schedule]\neffective = "at"\nat = {at.strftime("%Y-%m-%dT%H:%M:%SZ")}\n'
+    )
+    now = [datetime.now(UTC)]
+    executor = Executor(db, secrets.signing, clock=lambda: now[0])
+    row = await executor.apply(SYSTEM, migration.rules(text), account_id)
+    [announced] = await helpers.notices(db, account_id)
+    assert (announced.kind, announced.next_attempt_at) == (
+        NoticeKind.SCHEDULED,
+        at - SCHEDULE_NOTICE_LEAD,
+    )
+    assert announced.payload["changes"][0] == "your plan moves from old-seat@1 to new-seat@1"
+
+    now[0] = at + timedelta(seconds=1)
+    [done] = await run_due(executor, SYSTEM)
+    assert done.id == row.id
+    kinds = sorted(n.kind for n in await helpers.notices(db, account_id))
+    assert kinds == sorted([NoticeKind.SCHEDULED, NoticeKind.STARTED, NoticeKind.COMPLETED])
+
+    # Another account's, cancelled before it runs: its unsent announcement is cancelled too.
+    other, _ = await migration.rich_account(db, secrets)
+    now[0] = datetime.now(UTC)
+    second = await executor.apply(SYSTEM, migration.rules(text), other)
+    await cancel(executor, SYSTEM, second.id)
+    [withdrawn] = await helpers.notices(db, other)
+    assert (withdrawn.kind, withdrawn.state) == (NoticeKind.SCHEDULED, NoticeState.CANCELLED)

@@ -13,6 +13,8 @@ from keyshift.migration.executor import Executor
 from keyshift.notices import service, templates
 from keyshift.notices.errors import TemplateInvalid
 from keyshift.notices.kinds import NoticeKind
+from keyshift.security.keyring import Keyring
+from keyshift.security.rotation import reencrypt_licenses
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers as migration
 from tests.notices import helpers
@@ -88,3 +90,21 @@ async def test_the_vendors_text_is_what_the_customer_reads(db: Database, secrets
     async with db.transaction() as session:
         texts = await service.texts(session)
     assert texts[NoticeKind.COMPLETED] == templates.DEFAULTS[NoticeKind.COMPLETED]
+
+
+async def test_the_endpoint_secret_moves_to_a_rotated_key_with_the_license_keys(
+    db: Database, secrets: Secrets
+) -> None:
+    """Sealed at rest like a license key, and re-encrypted with them: after the rotation a
+    keyring holding only the new key opens it."""
+    _, secret = await service.set_endpoint(db, secrets.keyring, SYSTEM, "http://127.0.0.1:9/h")
+    rotated = secrets.keyring.rotated()
+    await reencrypt_licenses(db, rotated, SYSTEM)
+    only_new = Keyring(
+        active=rotated.active,
+        keys={rotated.active: rotated.keys[rotated.active]},
+        lookup_key=rotated.lookup_key,
+    )
+    async with db.transaction() as session:
+        endpoint = await service.load_endpoint(session, only_new)
+    assert endpoint is not None and endpoint.secret == secret

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -510,6 +510,8 @@ class NoticeEndpoint(Base):
     sealed with the keyring (AES-256-GCM, the row's id as associated data)."""
 
     __tablename__ = "notice_endpoints"
+    #: The associated data the secret is sealed with (its row).
+    SECRET_CONTEXT: ClassVar[bytes] = b"notice_endpoint:1"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     url: Mapped[str] = mapped_column(String(2000))

@@ -495,6 +495,7 @@ class Executor:
         if holder is not None and on_pending == "replace":
             holder.state, holder.lock_account_id = MigrationState.CANCELLED, None
             holder.finished_at = now
+            await notices.cancelled(session, [holder.id])
             holder.error = f"replaced by migration {migration_id}"
             await session.flush()
             events.append(
@@ -539,6 +540,8 @@ class Executor:
         if row.state == MigrationState.LOCKED:
             batch.write_step(row, Step.LOCK, details={"rules": rules.ref})
             batch.notices.append(notices.started(row, now))
+        elif row.state == MigrationState.SCHEDULED and effective_at is not None:
+            batch.notices.append(notices.scheduled(row, plan, effective_at, now))
         events.append(
             audit.EventIn(
                 f"migration.{row.state if row.state != MigrationState.LOCKED else 'start'}",

@@ -12,10 +12,11 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyshift.db.tables import Migration
+from keyshift.migration.planner import MigrationPlan
 from keyshift.migration.repository import MigrationRecord
 from keyshift.migration.state import iso, parse_iso
 from keyshift.notices import outbox
-from keyshift.notices.kinds import AHEAD, GRACE_NOTICE_LEAD, NoticeKind
+from keyshift.notices.kinds import AHEAD, GRACE_NOTICE_LEAD, SCHEDULE_NOTICE_LEAD, NoticeKind
 
 Row = Migration | MigrationRecord
 
@@ -39,6 +40,52 @@ def started(row: Row, now: datetime) -> dict[str, Any]:
         payload=_about(row, iso(now)),
         migration_id=row.id,
         run_id=row.run_id,
+    )
+
+
+def changes_of(plan: MigrationPlan) -> list[str]:
+    """What changes for the account, in words, from its plan."""
+    out = [f"your plan moves from {plan.source_ref or 'no plan'} to {plan.target_ref}"]
+    for conflict in plan.conflicts:
+        out.append(
+            f"{conflict.quota}: you use {conflict.used}, the new plan allows {conflict.limit};"
+            f" {conflict.resolution}"
+        )
+    for risk in plan.risks:
+        kind, _, what = risk.partition(":")
+        if kind == "loses_feature":
+            out.append(f"the feature {what} is no longer included")
+        elif kind == "drops_addon":
+            out.append(f"the add-on {what} does not carry over")
+    if plan.deactivate:
+        out.append(f"{len(plan.deactivate)} machine(s) over the new seat limit are deactivated")
+    if plan.archive:
+        out.append(f"{len(plan.archive)} data object(s) move to the archive tier")
+    return out
+
+
+def scheduled(
+    row: Row, plan: MigrationPlan, effective_at: datetime, now: datetime
+) -> dict[str, Any]:
+    """A one-off change scheduled for later: sent ``SCHEDULE_NOTICE_LEAD`` before it takes
+    effect (at once if it is sooner), with what changes for the account."""
+    payload = _about(row, iso(effective_at)) | {"changes": changes_of(plan)}
+    return outbox.notice(
+        NoticeKind.SCHEDULED,
+        row.account_id,
+        now=now,
+        about=row.id,
+        payload=payload,
+        migration_id=row.id,
+        run_id=row.run_id,
+        due=effective_at - SCHEDULE_NOTICE_LEAD,
+    )
+
+
+async def cancelled(session: AsyncSession, migration_ids: Sequence[str]) -> None:
+    """A change withdrawn (cancelled or replaced) before it ran: its unsent notices ahead."""
+    await outbox.cancel(
+        session, kinds=AHEAD, migration_ids=migration_ids, reason="the change was cancelled"
     )
 
 

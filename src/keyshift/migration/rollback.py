@@ -298,6 +298,7 @@ async def cancel_many(
             else:
                 row.state, row.lock_account_id = MigrationState.CANCELLED, None
                 row.finished_at = now
+                await notices.cancelled(session, [row.id])
                 await audit.record(
                     session,
                     actor,

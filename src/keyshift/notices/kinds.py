@@ -39,5 +39,8 @@ EVENT_TYPES: dict[NoticeKind, str] = {
 #: undone before they are sent.
 AHEAD: frozenset[NoticeKind] = frozenset({NoticeKind.SCHEDULED, NoticeKind.GRACE_ENDING})
 
+#: How long before a one-off scheduled change takes effect its notice is sent (at once if
+#: sooner); a run's announcement says its own lead.
+SCHEDULE_NOTICE_LEAD = timedelta(days=7)
 #: How long before a grace period ends its notice is sent (at once if the grace is shorter).
 GRACE_NOTICE_LEAD = timedelta(days=7)

@@ -27,8 +27,7 @@ from keyshift.security.keyring import Keyring, Sealed
 
 #: The endpoint's single row.
 ENDPOINT_ID = 1
-#: Associated data the endpoint's sealed secret is bound to.
-_SECRET_CONTEXT = b"notice_endpoint:1"
+_SECRET_CONTEXT = NoticeEndpoint.SECRET_CONTEXT
 #: The Standard Webhooks secret prefix, and the secret's size range (bytes).
 SECRET_PREFIX = "whsec_"
 _SECRET_BYTES = (24, 64)

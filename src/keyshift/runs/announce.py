@@ -23,7 +23,7 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import RunAccount
 from keyshift.db.types import utcnow
 from keyshift.errors import InvalidInput
-from keyshift.migration.planner import MigrationPlan
+from keyshift.migration.notices import changes_of
 from keyshift.notices import outbox
 from keyshift.notices.kinds import NoticeKind
 from keyshift.runs import service
@@ -42,27 +42,6 @@ class Announcement:
     on: datetime
     send_at: datetime
     notices: int
-
-
-def changes_of(plan: MigrationPlan) -> list[str]:
-    """What changes for the account, in words, from its plan."""
-    out = [f"your plan moves from {plan.source_ref or 'no plan'} to {plan.target_ref}"]
-    for conflict in plan.conflicts:
-        out.append(
-            f"{conflict.quota}: you use {conflict.used}, the new plan allows {conflict.limit};"
-            f" {conflict.resolution}"
-        )
-    for risk in plan.risks:
-        kind, _, what = risk.partition(":")
-        if kind == "loses_feature":
-            out.append(f"the feature {what} is no longer included")
-        elif kind == "drops_addon":
-            out.append(f"the add-on {what} does not carry over")
-    if plan.deactivate:
-        out.append(f"{len(plan.deactivate)} machine(s) over the new seat limit are deactivated")
-    if plan.archive:
-        out.append(f"{len(plan.archive)} data object(s) move to the archive tier")
-    return out
 
 
 async def announce(
