@@ -37,7 +37,12 @@ def test_a_variable_of_another_kind_is_unknown_here() -> None:
 
 @pytest.mark.parametrize(
     ("subject", "body", "field"),
-    [("Hi", "costs $5", "body"), ("", "x", "subject"), ("${date", "x", "subject")],
+    [
+        ("Hi", "costs $5", "body"),
+        ("", "x", "subject"),
+        ("${date", "x", "subject"),
+        ("Hi", "nul \x00 here", "body"),
+    ],
 )
 def test_malformed_templates_are_refused(subject: str, body: str, field: str) -> None:
     with pytest.raises(TemplateInvalid) as refused:

@@ -324,14 +324,16 @@ def deliver(
             db, load_secrets(settings.secrets_dir).keyring, Policy.from_settings(settings)
         )
         total = Report()
+        warned = False
         stopping = asyncio.Event()
         with stop_on_signals(stopping):
             while True:
                 report = await deliver_until_idle(deliverer, limit=limit)
                 for name in ("claimed", "delivered", "failed", "dead"):
                     setattr(total, name, getattr(total, name) + getattr(report, name))
-                if report.no_endpoint:
+                if report.no_endpoint and not warned:
                     typer.echo("no webhook endpoint is set: nothing delivered", err=True)
+                    warned = True
                 if not loop:
                     break
                 try:

@@ -77,6 +77,9 @@ def _problems(kind: NoticeKind, part: str, text: str) -> list[tuple[str, str, st
         out.append((part, f"the {part} is empty", None))
     if len(text) > limit:
         out.append((part, f"the {part} is {len(text)} characters; at most {limit}", None))
+    controls = sorted({f"U+{ord(c):04X}" for c in text if ord(c) < 32 and c not in "\n\r\t"})
+    if controls:
+        out.append((part, f"the {part} contains control characters ({', '.join(controls)})", None))
     template = string.Template(text)
     for match in template.pattern.finditer(text):
         if match.group("invalid") is not None:

@@ -36,7 +36,6 @@ class EndpointIn(Request):
     )
     secret: str | None = Field(
         default=None,
-        min_length=1,
         max_length=200,
         description="A Standard Webhooks secret (`whsec_` + base64); omitted: one is made and"
         " shown once in the answer.",
@@ -55,8 +54,8 @@ class EndpointOut(Response):
 
 
 class TemplateIn(Request):
-    subject: str = Field(min_length=1, max_length=5000)
-    body: str = Field(min_length=1, max_length=50_000)
+    subject: str = Field(max_length=5000)
+    body: str = Field(max_length=50_000)
 
 
 class TemplateOut(Response):
