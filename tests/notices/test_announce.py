@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import event
 
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
@@ -23,7 +24,7 @@ from keyshift.notices.kinds import (
 )
 from keyshift.runs import service as runs
 from keyshift.runs.announce import announce
-from keyshift.runs.model import WrongRunState
+from keyshift.runs.model import RunOptions, WrongRunState
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers as migration
 from tests.notices import helpers
@@ -155,3 +156,31 @@ async def test_a_one_off_scheduled_change_is_announced_then_started_when_due_or_
     await cancel(executor, SYSTEM, second.id)
     [withdrawn] = await helpers.notices(db, other)
     assert (withdrawn.kind, withdrawn.state) == (NoticeKind.SCHEDULED, NoticeState.CANCELLED)
+
+
+async def test_a_runs_batches_write_their_notices_in_one_insert_per_step(
+    db: Database, secrets: Secrets
+) -> None:
+    """The executor's hot path: a batch's notices go in one statement per batch step (the
+    lock's `started`, the receipt's `completed`), not one per account."""
+    ids = await run_helpers.cohort(db, secrets, 6)
+    run = await run_helpers.approved_run(db, options=RunOptions(batch_size=6))
+    await runs.start(db, SYSTEM, run.id)
+    inserts: list[int] = []
+
+    def count(_conn: object, _cursor: object, statement: str, params: object, *_: object) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO NOTICES"):
+            inserts.append(len(params) if isinstance(params, list) else 1)
+
+    engine = db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        await run_helpers.drive(Executor(db, secrets.signing), run.id)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    written = await helpers.notices(db)
+    assert sorted((n.account_id, n.kind) for n in written) == sorted(
+        (a, k) for a in ids for k in (NoticeKind.STARTED, NoticeKind.COMPLETED)
+    )
+    assert {n.run_id for n in written} == {run.id}
+    assert len(inserts) == 2, inserts  # one per step, each carrying the whole batch
