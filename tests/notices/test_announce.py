@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import event
 
+from keyshift.audit import service as audit
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.errors import InvalidInput
@@ -95,6 +96,13 @@ async def test_an_announcement_is_refused_for_the_past_or_a_running_run(
     with pytest.raises(WrongRunState):
         await announce(db, SYSTEM, run.id, datetime.now(UTC) + timedelta(days=9), lead_days=7)
     assert await helpers.notices(db) == []
+    async with db.transaction() as session:
+        refused = [
+            e.details["field"]
+            for e in await audit.list_events(session, limit=1000)
+            if e.action == "run.announce.refused"
+        ]
+    assert refused == ["on", "state"]
 
 
 async def test_a_grace_period_is_announced_before_it_ends_and_cancelled_by_a_rollback(

@@ -22,8 +22,9 @@ from keyshift.dates import rfc3339
 from keyshift.db.engine import Database
 from keyshift.db.tables import RunAccount
 from keyshift.db.types import utcnow
-from keyshift.errors import InvalidInput
+from keyshift.errors import InvalidInput, KeyshiftError, Unavailable
 from keyshift.migration.notices import changes_of
+from keyshift.migration.rules import MigrationRules
 from keyshift.notices import outbox
 from keyshift.notices.kinds import NoticeKind
 from keyshift.runs import service
@@ -44,17 +45,9 @@ class Announcement:
     notices: int
 
 
-async def announce(
-    db: Database,
-    actor: Actor,
-    run_id: str,
-    on: datetime,
-    *,
-    lead_days: int,
-    clock: Callable[[], datetime] = utcnow,
-) -> Announcement:
-    """Write the run's ``scheduled`` notices for ``on``, due ``lead_days`` before it."""
-    now = clock()
+async def _check(
+    db: Database, run_id: str, on: datetime, now: datetime
+) -> tuple[str, MigrationRules]:
     if on.tzinfo is None:
         raise InvalidInput("the date needs a time zone (e.g. a trailing Z)", field="on")
     if on <= now:
@@ -66,8 +59,36 @@ async def announce(
                 f"run {run_id} is {run.state}; it is announced when reported or approved",
                 field="state",
             )
-        rules = await service.rules_of(session, run)
-        name = run.name
+        return run.name, await service.rules_of(session, run)
+
+
+async def announce(
+    db: Database,
+    actor: Actor,
+    run_id: str,
+    on: datetime,
+    *,
+    lead_days: int,
+    clock: Callable[[], datetime] = utcnow,
+) -> Announcement:
+    """Write the run's ``scheduled`` notices for ``on``, due ``lead_days`` before it. A
+    refusal (a date not in the future, a run not reported or approved) is audited."""
+    now = clock()
+    try:
+        name, rules = await _check(db, run_id, on, now)
+    except KeyshiftError as error:
+        if isinstance(error, Unavailable):
+            raise
+        async with db.transaction() as session:
+            await audit.record(
+                session,
+                actor,
+                "run.announce.refused",
+                "run",
+                run_id[:200],
+                details={"code": error.code, "field": error.field, "reason": error.message},
+            )
+        raise
     about = f"{run_id}@{rfc3339(on)}"
     send_at = on - timedelta(days=lead_days)
     planner = service.Planner(rules)
