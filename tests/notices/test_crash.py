@@ -4,7 +4,10 @@ writes it once — the receiver gets every notice exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,15 @@ from keyshift.config import Settings
 from keyshift.context import SYSTEM
 from keyshift.db.engine import Database
 from keyshift.db.tables import Migration
+from keyshift.db.types import utcnow
 from keyshift.migration.executor import FAULT_ENV, Executor
-from keyshift.notices.kinds import NoticeKind
+from keyshift.notices import outbox
+from keyshift.notices.delivery import Deliverer, Policy
+from keyshift.notices.kinds import NoticeKind, NoticeState
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers as migration
 from tests.notices import helpers
-from tests.notices.receiver import always, receiving
+from tests.notices.receiver import Answer, always, receiving
 from tests.support import cli_env, run_keyshift
 
 #: Where the process dies, and the notices committed by then.
@@ -63,3 +69,47 @@ async def test_a_killed_step_announces_nothing_and_its_resumption_announces_once
     written = await helpers.notices(db, account_id)
     assert [n.kind for n in written] == [NoticeKind.STARTED, NoticeKind.COMPLETED]
     assert sorted(ids) == sorted(n.id for n in written)  # each once
+
+
+async def test_a_deliverer_killed_mid_send_holds_the_notice_until_its_lease_ends(
+    db: Database, secrets: Secrets, settings: Settings
+) -> None:
+    """SIGKILL while the receiver is still answering: the notice stays claimed (no second
+    deliverer sends it meanwhile), and after the lease it is sent again with the same
+    webhook id — at least once, and a receiver can tell the repeat."""
+    async with db.transaction() as session:
+        await outbox.write(
+            session,
+            [outbox.notice(NoticeKind.STARTED, "acct-1", now=utcnow(), about="m-1", payload={})],
+        )
+
+    def slow_first(_id: str, n: int) -> Answer:
+        return Answer(204, wait=3.0) if n == 1 else Answer(204)
+
+    with receiving(slow_first) as receiver:
+        await helpers.endpoint(db, secrets, receiver.url)
+        env = {**cli_env(settings), "KEYSHIFT_WEBHOOK_TIMEOUT": "5"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "keyshift.cli", "notices", "deliver", "--limit", "1",
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(300):  # 30 s at most for the process to start and send
+            if receiver.to("/hook"):
+                break
+            await asyncio.sleep(0.1)
+        process.kill()
+        await process.wait()
+        assert len(receiver.to("/hook")) == 1
+
+        [claimed] = await helpers.notices(db)
+        assert (claimed.state, claimed.attempts) == (NoticeState.PENDING, 0)
+        assert claimed.lease_until is not None
+        policy = Policy(timeout=5)
+        assert (await Deliverer(db, secrets.keyring, policy).deliver_due()).claimed == 0
+        after = claimed.lease_until + timedelta(seconds=1)
+        resumed = Deliverer(db, secrets.keyring, policy, clock=lambda: after)
+        assert (await resumed.deliver_due()).delivered == 1
+        ids = [r.webhook_id for r in receiver.to("/hook")]
+    assert ids == [claimed.id, claimed.id]
+    [done] = await helpers.notices(db)
+    assert (done.state, done.attempts) == (NoticeState.DELIVERED, 1)

@@ -70,10 +70,11 @@ class Policy:
         """The wait after the ``attempts``-th failed delivery."""
         return timedelta(seconds=min(self.backoff * 2 ** max(0, attempts - 1), self.backoff_max))
 
-    @property
-    def lease(self) -> timedelta:
-        """How long a claim holds its notices: past every delivery's timeout."""
-        return timedelta(seconds=2 * self.timeout + 30)
+    def lease(self, count: int) -> timedelta:
+        """How long a claim of ``count`` notices holds them: past the last delivery's
+        timeout (``CONCURRENCY`` at a time), with time to record the outcomes."""
+        rounds = -(-count // CONCURRENCY)
+        return timedelta(seconds=(rounds + 1) * self.timeout + 5)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class Deliverer:
         self, limit: int
     ) -> tuple[list[_Claimed], service.Endpoint | None, dict[NoticeKind, templates.Text], datetime]:
         now = self.clock()
-        lease = now + self.policy.lease
+        lease = now + self.policy.lease(limit)
         async with self.db.transaction() as session:
             endpoint = await service.load_endpoint(session, self.keyring)
             if endpoint is None:
