@@ -39,6 +39,8 @@ ENVIRON_READERS = {
     # Drops an inherited PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported: a
     # worker's samples stay in its own registry, out of the server's sums.
     "cli/worker.py",
+    # The same for `keyshift notices deliver`, a process of its own with its own /metrics.
+    "cli/notices.py",
 }
 
 

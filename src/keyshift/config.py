@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     server: str | None = None
     #: The bearer token the CLI sends to ``server``; never printed.
     token: SecretStr | None = None
+    #: Customer notices: how many days before a run's announced date its ``scheduled``
+    #: notices are sent (``keyshift runs announce``).
+    notice_lead_days: int = Field(7, ge=0, le=365)
+    #: Seconds a webhook delivery may take (connect, send, answer) before it counts as failed.
+    webhook_timeout: float = Field(10.0, gt=0, le=300, allow_inf_nan=False)
+    #: Deliveries of one notice before it goes to the dead-letter list.
+    webhook_max_attempts: int = Field(8, ge=1, le=100)
+    #: The first retry's delay in seconds; each next one doubles, up to the maximum below.
+    webhook_backoff_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
+    webhook_backoff_max_seconds: float = Field(6 * 3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
 
     @classmethod
     def from_env(cls) -> Settings:

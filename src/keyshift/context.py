@@ -22,6 +22,8 @@ SCOPES: frozenset[str] = frozenset(
         "migrations:read",
         "migrations:run",
         "migrations:approve",
+        "notices:read",
+        "notices:write",
     }
 )
 

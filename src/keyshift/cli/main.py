@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "runs": "runs",
     "worker": "worker",
     "simulate": "simulate",
+    "notices": "notices",
     "tokens": "tokens",
     "audit": "audit",
 }

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Enum,
     ForeignKey,
     Index,
@@ -460,3 +461,75 @@ class RunAccount(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     done_at: Mapped[datetime | None] = mapped_column()
+
+
+# -- customer notices --------------------------------------------------------------------------
+
+
+class Notice(Base):
+    """The outbox: one notice to a customer, written in the transaction of the change it
+    announces and delivered later as a signed webhook (``keyshift.notices``).
+
+    ``key`` is the notice's deterministic key (kind and what it is about): a replayed step
+    or announcement inserts nothing twice. A deliverer claims a due row by setting
+    ``lease_until``; ``attempts``, ``last_status`` and ``last_error`` say how its
+    deliveries went. No foreign key to ``accounts``: inserting one takes no lock on the
+    account's row, and an account's notice history outlives it.
+    """
+
+    __tablename__ = "notices"
+    __table_args__ = (
+        Index("ix_notices_account", "account_id", "created_at"),
+        Index("ix_notices_due", "state", "next_attempt_at"),
+        Index("ix_notices_migration", "migration_id"),
+        Index("ix_notices_run", "run_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    account_id: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    migration_id: Mapped[str | None] = mapped_column(String(36))
+    run_id: Mapped[str | None] = mapped_column(String(36))
+    #: The template's variables (and, for ``completed``, the signed receipt).
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: When it is next due: not before its announced moment, then after each backoff.
+    next_attempt_at: Mapped[datetime] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column()
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_attempt_at: Mapped[datetime | None] = mapped_column()
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+
+class NoticeEndpoint(Base):
+    """The vendor's webhook endpoint (one row, ``id`` 1): its URL and its signing secret,
+    sealed with the keyring (AES-256-GCM, the row's id as associated data)."""
+
+    __tablename__ = "notice_endpoints"
+    #: The associated data the secret is sealed with (its row).
+    SECRET_CONTEXT: ClassVar[bytes] = b"notice_endpoint:1"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    url: Mapped[str] = mapped_column(String(2000))
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    secret_kid: Mapped[str] = mapped_column(String(32))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class NoticeTemplate(Base):
+    """A vendor's text for one kind of notice (``subject`` and ``body``, ``$variable``
+    placeholders); a kind without a row uses the built-in text."""
+
+    __tablename__ = "notice_templates"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    subject: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(200))

@@ -46,7 +46,7 @@ from keyshift.errors import (
     NotFound,
     Unavailable,
 )
-from keyshift.migration import repository
+from keyshift.migration import notices, repository
 from keyshift.migration.batching import FAULT_ENV as FAULT_ENV  # the crash tests set it
 from keyshift.migration.batching import fault_point, isolated
 from keyshift.migration.errors import (
@@ -245,6 +245,8 @@ class Batch:
     loaded: dict[str, license_cache.CachedLicense] | None = None
     #: Migration rows to insert (the lock step's), inserted by ``flush`` before the ledger.
     new_migrations: list[dict[str, Any]] = field(default_factory=list)
+    #: Customer notices the steps wrote (``migration.notices``), inserted by ``flush``.
+    notices: list[dict[str, Any]] = field(default_factory=list)
     #: Read ahead by ``read_holders``: the migration holding each account, the run holding it.
     _holders: dict[str, Migration] | None = None
     _runs: dict[str, str] | None = None
@@ -343,6 +345,8 @@ class Batch:
         await repository.insert_migrations(self.session, migrations)
         rows, self.ledger = self.ledger, []
         await repository.insert_steps(self.session, rows)
+        written, self.notices = self.notices, []
+        await notices.write(self.session, written)
         conversions, self.conversions = self.conversions, {}
         for (mode, lease), ids in conversions.items():
             await repository.convert_now(self.session, mode, lease, ids)
@@ -564,6 +568,7 @@ class Executor:
         if holder is not None and on_pending == "replace":
             holder.state, holder.lock_account_id = MigrationState.CANCELLED, None
             holder.finished_at = now
+            await notices.cancelled(session, [holder.id])
             holder.error = f"replaced by migration {migration_id}"
             await session.flush()
             events.append(
@@ -607,6 +612,9 @@ class Executor:
             events.insert(0, registered)
         if row.state == MigrationState.LOCKED:
             batch.write_step(row, Step.LOCK, details={"rules": rules.ref})
+            batch.notices.append(notices.started(row, now))
+        elif row.state == MigrationState.SCHEDULED and effective_at is not None:
+            batch.notices.append(notices.scheduled(row, plan, effective_at, now))
         events.append(
             audit.EventIn(
                 f"migration.{row.state if row.state != MigrationState.LOCKED else 'start'}",
@@ -1148,6 +1156,9 @@ class Executor:
             "counters": counters,
         }
         batch.write_step(row, Step.CUTOVER, details=details)
+        grace = expected["subscription"]["overrides"].get("grace")
+        if grace and (ending := notices.grace_ending(row, grace["until"], now)) is not None:
+            batch.notices.append(ending)
         await audit.record(
             session,
             actor,
@@ -1258,6 +1269,7 @@ class Executor:
         }
         row.state, row.lock_account_id, row.finished_at = MigrationState.COMPLETED, None, now
         batch.write_step(row, Step.RECEIPT, details={"keyid": kid})
+        batch.notices.append(notices.completed(row, row.receipt, now))
         await audit.record(
             session,
             actor,

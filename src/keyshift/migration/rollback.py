@@ -19,7 +19,7 @@ from keyshift.db import changes
 from keyshift.db.engine import Database
 from keyshift.db.tables import DataObject, Migration
 from keyshift.errors import KeyshiftError
-from keyshift.migration import repository
+from keyshift.migration import notices, repository
 from keyshift.migration.batching import fault_point, isolated
 from keyshift.migration.errors import (
     MigrationFinalized,
@@ -249,6 +249,7 @@ async def _roll_back_turn(
         )
         out[row.id] = row
     await repository.insert_steps(session, ledger)
+    await notices.rolled_back(session, going, now, reason)
     return out
 
 
@@ -297,6 +298,7 @@ async def cancel_many(
             else:
                 row.state, row.lock_account_id = MigrationState.CANCELLED, None
                 row.finished_at = now
+                await notices.cancelled(session, [row.id])
                 await audit.record(
                     session,
                     actor,

@@ -19,7 +19,7 @@ from sqlalchemy import or_, select
 from keyshift.audit import service as audit
 from keyshift.context import Actor
 from keyshift.db.tables import Migration
-from keyshift.migration import repository
+from keyshift.migration import notices, repository
 from keyshift.migration.errors import MigrationNotFound, WrongState
 from keyshift.migration.executor import Executor, preview, rules_by_hash
 from keyshift.states import WAITING, MigrationState, Step
@@ -120,6 +120,7 @@ async def _start_due(executor: Executor, actor: Actor, migration_id: str, now: d
             return False
         row.state = MigrationState.LOCKED
         await repository.write_step(session, row, Step.LOCK, details={"scheduled": True}, now=now)
+        await notices.write(session, [notices.started(row, now)])
         await audit.record(
             session, actor, "migration.start", "migration", row.id, account_id=row.account_id
         )
@@ -142,6 +143,7 @@ async def approve(executor: Executor, actor: Actor, migration_id: str) -> Migrat
         await repository.write_step(
             session, row, Step.LOCK, details={"approved_by": actor.id}, now=now
         )
+        await notices.write(session, [notices.started(row, now)])
         await audit.record(
             session,
             actor,

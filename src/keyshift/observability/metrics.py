@@ -86,6 +86,13 @@ ACTIVATIONS = Counter(
     " license not active, the database unavailable ...).",
     ("result",),
 )
+WEBHOOK_DELIVERIES = Counter(
+    "keyshift_webhook_deliveries",
+    "Customer-notice webhook deliveries, by outcome: delivered (answered 2xx), failed (a"
+    " timeout, a non-2xx answer, a redirect or no connection; retried later) or dead (the"
+    " last attempt failed: the notice went to the dead-letter list).",
+    ("outcome",),
+)
 
 # Labelled children cached by their labels: ``.labels()`` takes a lock and hashes on every call,
 # and the label sets are few (routes x methods x statuses), so each is built once.
@@ -181,6 +188,10 @@ def record_usage(kind: str, recorded: int, replayed: int, refused: int, seconds:
 
 def record_activation(result: str) -> None:
     ACTIVATIONS.labels(result).inc()
+
+
+def record_webhook_delivery(outcome: str) -> None:
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
 
 
 def render() -> tuple[bytes, str]:

@@ -32,6 +32,8 @@ from keyshift.migration.errors import RulesInvalid
 from keyshift.migration.executor import check_rules, plan_pair, register_rules
 from keyshift.migration.planner import plan_migration
 from keyshift.migration.rules import MigrationRules, PlanPair
+from keyshift.notices import outbox
+from keyshift.notices.kinds import NoticeKind
 from keyshift.runs.errors import (
     AccountsInAnotherRun,
     CohortInvalid,
@@ -775,6 +777,9 @@ async def abort(
     async def apply(session: AsyncSession, run: MigrationRun) -> None:
         run.state, run.finished_at = RunState.ABORTED, clock()
         await _release(session, run.id)
+        await outbox.cancel(
+            session, kinds=[NoticeKind.SCHEDULED], run_id=run.id, reason="the run was aborted"
+        )
 
     return await _transition(db, actor, run_id, "abort", apply, clock=clock)
 
@@ -853,6 +858,9 @@ async def rollback(
         if run.state == RunState.ROLLING_BACK:
             return
         run.state, run.phase = RunState.ROLLING_BACK, Phase.ROLLBACK
+        await outbox.cancel(
+            session, kinds=[NoticeKind.SCHEDULED], run_id=run.id, reason="the run was rolled back"
+        )
         await session.execute(
             update(RunAccount)
             .where(RunAccount.run_id == run.id, RunAccount.state == AccountState.PENDING)

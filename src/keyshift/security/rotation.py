@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from keyshift.audit import service as audit
 from keyshift.context import Actor
 from keyshift.db.engine import Database
-from keyshift.db.tables import License
+from keyshift.db.tables import License, NoticeEndpoint
 from keyshift.security.keyring import Keyring, Sealed
 
 
@@ -48,6 +48,7 @@ async def reencrypt_licenses(
     several rotators or a busy server don't block each other) and audits what it moved.
     Re-running after an interruption continues where it stopped.
     """
+    await _reencrypt_endpoint_secret(db, keyring, actor)
     moved, batches = 0, 0
     while max_batches is None or batches < max_batches:
         async with db.transaction() as session:
@@ -79,3 +80,29 @@ async def reencrypt_licenses(
     usage = await key_usage(db)
     remaining = sum(count for kid, count in usage.items() if kid != keyring.active)
     return ReencryptReport(moved, remaining, usage)
+
+
+async def _reencrypt_endpoint_secret(db: Database, keyring: Keyring, actor: Actor) -> None:
+    """The customer-notice webhook secret (one row) onto the active key, as a license key."""
+    async with db.transaction() as session:
+        row = (
+            await session.execute(
+                select(NoticeEndpoint)
+                .where(NoticeEndpoint.secret_kid != keyring.active)
+                .with_for_update()
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            return
+        context = NoticeEndpoint.SECRET_CONTEXT
+        plaintext = keyring.open(Sealed(row.secret_kid, row.secret_ciphertext), context=context)
+        sealed = keyring.seal(plaintext, context=context)
+        row.secret_kid, row.secret_ciphertext = sealed.kid, sealed.ciphertext
+        await audit.record(
+            session,
+            actor,
+            "keyring.reencrypt",
+            "keyring",
+            keyring.active,
+            details={"notice_endpoint": 1, "to_kid": keyring.active},
+        )

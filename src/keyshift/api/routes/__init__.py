@@ -9,6 +9,7 @@ from keyshift.api.routes import (
     health,
     licenses,
     migrations,
+    notices,
     runs,
     tokens,
     usage,
@@ -26,4 +27,5 @@ ROUTERS: list[APIRouter] = [
     usage.router,
     migrations.router,
     runs.router,
+    notices.router,
 ]
