@@ -66,6 +66,7 @@ from keyshift.migration.state import (
     iso,
     parse_iso,
 )
+from keyshift.observability import tracing
 from keyshift.observability.migration_metrics import timed_batch_step, timed_lock
 from keyshift.security.signing import SigningKeys
 from keyshift.states import IN_FLIGHT, REPLACEABLE, MigrationState, Step, StepOutcome
@@ -332,6 +333,7 @@ class Executor:
     cache: license_cache.LicenseStateCache | None = None
     clock: Callable[[], datetime] = field(default=utcnow)
 
+    @tracing.traced_request
     async def request(
         self,
         actor: Actor,
@@ -609,6 +611,7 @@ class Executor:
         rows = await repository.lock_records(
             session, migration_ids, without=_NOT_READ.get(step, ())
         )
+        tracing.note_accounts(rows.values())
         batch.done = await repository.ledger_steps(session, list(rows))
         out: dict[str, Flow | KeyshiftError] = {}
         todo: list[MigrationRecord] = []
@@ -656,6 +659,7 @@ class Executor:
     # -- batches -------------------------------------------------------------------------------
 
     @timed_lock(Step.LOCK)
+    @tracing.traced_lock
     async def request_many(
         self,
         actor: Actor,
@@ -767,6 +771,7 @@ class Executor:
         return out
 
     @timed_batch_step
+    @tracing.traced_batch_step
     async def _batch_step(
         self, actor: Actor, migration_ids: Sequence[str], step: Step
     ) -> dict[str, Flow | KeyshiftError]:
