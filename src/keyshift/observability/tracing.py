@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -38,6 +39,8 @@ run_log = logging.getLogger("keyshift.runs.worker")
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
 _asyncpg: Any = None
+#: Engines given a statement tracer already (an app built twice on one engine: once).
+_engines: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def enabled() -> bool:
@@ -138,8 +141,9 @@ def instrument_engine(engine: Any) -> None:
     """A span per statement on a SQLite engine (SQLAlchemy's instrumentation), when tracing
     is on. PostgreSQL's statements are traced by asyncpg's instrumentation (``install``):
     both on one engine would trace each statement twice."""
-    if _tracer is None or engine.dialect.name == "postgresql":
+    if _tracer is None or engine.dialect.name == "postgresql" or engine in _engines:
         return
+    _engines.add(engine)
     from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
     from opentelemetry.metrics import NoOpUpDownCounter
 
@@ -231,15 +235,21 @@ def describe_accounts(span: Span, entries: Sequence[tuple[str, str, Any]]) -> No
 
 def traced_batch_step(method: _F) -> _F:
     """Decorates ``Executor._batch_step(self, actor, migration_ids, step)``: a span
-    ``migration.<step>`` over the batch, with its accounts and each one's outcome."""
+    ``migration.<step>`` over the batch, with its accounts and each one's outcome. (Steps
+    that share one transaction, given as a sequence, make one span ``migration.<a>+<b>``
+    with ``keyshift.steps``; each account's outcome is that of the last step it reached.)"""
 
     @functools.wraps(method)
     async def traced(self: Any, actor: Any, migration_ids: Sequence[str], step: Any) -> Any:
         tracer = _tracer
         if tracer is None:
             return await method(self, actor, migration_ids, step)
+        steps = [str(s) for s in step] if isinstance(step, tuple | list) else [str(step)]
+        attributes = _work_attributes(step=steps[0] if len(steps) == 1 else None)
+        if len(steps) > 1:
+            attributes["keyshift.steps"] = steps
         with tracer.start_as_current_span(
-            f"migration.{step}", attributes=_work_attributes(step=str(step))
+            "migration." + "+".join(steps), attributes=attributes
         ) as span:
             accounts: dict[str, str] = {}
             token = _step_accounts.set(accounts)
