@@ -2,10 +2,12 @@
 migration in a run is reconstructed from its spans (the run's batch, each step, the outcome
 the worker recorded), a failing account's failure is on its step's span, a migration over the
 API hangs under its request's span, a query string never reaches a span, and tracing off
-installs nothing."""
+installs nothing; a log line names the span it was written in."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +24,7 @@ from keyshift.db.engine import Database
 from keyshift.db.tables import DataObject
 from keyshift.migration.executor import RUN_STEPS, Executor
 from keyshift.observability import tracing
+from keyshift.observability.logging import JsonFormatter
 from keyshift.runs import service
 from keyshift.runs.model import RunOptions
 from keyshift.security.secrets_store import Secrets
@@ -204,3 +207,15 @@ def test_tracing_is_off_without_an_endpoint() -> None:
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true"}
     )
     assert tracing.trace_ids() is None
+
+
+def test_a_line_logged_in_a_span_names_its_trace(spans: InMemorySpanExporter) -> None:
+    record = logging.LogRecord("keyshift.test", logging.INFO, __file__, 1, "inside", None, None)
+    outside = json.loads(JsonFormatter().format(record))
+    assert "trace_id" not in outside
+    tracer = TracerProvider().get_tracer("test")  # any recording span in the context
+    with tracer.start_as_current_span("work") as span:
+        line = json.loads(JsonFormatter().format(record))
+    context = span.get_span_context()
+    assert line["trace_id"] == f"{context.trace_id:032x}"
+    assert line["span_id"] == f"{context.span_id:016x}"
