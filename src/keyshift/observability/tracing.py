@@ -5,7 +5,7 @@ and per database statement, exported over OTLP/HTTP — only when
 Off, no tracer provider is installed, nothing is instrumented and no OpenTelemetry module is
 imported: each hook below is one ``is None`` check. On, a step's span carries its batch's
 accounts as parallel arrays (account ids, migration ids, outcomes), not an event per account:
-measured (``benchmarks/tracing_cost.py``), an event costs 7–11 µs and the arrays about 1 µs
+measured (``benchmarks/tracing_cost.py``), an event costs 7 to 11 µs and the arrays about 1 µs
 per account and step, and the executor moves thousands of accounts a second.
 """
 
