@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from keyshift.observability.context import bound, current
+from keyshift.states import Step
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -275,7 +276,7 @@ def traced_lock(method: _F) -> _F:
         tracer = _tracer
         if tracer is None:
             return await method(self, actor, rules, accounts, **kwargs)
-        attributes = _work_attributes(step="lock", rules=getattr(rules, "ref", None))
+        attributes = _work_attributes(step=str(Step.LOCK), rules=getattr(rules, "ref", None))
         with tracer.start_as_current_span("migration.lock", attributes=attributes) as span:
             out = await method(self, actor, rules, accounts, **kwargs)
             entries = []
@@ -299,7 +300,7 @@ def traced_request(method: _F) -> _F:
         tracer = _tracer
         if tracer is None:
             return await method(self, actor, rules, account_id, **kwargs)
-        attributes = _work_attributes(step="lock", rules=getattr(rules, "ref", None))
+        attributes = _work_attributes(step=str(Step.LOCK), rules=getattr(rules, "ref", None))
         with tracer.start_as_current_span("migration.lock", attributes=attributes) as span:
             try:
                 out = await method(self, actor, rules, account_id, **kwargs)
@@ -322,7 +323,7 @@ def traced_rollback(function: _F) -> _F:
         if tracer is None:
             return await function(executor, actor, migration_ids, **kwargs)
         with tracer.start_as_current_span(
-            "migration.rollback", attributes=_work_attributes(step="rollback")
+            "migration.rollback", attributes=_work_attributes(step=str(Step.ROLLBACK))
         ) as span:
             accounts: dict[str, str] = {}
             token = _step_accounts.set(accounts)
