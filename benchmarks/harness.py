@@ -20,10 +20,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -691,3 +693,44 @@ def parameters(args: argparse.Namespace, *skip: str) -> dict[str, Any]:
     """The run's options as JSON values (paths as text), without the derived ones."""
     drop = {"no_record", "results", "server_env", *skip}
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in drop}
+
+
+@dataclass
+class OtlpSink:
+    """What a loopback OTLP/HTTP receiver took: export requests and their bytes."""
+
+    endpoint: str
+    requests: int = 0
+    bytes: int = 0
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[OtlpSink]:
+    """A receiver for the server's spans (``OTEL_EXPORTER_OTLP_ENDPOINT``) in a thread: it
+    reads each export and answers 200 with an empty response (a valid empty protobuf),
+    counting what arrived but parsing nothing, so it costs the machine little."""
+    sink = OtlpSink("")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            sink.requests += 1
+            sink.bytes += len(body)
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((HOST, 0), Handler)
+    sink.endpoint = f"http://{HOST}:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

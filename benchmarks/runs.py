@@ -25,6 +25,10 @@ runs rollback RUN``, then K workers again until the run is rolled back, timed th
 on the completed run (accounts finalized per second). Both go through the CLI, so the same
 script measures any version of the code.
 
+``--tracing on`` has the workers trace (``OTEL_EXPORTER_OTLP_ENDPOINT`` names a loopback
+OTLP/HTTP receiver in this process that counts the exports and parses nothing): the cost of a
+span per batch step with its accounts, and of a span per statement.
+
 Prints a table and writes ``results/runs-<UTC time>.json``.
 
     .venv/bin/python benchmarks/runs.py [--accounts 2000] [--workers 1,2,4] [--batch-size 100]
@@ -93,6 +97,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     after.add_argument(
         "--finalize", action="store_true", help="then finalize each completed run, timed"
+    )
+    add(
+        "--tracing",
+        choices=["off", "on"],
+        default="off",
+        help="on: workers export their spans over OTLP/HTTP to a loopback sink",
     )
     add("--no-record", action="store_true", help="print only; write no JSON result")
     add(
@@ -586,7 +596,20 @@ def after_run(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    results, runs = rss_check(args) if args.rss_check else throughput(args)
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if args.tracing == "on":
+            sink = stack.enter_context(harness.otlp_sink())
+            # Every worker's environment is this process's (``worker_env``).
+            os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
+            os.environ["OTEL_SERVICE_NAME"] = "keyshift-bench"
+        results, runs = rss_check(args) if args.rss_check else throughput(args)
+        if sink is not None:
+            runs = {
+                "throughput": runs,
+                "otlp_sink": {"requests": sink.requests, "bytes": sink.bytes},
+            }
+            progress(f"OTLP sink: {sink.requests:,} exports, {sink.bytes:,} bytes")
     if not args.no_record:
         record = Record(
             benchmark="runs-rss" if args.rss_check else "runs",

@@ -12,7 +12,9 @@ All on this machine, on loopback (the steps' helpers are in ``harness.py``):
    endpoints alternating; the median and min–max of requests/s, and the ratio;
 5. **latency at fixed rates (open loop)**: ``loadgen.py`` at ``--rates``, both endpoints;
 6. ``pgbench -S`` on the same database, as context;
-7. prints the tables and writes ``results/validate-<plan>-<UTC time>.json``.
+7. with ``--tracing on`` the server traces (``OTEL_EXPORTER_OTLP_ENDPOINT`` names a loopback
+   receiver in this process that counts the exports and parses nothing); off by default;
+8. prints the tables and writes ``results/validate-<plan>-<UTC time>.json``.
 
     .venv/bin/python benchmarks/validate.py [--plan seat] [--workers 2] [--licenses 10000]
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -70,6 +73,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--batch", type=int, default=500, help="licenses per seeding transaction")
     add("--endpoint", choices=["validate", "readyz"], default="validate")
     add("--no-pgbench", action="store_true", help="skip the pgbench context run")
+    add(
+        "--tracing",
+        choices=["off", "on"],
+        default="off",
+        help="on: the server exports a span per request over OTLP/HTTP to a loopback sink",
+    )
     add("--warm-target", type=float, default=0.99, help="warm-up: stop at this hit ratio ...")
     add("--warm-max", type=float, default=240.0, help="... or after this many seconds")
     add("--reuse-db", metavar="NAME", help="keep the seeded database NAME for the next run")
@@ -314,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_db:
         name = f"keyshift_bench_{args.reuse_db}_{args.plan}"
         kept = Path(tempfile.gettempdir()) / f"keyshift-bench-{args.reuse_db}-{args.plan}"
-    with harness.bench_run(args.pg_url, name) as bench:
+    with harness.bench_run(args.pg_url, name) as bench, contextlib.ExitStack() as stack:
+        sink = None
+        if args.tracing == "on":
+            sink = stack.enter_context(harness.otlp_sink())
+            args.extra_env = {
+                **args.extra_env,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+                "OTEL_SERVICE_NAME": "keyshift-bench",
+            }
         bench.drop_database = kept is None
         keys, secrets = seed(args, bench, kept)
         keys_file = bench.tmp / "keys.txt"
@@ -334,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{problem}\nnot benchmarking.", file=sys.stderr)
             return 3
         benchmark = f"validate-{args.plan}" if work.label == "validate" else "validate-readyz"
+        if sink is not None:
+            benchmark += "-traced"
         record = harness.Record(
             benchmark,
             "validate.py",
@@ -344,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         record.runs = measure(args, bench, work, Target(EMPTY, "GET", "/healthz", None))
         bench.server.stop()
         bench.server = None
+        if sink is not None:  # the workers sent their last spans as they stopped
+            record.runs["otlp_sink"] = {"requests": sink.requests, "bytes": sink.bytes}
+            progress(f"OTLP sink: {sink.requests:,} exports, {sink.bytes:,} bytes")
+            if not sink.requests:
+                print("tracing was on but no span arrived", file=sys.stderr)
+                return 3
         if not args.no_pgbench:
             progress("pgbench -S on the same database (context)")
             seconds = str(max(1, round(min(args.duration, 10))))

@@ -32,6 +32,9 @@ ENVIRON_READERS = {
     "observability/metrics.py",
     # KEYSHIFT_FAULT_POINT: the crash tests' hook, not configuration (see config.py).
     "migration/batching.py",
+    # OpenTelemetry's own OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT and OTEL_SDK_DISABLED: whether
+    # to trace at all (the SDK reads the rest of its OTEL_* variables itself).
+    "observability/tracing.py",
     # Writes the resolved database URL and secrets directory for the spawned workers.
     "cli/serve.py",
     # The same for a rehearsal's `keyshift worker` processes (its scratch database).

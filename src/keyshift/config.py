@@ -2,8 +2,10 @@
 or the app starts (never at import), and checked then — a bad value is one
 ``ConfigurationError`` naming the variable.
 
-Two variables are read elsewhere on purpose. ``PROMETHEUS_MULTIPROC_DIR`` belongs to
-prometheus-client, which reads it itself (``observability/metrics.py``). ``KEYSHIFT_FAULT_POINT``
+Some variables are read elsewhere on purpose. ``PROMETHEUS_MULTIPROC_DIR`` belongs to
+prometheus-client, which reads it itself (``observability/metrics.py``); the ``OTEL_*``
+variables belong to OpenTelemetry, whose SDK reads them itself — keyshift only looks whether an
+OTLP endpoint is set, to trace at all (``observability/tracing.py``). ``KEYSHIFT_FAULT_POINT``
 is the crash tests' fault-injection hook (``migration/batching.py``): it is not configuration —
 an operator never sets it — so it is read where the fault fires, and it is not documented here.
 """

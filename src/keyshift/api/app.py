@@ -15,6 +15,7 @@ from keyshift.api.routes import ROUTERS, validation
 from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
+from keyshift.observability import tracing
 from keyshift.observability.middleware import RequestContextMiddleware
 from keyshift.security.secrets_store import load_secrets
 from keyshift.validation import cache
@@ -30,6 +31,8 @@ def create_app(
     owns_db = state is None and db is None
     if state is None:
         settings = settings or Settings.from_env()
+        # `keyshift serve` (each of its worker processes): traces if OTEL_* asks for them.
+        tracing.configure_from_env("keyshift")
         state = AppState(
             settings=settings,
             db=db or Database(settings.database_url, read_pool_size=settings.db_read_pool_size),
@@ -37,6 +40,7 @@ def create_app(
         )
 
     cache.default_cache.configure(state.settings)
+    tracing.instrument_engine(state.db.engine)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -82,4 +86,5 @@ def create_app(
         check_body=inputs.body_error,
         form_paths=("/dashboard/",),
     )
+    tracing.instrument_app(app)  # outermost: the span covers the whole request
     return app

@@ -56,6 +56,14 @@ def worker(
 
     async def work(settings: Settings, db: Database) -> None:
         from keyshift.cli.runs import stop_on_signals
+        from keyshift.observability import tracing
+        from keyshift.observability.logging import configure_logging
+
+        # JSON lines on stderr, each carrying the run, batch and accounts it is about; and
+        # traces if OTEL_* asks for them.
+        configure_logging(settings.log_level)
+        tracing.configure_from_env("keyshift-worker")
+        tracing.instrument_engine(db.engine)
         from keyshift.context import Actor, cli_actor
         from keyshift.errors import PermissionDenied
         from keyshift.migration.executor import Executor

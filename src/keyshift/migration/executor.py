@@ -69,6 +69,7 @@ from keyshift.migration.state import (
     iso,
     parse_iso,
 )
+from keyshift.observability import tracing
 from keyshift.observability.migration_metrics import observe_steps
 from keyshift.security.signing import SigningKeys
 from keyshift.states import IN_FLIGHT, REPLACEABLE, MigrationState, Step, StepOutcome
@@ -408,6 +409,7 @@ class Executor:
     clock: Callable[[], datetime] = field(default=utcnow)
     documents: Documents = field(default_factory=Documents)
 
+    @tracing.traced_request
     async def request(
         self,
         actor: Actor,
@@ -712,6 +714,7 @@ class Executor:
                 row.read["snapshot"], row.read["plan"] = row.snapshot, row.plan
             if stale:  # not as kept (never, but the database is the authority): read whole
                 rows |= await repository.lock_records(session, stale)
+        tracing.note_accounts(rows.values())
         batch.done = await repository.ledger_steps(session, list(rows))
         return await self._steps_on(session, actor, migration_ids, rows, steps, batch)
 
@@ -799,6 +802,7 @@ class Executor:
 
     # -- batches -------------------------------------------------------------------------------
 
+    @tracing.traced_lock
     async def request_many(
         self,
         actor: Actor,
@@ -976,6 +980,7 @@ class Executor:
             going = ahead
         return failed
 
+    @tracing.traced_batch_step
     async def _batch_step(
         self, actor: Actor, migration_ids: Sequence[str], steps: Sequence[Step]
     ) -> dict[str, Flow | KeyshiftError]:

@@ -28,6 +28,7 @@ from keyshift.migration.errors import (
     WrongState,
 )
 from keyshift.migration.restore import prove_many, restore_many
+from keyshift.observability import tracing
 from keyshift.states import REVERSIBLE, SETTLED, WAITING, MigrationState, Step, StepOutcome
 from keyshift.validation import cache as license_cache
 
@@ -69,6 +70,7 @@ async def rollback(
     return _one((await rollback_many(executor, actor, [migration_id], reason=reason))[migration_id])
 
 
+@tracing.traced_rollback
 async def rollback_many(
     executor: Engine, actor: Actor, migration_ids: Sequence[str], *, reason: str | None = None
 ) -> dict[str, Migration | KeyshiftError]:
@@ -106,6 +108,7 @@ async def _roll_back_in(
     """``rollback_many``'s work in the caller's transaction. Two migrations of one account go
     in turns, in the order given: the second sees the first rolled back."""
     rows = await repository.lock_migrations(session, migration_ids)
+    tracing.note_accounts(rows.values())
     out: dict[str, Migration | KeyshiftError] = {}
     todo: list[Migration] = []
     for migration_id in migration_ids:

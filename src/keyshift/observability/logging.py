@@ -14,17 +14,26 @@ from typing import Any
 
 import orjson
 
+from keyshift.observability import tracing
+from keyshift.observability.context import work_var
+
 #: The id of the request being handled in this context (set by the request middleware).
 request_id_var: ContextVar[str | None] = ContextVar("keyshift_request_id", default=None)
 
 #: Fields a caller may pass through ``extra=`` that become top-level keys of the line.
 REQUEST_FIELDS = ("method", "route", "status", "duration_ms")
-_OPTIONAL_FIELDS = (*REQUEST_FIELDS, "path", "error_code")
+#: Fields about a run's work that a caller may pass through ``extra=`` (an ``account_id`` given
+#: there names the one account of the batch the line is about).
+WORK_FIELDS = ("account_id", "migration_id", "outcomes", "worker", "attempt")
+_OPTIONAL_FIELDS = (*REQUEST_FIELDS, "path", "error_code", *WORK_FIELDS)
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON object: ts, level, logger, message, request_id and, when
-    given, method, route, status, duration_ms. A traceback goes into ``exc`` (server side only)."""
+    """Formats a record as one JSON object: ts, level, logger, message, request_id; inside a
+    run's batch (``context.bound``) run_id, batch_id and account_ids (or account_id, for a
+    batch of one or a line about one account); with tracing on, trace_id and span_id; and,
+    when given, method, route, status, duration_ms. A traceback goes into ``exc`` (server
+    side only)."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -34,6 +43,17 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None) or request_id_var.get(),
         }
+        work = work_var.get()
+        if work is not None:
+            line["run_id"] = work.run_id
+            line["batch_id"] = work.batch_id
+            if work.account_id is not None:
+                line["account_id"] = work.account_id
+            elif not hasattr(record, "account_id"):
+                line["account_ids"] = work.account_ids
+        ids = tracing.trace_ids()
+        if ids is not None:
+            line["trace_id"], line["span_id"] = ids
         for name in _OPTIONAL_FIELDS:
             value = getattr(record, name, None)
             if value is not None:

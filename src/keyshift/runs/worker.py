@@ -45,6 +45,7 @@ from keyshift.migration import rollback as migration_rollback
 from keyshift.migration.errors import MigrationBlocked, NotEligible, OutcomeChanged
 from keyshift.migration.executor import Executor
 from keyshift.migration.rules import MigrationRules
+from keyshift.observability import tracing
 from keyshift.runs import metrics as run_metrics
 from keyshift.runs import service
 from keyshift.runs.model import (
@@ -268,6 +269,7 @@ class Worker:
 
     # -- working a batch -----------------------------------------------------------------------
 
+    @tracing.observed_run_batch
     async def work(self, claim: Claim) -> None:
         """Work the batch: forward phases as one batch through the executor (each step one
         transaction over the batch), a rollback as one batch through ``rollback_many`` — or,
@@ -509,6 +511,7 @@ class Worker:
 
     # -- outcomes ------------------------------------------------------------------------------
 
+    @tracing.observed_settle
     async def _settle_many(
         self,
         claim: Claim,
