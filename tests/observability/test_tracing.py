@@ -22,7 +22,7 @@ from keyshift.api.app import create_app
 from keyshift.api.state import AppState
 from keyshift.db.engine import Database
 from keyshift.db.tables import DataObject
-from keyshift.migration.executor import RUN_STEPS, Executor
+from keyshift.migration.executor import PHASES, Executor
 from keyshift.observability import tracing
 from keyshift.observability.logging import JsonFormatter
 from keyshift.runs import service
@@ -99,11 +99,14 @@ async def test_one_accounts_migration_in_a_run_is_reconstructed_from_its_spans(
     by_id = {s.context.span_id: s for s in ours if s.context is not None}
     story = story_of(ours, ids[1])
     batch = story[0][1]
-    steps = ["lock", *RUN_STEPS]
+    # The lock step takes on the first phase (snapshot, prepare) in its transaction; the
+    # other phases follow, each a span (steps that share a transaction share one).
+    names = ["migration." + "+".join(("lock", *PHASES[0]))]
+    names += ["migration." + "+".join(phase) for phase in PHASES[1:]]
     assert story == [
         ("run.batch", batch, ""),
-        ("migration.lock", batch, "locked"),
-        *[(f"migration.{step}", batch, "next") for step in RUN_STEPS],
+        (names[0], batch, "prepared"),
+        *[(name, batch, "next") for name in names[1:]],
         ("run.settle", batch, "migrated"),
     ]
     # The steps of the batch hang under its span, which says whose run and batch it is.
@@ -116,7 +119,7 @@ async def test_one_accounts_migration_in_a_run_is_reconstructed_from_its_spans(
         if span.name.startswith("migration.") and _attr(span, "keyshift.batch.id") == batch:
             assert span.parent is not None and by_id[span.parent.span_id] is parent
             assert _attr(span, "keyshift.run.id") == run.id
-            assert _attr(span, "keyshift.step") in steps
+            assert span.name in names
             migrations = list(_attr(span, "keyshift.migration_ids"))
             accounts = list(_attr(span, "keyshift.account_ids"))
             assert len(migrations) == len(accounts) == _attr(span, "keyshift.accounts")
@@ -130,20 +133,14 @@ async def test_one_accounts_migration_in_a_run_is_reconstructed_from_its_spans(
     }
     assert len(mine) == 1 and "" not in mine
 
-    # The failing account: its prepare failed (an event says why), then it was tried alone
-    # in a batch of its own, and failed again.
+    # The failing account: its prepare failed inside the lock step's transaction (an event
+    # says why), then it was tried alone in a batch of its own, and failed again.
     failing = story_of(ours, ids[0])
-    assert failing[:3] == [
-        ("run.batch", batch, ""),
-        ("migration.lock", batch, "locked"),
-        ("migration.snapshot", batch, "next"),
-    ]
-    assert failing[3][0] == "migration.prepare" and failing[3][2].startswith("error:")
+    assert failing[0] == ("run.batch", batch, "")
+    assert failing[1][:2] == (names[0], batch) and failing[1][2].startswith("error:")
     assert ("run.settle", batch, "failed") in failing
     assert len({b for _, b, _ in failing}) == 2  # the first batch, and its retry alone
-    prepare = next(
-        s for s in ours if s.name == "migration.prepare" and _attr(s, "keyshift.batch.id") == batch
-    )
+    prepare = next(s for s in ours if s.name == names[0] and _attr(s, "keyshift.batch.id") == batch)
     (event,) = [e for e in prepare.events if e.name == "account.failed"]
     assert event.attributes is not None
     assert event.attributes["keyshift.account.id"] == ids[0]
@@ -175,7 +172,10 @@ async def test_a_migration_over_the_api_is_traced_under_its_request(
     (request,) = [s for s in finished if s.name == "POST /v1/migrations"]
     assert request.context is not None
     steps = [s for s in _ours(spans) if s.name.startswith("migration.")]
-    assert [s.name for s in steps] == [f"migration.{s}" for s in ("lock", *RUN_STEPS)]
+    assert [s.name for s in steps] == [
+        "migration.lock",
+        *["migration." + "+".join(phase) for phase in PHASES],
+    ]
     for step in steps:
         assert step.context is not None and step.context.trace_id == request.context.trace_id
         assert _attr(step, "keyshift.account.id") == account_id

@@ -15,7 +15,7 @@ import pytest
 
 from keyshift.config import Settings
 from keyshift.db.engine import Database
-from keyshift.migration.executor import RUN_STEPS
+from keyshift.migration.executor import PHASES
 from keyshift.runs import service
 from keyshift.runs.model import RunOptions
 from keyshift.security.secrets_store import Secrets
@@ -26,7 +26,14 @@ from tests.support import cli_env, mint_token, serving
 
 pytestmark = pytest.mark.server
 
-STEPS = [f"migration.{step}" for step in ("lock", *RUN_STEPS)]
+#: A served migration: its lock step alone (the answer is the migration it locked), then the
+#: executor's phases (``PHASES``: steps that share a transaction share a span).
+STEPS = ["migration.lock", *["migration." + "+".join(phase) for phase in PHASES]]
+#: A worker's batch: its lock step takes on the first phase.
+WORKED = [
+    "migration." + "+".join(("lock", *PHASES[0])),
+    *["migration." + "+".join(phase) for phase in PHASES[1:]],
+]
 
 
 def _traced_env(settings: Settings, endpoint: str) -> dict[str, str]:
@@ -63,7 +70,7 @@ async def test_a_served_migration_sends_its_request_steps_and_statements(
 
             def complete(spans: list[ReceivedSpan]) -> bool:
                 names = {s.name for s in spans}
-                return "migration.receipt" in names and "POST /v1/licenses/validate" in names
+                return "migration.verify+receipt" in names and "POST /v1/licenses/validate" in names
 
             spans = receiver.wait_for(complete)
 
@@ -123,7 +130,7 @@ async def test_a_worker_process_sends_each_batch_and_its_steps(
         assert batch.attributes["keyshift.run.id"] == run.id
         children = [s for s in spans if s.parent_span_id == batch.span_id]
         ours = [s for s in children if s.name.startswith(("migration.", "run."))]
-        assert sorted(s.name for s in ours) == sorted([*STEPS, "run.settle"])
+        assert sorted(s.name for s in ours) == sorted([*WORKED, "run.settle"])
         for step in ours:
             assert step.attributes["keyshift.batch.id"] == batch.attributes["keyshift.batch.id"]
             assert step.attributes["keyshift.account_ids"] == batch.attributes[
