@@ -20,13 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
 
 from keyshift.api.app import create_app
 from keyshift.api.state import AppState
 from keyshift.config import Settings
 from keyshift.db.engine import Database
-from keyshift.db.tables import DataObject
 from keyshift.licensing import keys as license_keys
 from keyshift.licensing.keys import KeyFormatError
 from keyshift.migration.executor import Executor
@@ -35,7 +33,14 @@ from keyshift.runs import service
 from keyshift.runs.model import RunOptions
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers
-from tests.runs.helpers import CREATOR, approved_run, cohort, drive, states
+from tests.runs.helpers import (
+    CREATOR,
+    approved_run,
+    cohort,
+    corrupt_an_archived_object,
+    drive,
+    states,
+)
 from tests.support import cli_env, mint_token, serving
 
 #: The test's own HTTP client, which logs the URLs it requests (the server uses no httpx).
@@ -186,16 +191,6 @@ def license_keys_in(text: str) -> list[str]:
     return found
 
 
-async def _corrupt(db: Database, account_id: str) -> None:
-    """A wrong hash on an archived object: its copy fails verification in prepare, always."""
-    async with db.transaction() as session:
-        await session.execute(
-            update(DataObject)
-            .where(DataObject.account_id == account_id, DataObject.name == "project-0")
-            .values(content_hash="f" * 64)
-        )
-
-
 def check_run_lines(lines: list[dict[str, Any]], run_id: str, ids: list[str], failing: str) -> None:
     """Every line written while a batch was worked names the run, the batch and its accounts;
     each batch says how it settled; each failure names its account (and its migration, if one
@@ -225,7 +220,7 @@ async def test_every_line_a_run_writes_carries_its_run_batch_and_account_ids(
     db: Database, secrets: Secrets, captured: Captured
 ) -> None:
     ids = await cohort(db, secrets, 3)
-    await _corrupt(db, ids[0])
+    await corrupt_an_archived_object(db, ids[0])
     run = await approved_run(db, options=RunOptions(batch_size=3, max_attempts=2))
     await service.start(db, CREATOR, run.id)
     await drive(Executor(db, secrets.signing), run.id)
@@ -273,7 +268,7 @@ async def test_no_secret_is_logged_by_a_real_server_or_worker(
     logs = {"of the server": server_log.read_text()}
     if db.dialect == "postgresql":  # workers of their own share PostgreSQL
         ids = await cohort(db, secrets, 3)
-        await _corrupt(db, ids[0])
+        await corrupt_an_archived_object(db, ids[0])
         run = await approved_run(db, options=RunOptions(batch_size=3, max_attempts=2))
         await service.start(db, CREATOR, run.id)
         worker_log = tmp_path / "worker.log"

@@ -16,12 +16,10 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import update
 
 from keyshift.api.app import create_app
 from keyshift.api.state import AppState
 from keyshift.db.engine import Database
-from keyshift.db.tables import DataObject
 from keyshift.migration.executor import PHASES, Executor
 from keyshift.observability import tracing
 from keyshift.observability.logging import JsonFormatter
@@ -29,7 +27,14 @@ from keyshift.runs import service
 from keyshift.runs.model import RunOptions
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers
-from tests.runs.helpers import CREATOR, approved_run, cohort, drive, states
+from tests.runs.helpers import (
+    CREATOR,
+    approved_run,
+    cohort,
+    corrupt_an_archived_object,
+    drive,
+    states,
+)
 from tests.support import mint_token
 
 
@@ -75,21 +80,11 @@ def story_of(spans: Sequence[ReadableSpan], account_id: str) -> list[tuple[str, 
     return story
 
 
-async def _corrupt(db: Database, account_id: str) -> None:
-    """A wrong hash on an archived object: its copy fails verification in prepare, always."""
-    async with db.transaction() as session:
-        await session.execute(
-            update(DataObject)
-            .where(DataObject.account_id == account_id, DataObject.name == "project-0")
-            .values(content_hash="f" * 64)
-        )
-
-
 async def test_one_accounts_migration_in_a_run_is_reconstructed_from_its_spans(
     db: Database, secrets: Secrets, spans: InMemorySpanExporter
 ) -> None:
     ids = await cohort(db, secrets, 3)
-    await _corrupt(db, ids[0])
+    await corrupt_an_archived_object(db, ids[0])
     run = await approved_run(db, options=RunOptions(batch_size=3, max_attempts=2))
     await service.start(db, CREATOR, run.id)
     await drive(Executor(db, secrets.signing), run.id)

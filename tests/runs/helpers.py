@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from keyshift.context import Actor
 from keyshift.db.engine import Database
-from keyshift.db.tables import MigrationRun, RunAccount
+from keyshift.db.tables import DataObject, MigrationRun, RunAccount
 from keyshift.migration.executor import Executor
 from keyshift.migration.rules import MigrationRules
 from keyshift.runs import service
@@ -18,6 +18,17 @@ from tests.migration import helpers
 
 CREATOR = Actor(id="creator", scopes=frozenset({"admin"}))
 APPROVER = Actor(id="approver", scopes=frozenset({"admin"}))
+
+
+async def corrupt_an_archived_object(db: Database, account_id: str) -> None:
+    """project-0 is archived by the rules; a wrong hash makes its copy fail verification in
+    prepare, every time: a real, persistent failure."""
+    async with db.transaction() as session:
+        await session.execute(
+            update(DataObject)
+            .where(DataObject.account_id == account_id, DataObject.name == "project-0")
+            .values(content_hash="f" * 64)
+        )
 
 
 async def cohort(db: Database, secrets: Secrets, n: int, **kwargs: object) -> list[str]:

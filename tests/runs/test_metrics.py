@@ -26,8 +26,15 @@ from keyshift.runs.model import Priority, RunOptions
 from keyshift.runs.worker import Worker
 from keyshift.security.secrets_store import Secrets
 from tests.api.test_operations import sample
-from tests.runs.helpers import CREATOR, approved_run, cohort, drive, run_row, states
-from tests.runs.test_worker import _corrupt_an_archived_object
+from tests.runs.helpers import (
+    CREATOR,
+    approved_run,
+    cohort,
+    corrupt_an_archived_object,
+    drive,
+    run_row,
+    states,
+)
 from tests.support import cli_env, free_port, invoke_keyshift, run_keyshift
 
 ACCOUNTS = "keyshift_run_accounts_total"
@@ -64,7 +71,7 @@ async def test_run_series_follow_a_run_from_queue_to_rollback(
     client: httpx.AsyncClient, db: Database, secrets: Secrets
 ) -> None:
     ids = await cohort(db, secrets, 4)
-    await _corrupt_an_archived_object(db, ids[0])  # fails every attempt: failed, quarantined
+    await corrupt_an_archived_object(db, ids[0])  # fails every attempt: failed, quarantined
     async with db.transaction() as session:  # no priority attribute: the default lane
         await session.execute(update(Account).where(Account.id == ids[2]).values(attributes={}))
     options = RunOptions(

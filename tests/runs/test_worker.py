@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select, update
 
 from keyshift.db.engine import Database
-from keyshift.db.tables import Account, DataObject, Migration, MigrationRun, RunAccount
+from keyshift.db.tables import Account, Migration, MigrationRun, RunAccount
 from keyshift.db.types import utcnow
 from keyshift.migration.executor import Executor
 from keyshift.runs import service
@@ -22,7 +22,15 @@ from keyshift.runs.model import Cohort, Priority, RunOptions, Window
 from keyshift.runs.worker import Worker
 from keyshift.security.secrets_store import Secrets
 from tests.migration import helpers
-from tests.runs.helpers import CREATOR, approved_run, cohort, drive, run_row, states
+from tests.runs.helpers import (
+    CREATOR,
+    approved_run,
+    cohort,
+    corrupt_an_archived_object,
+    drive,
+    run_row,
+    states,
+)
 
 
 class Clock:
@@ -41,17 +49,6 @@ def clock() -> Clock:
 @pytest.fixture
 def executor(db: Database, secrets: Secrets, clock: Callable[[], datetime]) -> Executor:
     return Executor(db, secrets.signing, clock=clock)
-
-
-async def _corrupt_an_archived_object(db: Database, account_id: str) -> None:
-    """project-0 is archived by the rules; a wrong hash makes its copy fail verification in
-    prepare, every time: a real, persistent failure."""
-    async with db.transaction() as session:
-        await session.execute(
-            update(DataObject)
-            .where(DataObject.account_id == account_id, DataObject.name == "project-0")
-            .values(content_hash="f" * 64)
-        )
 
 
 async def test_an_account_that_plans_differently_is_held_not_migrated(
@@ -78,7 +75,7 @@ async def test_a_failing_account_is_quarantined_and_the_run_goes_on(
     db: Database, secrets: Secrets, executor: Executor
 ) -> None:
     ids = await cohort(db, secrets, 3)
-    await _corrupt_an_archived_object(db, ids[0])
+    await corrupt_an_archived_object(db, ids[0])
     run = await approved_run(db, options=RunOptions(max_attempts=2, failure_threshold=1))
     await service.start(db, CREATOR, run.id)
     await drive(executor, run.id)
@@ -98,7 +95,7 @@ async def test_a_failure_rate_over_the_threshold_halts_the_run_until_resumed(
     db: Database, secrets: Secrets, executor: Executor
 ) -> None:
     ids = await cohort(db, secrets, 3)
-    await _corrupt_an_archived_object(db, ids[0])
+    await corrupt_an_archived_object(db, ids[0])
     options = RunOptions(max_attempts=1, failure_threshold=0.2, min_attempts=1, batch_size=1)
     # ids[0] first in line, so the halt comes before the others are tried.
     run = await approved_run(
@@ -130,7 +127,7 @@ async def test_held_and_skipped_accounts_are_not_failures_of_the_rate(
     """Held and skipped accounts carry their reason as an error; the failure rate counts only
     accounts whose last attempt failed (here 1 of 4, under a 50 % threshold)."""
     ids = await cohort(db, secrets, 4)
-    await _corrupt_an_archived_object(db, ids[0])
+    await corrupt_an_archived_object(db, ids[0])
     options = RunOptions(max_attempts=1, failure_threshold=0.5, min_attempts=1)
     run = await approved_run(db, options=options)
     async with db.transaction() as session:  # planned differently now: held
