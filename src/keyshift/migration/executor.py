@@ -1,8 +1,10 @@
-"""The executor: performs one account's migration step by step, each step in its own
-transaction with its ledger row, so a process killed anywhere leaves a state that ``run``
-resumes. Rollback and finalize live in ``keyshift.migration.rollback``.
+"""The executor: performs migrations step by step over a batch (one account is a batch of
+one), each step's ledger row committed in the transaction of its effect, so a process killed
+anywhere leaves a state that ``run`` resumes. Rollback and finalize live in
+``keyshift.migration.rollback``.
 
-Steps: lock → snapshot → prepare → cutover → verify → receipt (``planner.STEPS``).
+Steps: lock → snapshot → prepare → cutover → verify → receipt (``planner.STEPS``), in the
+transactions ``PHASES`` groups them into.
 """
 
 from __future__ import annotations
@@ -83,9 +85,10 @@ RUN_STEPS = (Step.SNAPSHOT, Step.PREPARE, Step.CUTOVER, Step.VERIFY, Step.RECEIP
 #: committed with its effect; steps share a transaction where nothing is gained by a commit
 #: between them: the snapshot and the staging of copies change nothing the app reads (a crash
 #: between them would only redo the snapshot), and the receipt certifies the verification it
-#: follows. The cutover stands alone: verification reads what it committed. Three
-#: transactions per batch instead of five — each carries the rows' locks, the ledger read
-#: and the write-back.
+#: follows. The cutover stands alone: verification reads what it committed. With a run's
+#: lock step taking on the first phase (``request_many(through=…)``), a batch takes three
+#: transactions instead of six — each carries the rows' locks, the ledger read and the
+#: write-back.
 PHASES: tuple[tuple[Step, ...], ...] = (
     (Step.SNAPSHOT, Step.PREPARE),
     (Step.CUTOVER,),
