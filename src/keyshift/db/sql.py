@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, any_, bindparam
+from sqlalchemy import ColumnElement, any_, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -29,3 +29,19 @@ def among(
     if dialect_name(session) == "postgresql":
         return column == any_(bindparam(None, values, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
     return column.in_(values)  # type: ignore[no-any-return]
+
+
+async def analyze(session: AsyncSession | AsyncConnection, *tables: str) -> None:
+    """Refresh PostgreSQL's statistics of ``tables`` after a bulk write (SQLite: nothing).
+
+    A batch's keys are matched with ``= ANY($1)``. Without statistics on the column — a table
+    just loaded, before autovacuum has looked at it — PostgreSQL takes each of 200 keys to match
+    1/200 of the rows, the whole table in all, and scans it instead of using the index: measured
+    on a run started right after seeding 100,000 accounts, 94 million rows of ``data_objects``
+    read for 37,000 accounts, and the run three times slower than on a smaller database."""
+    for table in tables:
+        if not table.isidentifier():
+            raise ValueError(f"not a table name: {table!r}")
+    if dialect_name(session) != "postgresql" or not tables:
+        return
+    await session.execute(text("ANALYZE " + ", ".join(tables)))

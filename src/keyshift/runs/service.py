@@ -24,6 +24,7 @@ from keyshift.canonical import content_hash
 from keyshift.catalog import service as catalog
 from keyshift.context import Actor
 from keyshift.db.engine import Database
+from keyshift.db.sql import analyze
 from keyshift.db.tables import Account, MigrationRun, RunAccount, Subscription
 from keyshift.db.types import utcnow
 from keyshift.errors import KeyshiftError, NotFound
@@ -739,6 +740,9 @@ async def start(
                 field="run_id",
             )
         run.state, run.started_at = RunState.RUNNING, clock()
+        # The run's accounts were written in bulk (create, report): the workers' claims and
+        # settles need the planner's statistics of them, not autovacuum's schedule.
+        await analyze(session, "run_accounts")
 
     return await _transition(db, actor, run_id, "start", apply, clock=clock)
 

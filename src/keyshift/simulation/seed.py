@@ -35,6 +35,7 @@ from keyshift.catalog import service as catalog
 from keyshift.catalog.entitlements import Entitlements
 from keyshift.context import Actor
 from keyshift.db.engine import Database
+from keyshift.db.sql import analyze
 from keyshift.db.tables import Base
 from keyshift.db.types import utcnow
 from keyshift.errors import Conflict, InvalidInput
@@ -180,6 +181,8 @@ async def seed(
                 "plans": summary.plans,
             },
         )
+    async with db.transaction() as session:  # the planner's statistics of what was loaded
+        await analyze(session, *TABLES)
     elapsed = time.perf_counter() - started
     return SeedSummary(**{**summary.__dict__, "seconds": elapsed})
 
