@@ -117,9 +117,16 @@ class Worker:
                     await asyncio.wait_for(self.stopping.wait(), self.poll_seconds)
                 continue
             await self.work(claim)
-            await self._retrying(
-                partial(service.complete_if_done, self.db, self.actor, claim.run_id, self.clock())
-            )
+            # Whether the run is done is a count over all its accounts: after every batch it
+            # made a run's cost grow with the square of its size. A full batch says the queue
+            # had more (the next claim, finding none, completes the run); a short one, or a
+            # worker about to stop, looks now.
+            if len(claim.accounts) < claim.options.batch_size or self.stopping.is_set():
+                await self._retrying(
+                    partial(
+                        service.complete_if_done, self.db, self.actor, claim.run_id, self.clock()
+                    )
+                )
         return self.processed
 
     async def _retrying(self, call: Callable[[], Any]) -> Any:
